@@ -1,0 +1,187 @@
+"""Model configuration: every field of SPEC §1.1, the `pr1579` and `tiny` presets, validation."""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+
+XSA_COVERAGES = ("all", "pr1579", "none")
+MLP_ACTIVATIONS = ("relu2", "leaky_relu2")
+EMBED_DTYPES = ("float32", "bfloat16")
+
+
+@dataclass(frozen=True)
+class CrawlerConfig:
+    """Shape and behaviour of a crawler transformer (PR #1579's "3f+2cx2" family).
+
+    The schedule runs `num_flat_blocks // 2` encoder flat blocks, then `crawler_loops` passes over the
+    `num_crawler_blocks` shared crawler blocks, then the remaining (decoder) flat blocks (SPEC §1.2).
+    `xsa` picks the schedule positions that use Exclusive Self Attention: "all" (default, the seed's
+    stated intent), "pr1579" (what the seed's code really does: encoder flat blocks and crawler blocks
+    only), "none", or an explicit tuple of positions.
+    """
+    vocab_size: int = 8192
+    model_dim: int = 736
+    num_heads: int = 16
+    num_kv_heads: int = 8
+    num_flat_blocks: int = 3
+    num_crawler_blocks: int = 2
+    crawler_loops: int = 2
+    mlp_mult: int = 4
+    mlp_activation: str = "relu2"
+    bigram_buckets: int = 10240
+    bigram_dim: int = 128
+    ve_enabled: bool = True
+    ve_dim: int = 128
+    ve_last_n: int = 2
+    tie_embeddings: bool = True
+    logit_softcap: float = 30.0
+    rope_base: float = 10000.0
+    qk_gain_init: float = 1.5
+    crawler_alpha_init: float = 0.5
+    train_alpha: bool = False            # PR #1579 never optimises alpha: frozen in training, trainable in TTT
+    xsa: str | tuple = "all"
+    embed_dtype: str = "float32"         # dtype of tok_emb / bigram.table / ve.table (the seed: bfloat16)
+    train_seq_len: int = 2048
+    train_batch_tokens: int = 524_288
+
+    def __post_init__(self):
+        self.validate()
+
+    # -- derived quantities --------------------------------------------------------------------
+    @property
+    def head_dim(self) -> int:
+        return self.model_dim // self.num_heads
+
+    @property
+    def kv_dim(self) -> int:
+        return self.num_kv_heads * self.head_dim
+
+    @property
+    def mlp_hidden(self) -> int:
+        return self.mlp_mult * self.model_dim
+
+    @property
+    def num_encoder_blocks(self) -> int:
+        return self.num_flat_blocks // 2
+
+    @property
+    def num_positions(self) -> int:
+        """P: effective depth, the length of the schedule."""
+        return self.num_flat_blocks + self.num_crawler_blocks * self.crawler_loops
+
+    @property
+    def num_skip_weights(self) -> int:
+        P = self.num_positions
+        return min(P // 2, P - P // 2)
+
+    def schedule(self) -> list[tuple[str, int, int]]:
+        """The schedule as (kind, block index, loop) per position; kind is "flat" or "crawler", loop is
+        the crawler loop (0 for flat blocks). For 3f+2cx2: flat0, c0, c1, c0, c1, flat1, flat2."""
+        enc = [("flat", i, 0) for i in range(self.num_encoder_blocks)]
+        crawl = [("crawler", c, l) for l in range(self.crawler_loops) for c in range(self.num_crawler_blocks)]
+        dec = [("flat", i, 0) for i in range(self.num_encoder_blocks, self.num_flat_blocks)]
+        return enc + crawl + dec
+
+    def xsa_positions(self) -> frozenset[int]:
+        """Schedule positions whose attention applies XSA (see the class docstring)."""
+        if isinstance(self.xsa, (tuple, list)):
+            return frozenset(int(p) for p in self.xsa)
+        if self.xsa == "all":
+            return frozenset(range(self.num_positions))
+        if self.xsa == "none":
+            return frozenset()
+        # "pr1579": the seed counts flat blocks instead of schedule positions, so only the encoder flat
+        # blocks (flat0 for 3f) and every crawler pass get XSA; decoder flat blocks do not.
+        return frozenset(p for p, (kind, i, _) in enumerate(self.schedule())
+                         if kind == "crawler" or i < self.num_encoder_blocks)
+
+    def ve_positions(self) -> tuple[int, ...]:
+        """Schedule positions that add the value embedding (the last `ve_last_n`)."""
+        if not self.ve_enabled:
+            return ()
+        P = self.num_positions
+        return tuple(range(P - self.ve_last_n, P))
+
+    # -- validation ----------------------------------------------------------------------------
+    def validate(self) -> None:
+        """Raise ValueError naming the field and what was expected."""
+        def need(cond, msg):
+            if not cond:
+                raise ValueError(f"CrawlerConfig: {msg}")
+
+        for name in ("vocab_size", "model_dim", "num_heads", "num_kv_heads", "num_flat_blocks",
+                     "mlp_mult", "bigram_buckets", "bigram_dim", "train_seq_len", "train_batch_tokens"):
+            need(isinstance(getattr(self, name), int) and getattr(self, name) > 0,
+                 f"{name} must be a positive int, got {getattr(self, name)!r}")
+        need(self.num_crawler_blocks >= 0 and self.crawler_loops >= 1,
+             f"num_crawler_blocks must be >= 0 and crawler_loops >= 1, got "
+             f"{self.num_crawler_blocks} and {self.crawler_loops}")
+        need(self.model_dim % self.num_heads == 0,
+             f"model_dim ({self.model_dim}) must be divisible by num_heads ({self.num_heads})")
+        need(self.head_dim % 2 == 0, f"head dim model_dim/num_heads = {self.head_dim} must be even (RoPE)")
+        need(self.head_dim <= 128, f"head dim {self.head_dim} must be <= 128 (attention kernel limit)")
+        need(self.num_heads % self.num_kv_heads == 0,
+             f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})")
+        need(self.vocab_size <= 65536, f"vocab_size {self.vocab_size} must fit uint16 shards (<= 65536)")
+        need(self.mlp_activation in MLP_ACTIVATIONS,
+             f"mlp_activation must be one of {MLP_ACTIVATIONS}, got {self.mlp_activation!r}")
+        need(self.embed_dtype in EMBED_DTYPES,
+             f"embed_dtype must be one of {EMBED_DTYPES}, got {self.embed_dtype!r}")
+        need(self.tie_embeddings, "only tied embeddings are supported (tie_embeddings=True)")
+        need(self.logit_softcap > 0, f"logit_softcap must be > 0, got {self.logit_softcap}")
+        if self.ve_enabled:
+            need(0 < self.ve_last_n <= self.num_positions,
+                 f"ve_last_n must be in [1, {self.num_positions}], got {self.ve_last_n}")
+            need(self.ve_dim > 0, f"ve_dim must be > 0, got {self.ve_dim}")
+        if isinstance(self.xsa, (tuple, list)):
+            bad = [p for p in self.xsa if not 0 <= int(p) < self.num_positions]
+            need(not bad, f"xsa positions must be in [0, {self.num_positions}), got {bad}")
+        else:
+            need(self.xsa in XSA_COVERAGES,
+                 f"xsa must be one of {XSA_COVERAGES} or a tuple of positions, got {self.xsa!r}")
+
+    def check_tokenizer(self, tokenizer_vocab_size: int) -> None:
+        """Raise ValueError unless the model's vocab covers every id of a tokenizer of this size."""
+        if tokenizer_vocab_size > self.vocab_size:
+            raise ValueError(f"CrawlerConfig: tokenizer has {tokenizer_vocab_size} pieces but vocab_size is "
+                             f"{self.vocab_size}; set vocab_size >= {tokenizer_vocab_size} (or use the "
+                             f"tokenizer the model was trained with)")
+
+    # -- presets and serialisation -------------------------------------------------------------
+    @classmethod
+    def preset(cls, name: str, **overrides) -> "CrawlerConfig":
+        """`pr1579`: the seed's submitted run (38,346,836 parameters). `tiny`: a CPU demo size."""
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+        return dataclasses.replace(PRESETS[name], **overrides)
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        if isinstance(d["xsa"], (tuple, list)):
+            d["xsa"] = list(d["xsa"])
+        return d
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "CrawlerConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"CrawlerConfig: unknown fields {unknown}")
+        d = dict(d)
+        if isinstance(d.get("xsa"), list):
+            d["xsa"] = tuple(d["xsa"])
+        return cls(**d)
+
+
+PRESETS = {
+    "pr1579": CrawlerConfig(embed_dtype="bfloat16"),
+    "tiny": CrawlerConfig(
+        vocab_size=1024, model_dim=128, num_heads=4, num_kv_heads=2, num_flat_blocks=3,
+        num_crawler_blocks=2, crawler_loops=2, mlp_mult=4, bigram_buckets=2048, bigram_dim=32,
+        ve_dim=32, ve_last_n=2, train_seq_len=256, train_batch_tokens=8192,
+    ),
+}

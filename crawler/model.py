@@ -1,0 +1,274 @@
+"""CrawlerGPT: the crawler transformer of PR #1579 ("3f+2cx2"), exactly per SPEC §1.
+
+Parameter and module names follow PR #1579 so its `final_model.pt` state dict loads with strict=True.
+The ops (attention, embedding, MLP, head loss) come from `kernels`: the plain-PyTorch references or
+the Triton kernels, picked by `ops` ("reference" | "triton" | "auto" = Triton on CUDA, reference on CPU).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import kernels
+from kernels.reference import rms_norm, rope
+
+from .config import CrawlerConfig
+
+OPS_CHOICES = ("reference", "triton", "auto")
+QAT_MIN_NUMEL = 65_536          # QAT fake-quantises every Linear with more elements than this (SPEC §2)
+QAT_LEVELS = (-32, 31)          # int6 grid of the seed's QAT: max-abs scale, [-32, 31]
+
+
+def select_op(ops: str, name: str):
+    """The implementation of op `name` for an ops kind ("reference" or "triton")."""
+    if ops == "reference":
+        return getattr(kernels.reference, name)
+    fn = getattr(kernels, name, None)
+    if fn is None:
+        raise NotImplementedError(f"ops='triton': op {name!r} has no Triton kernel in this version; "
+                                  f"use ops='reference'")
+    return fn
+
+
+def fake_quantize_int6(w: torch.Tensor) -> torch.Tensor:
+    """QAT straight-through int6: forward sees clamp(round(w/s), -32, 31)·s with the row scale
+    s = max(amax_row|w| / 31, 1e-8); the gradient passes to w unchanged. w (out, in), any float dtype."""
+    scale = (w.detach().abs().amax(dim=1, keepdim=True) / 31.0).clamp_min(1e-8)
+    w_q = torch.clamp(torch.round(w.detach() / scale), *QAT_LEVELS) * scale
+    return w + (w_q - w).detach()
+
+
+class CastedLinear(nn.Linear):
+    """Bias-free Linear with an fp32 master weight cast to the input's dtype at the matmul (the seed's
+    CastedLinear). With `qat` on, weights with more than 65,536 elements are fake-quantised (STE)."""
+
+    def __init__(self, in_features: int, out_features: int, *, zero_init: bool = False):
+        super().__init__(in_features, out_features, bias=False)
+        self.zero_init = zero_init
+        self.qat = False
+
+    def effective_weight(self) -> torch.Tensor:
+        """The weight the forward pass multiplies by: fake-quantised under QAT, else the weight."""
+        if self.qat and self.weight.numel() > QAT_MIN_NUMEL:
+            return fake_quantize_int6(self.weight)
+        return self.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.effective_weight().to(x.dtype))
+
+
+class BigramHash(nn.Module):
+    """BigramHash v1 (SPEC §1.5): `table` (buckets, k) and `proj` k -> d (zero-init)."""
+
+    def __init__(self, buckets: int, dim: int, model_dim: int):
+        super().__init__()
+        self.table = nn.Embedding(buckets, dim)
+        self.proj = CastedLinear(dim, model_dim, zero_init=True)
+
+
+class SmearGate(nn.Module):
+    """SmearGate v2 (SPEC §1.6): one gate per channel, init 0 (σ = 0.5)."""
+
+    def __init__(self, model_dim: int):
+        super().__init__()
+        self.gate = nn.Parameter(torch.zeros(model_dim))
+
+
+class ValueEmbedding(nn.Module):
+    """Value embedding (SPEC §1.7): `table` (V, ve_dim), `proj` ve_dim -> Hkv·D, one scale per position."""
+
+    def __init__(self, vocab_size: int, ve_dim: int, kv_dim: int, num_positions: int):
+        super().__init__()
+        self.table = nn.Embedding(vocab_size, ve_dim)
+        self.proj = CastedLinear(ve_dim, kv_dim)
+        self.scales = nn.ParameterList([nn.Parameter(torch.tensor(1.0)) for _ in range(num_positions)])
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        """ids (B, T) -> unscaled value embedding (B, T, Hkv·D); positions multiply their own scale."""
+        return self.proj(self.table(ids))
+
+
+class CausalSelfAttention(nn.Module):
+    """q/k/v projections, per-head q/k rms_norm, partial RoPE, q_gain, GQA attention (+ XSA), out proj."""
+
+    def __init__(self, config: CrawlerConfig):
+        super().__init__()
+        d, kv = config.model_dim, config.kv_dim
+        self.num_heads, self.num_kv_heads, self.head_dim = config.num_heads, config.num_kv_heads, config.head_dim
+        self.rope_base = config.rope_base
+        self.c_q = CastedLinear(d, d)
+        self.c_k = CastedLinear(d, kv)
+        self.c_v = CastedLinear(d, kv)
+        self.proj = CastedLinear(d, d, zero_init=True)
+        self.q_gain = nn.Parameter(torch.full((config.num_heads,), config.qk_gain_init))
+
+    def forward(self, n: torch.Tensor, ve: torch.Tensor | None, use_xsa: bool, ops: str) -> torch.Tensor:
+        """n (B, T, d) normalised input; ve (B, T, Hkv·D) or None. Returns (B, T, d)."""
+        B, T, d = n.shape
+        H, Hkv, D = self.num_heads, self.num_kv_heads, self.head_dim
+        q = self.c_q(n).view(B, T, H, D)
+        k = self.c_k(n).view(B, T, Hkv, D)
+        v = self.c_v(n)
+        if ve is not None:
+            v = v + ve.to(v.dtype)
+        v = v.view(B, T, Hkv, D)
+        q = rope(rms_norm(q), self.rope_base) * self.q_gain.to(q.dtype)[:, None]
+        k = rope(rms_norm(k), self.rope_base)
+        y = select_op(ops, "attention")(q, k, v, causal=True, xsa=use_xsa)
+        return self.proj(y.reshape(B, T, d))
+
+
+class MLP(nn.Module):
+    """mlp(h) = proj(relu2(fc(h))) with relu² (or LeakyReLU(0.5)², a config option)."""
+
+    def __init__(self, config: CrawlerConfig):
+        super().__init__()
+        self.fc = CastedLinear(config.model_dim, config.mlp_hidden)
+        self.proj = CastedLinear(config.mlp_hidden, config.model_dim, zero_init=True)
+        self.negative_slope = 0.5 if config.mlp_activation == "leaky_relu2" else 0.0
+
+    def forward(self, h: torch.Tensor, ops: str) -> torch.Tensor:
+        return select_op(ops, "relu2_mlp")(h, self.fc.effective_weight(), self.proj.effective_weight(),
+                                           self.negative_slope)
+
+
+class Block(nn.Module):
+    """One transformer block (SPEC §1.4). Its per-position control vectors live on the model and are
+    passed in, because the crawler blocks run at several schedule positions with different vectors."""
+
+    def __init__(self, config: CrawlerConfig):
+        super().__init__()
+        self.attn = CausalSelfAttention(config)
+        self.mlp = MLP(config)
+
+    def forward(self, x, x0, attn_scale, mlp_scale, resid_mix, ve, use_xsa: bool, ops: str):
+        """x, x0 (B, T, d); attn_scale, mlp_scale (d,); resid_mix (2, d); ve (B, T, Hkv·D) or None."""
+        mix = resid_mix.to(x.dtype)
+        x = mix[0] * x + mix[1] * x0
+        x = x + attn_scale.to(x.dtype) * self.attn(rms_norm(x), ve, use_xsa, ops)
+        return x + mlp_scale.to(x.dtype) * self.mlp(rms_norm(x), ops)
+
+
+class CrawlerGPT(nn.Module):
+    """The crawler transformer (SPEC §1): flat encoder blocks, `crawler_loops` passes over the shared
+    crawler blocks (loop >= 1 damped by alpha), flat decoder blocks with a U-Net skip, tied softcapped head.
+
+    forward(input_ids (B,T) int64, target_ids (B,T) int64) -> 0-d mean loss (float32).
+    forward_logits(input_ids) -> (B, T, V) softcapped logits.
+    """
+
+    def __init__(self, config: CrawlerConfig, ops: str = "auto"):
+        super().__init__()
+        if ops not in OPS_CHOICES:
+            raise ValueError(f"ops must be one of {OPS_CHOICES}, got {ops!r}")
+        self.config, self.ops = config, ops
+        c = config
+        P = c.num_positions
+        self.schedule = c.schedule()
+        self.xsa_positions = c.xsa_positions()
+        self.ve_positions = c.ve_positions()
+
+        self.tok_emb = nn.Embedding(c.vocab_size, c.model_dim)
+        self.bigram = BigramHash(c.bigram_buckets, c.bigram_dim, c.model_dim)
+        self.smear = SmearGate(c.model_dim)
+        self.ve = ValueEmbedding(c.vocab_size, c.ve_dim, c.kv_dim, c.ve_last_n) if c.ve_enabled else None
+        self.flat_blocks = nn.ModuleList(Block(c) for _ in range(c.num_flat_blocks))
+        self.crawler_blocks = nn.ModuleList(Block(c) for _ in range(c.num_crawler_blocks))
+        # alpha (one per loop; alpha[0] unused): frozen while training unless train_alpha (SPEC §1.3).
+        self.crawler_residual_scales = nn.ParameterList(
+            nn.Parameter(torch.tensor(c.crawler_alpha_init), requires_grad=c.train_alpha)
+            for _ in range(c.crawler_loops))
+        self.attn_scales = nn.Parameter(torch.ones(P, c.model_dim))
+        self.mlp_scales = nn.Parameter(torch.ones(P, c.model_dim))
+        self.resid_mixes = nn.Parameter(torch.stack((torch.ones(P, c.model_dim), torch.zeros(P, c.model_dim)), 1))
+        self.skip_weights = nn.Parameter(torch.ones(c.num_skip_weights, c.model_dim))
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        """SPEC §1.10: orthogonal Linears (× 1/sqrt(2P) for names ending in .proj), zero-init projections,
+        N(0, 0.005²) token embedding, N(0, 0.01²) bigram/VE tables."""
+        nn.init.normal_(self.tok_emb.weight, std=0.005)
+        nn.init.normal_(self.bigram.table.weight, std=0.01)
+        if self.ve is not None:
+            nn.init.normal_(self.ve.table.weight, std=0.01)
+        proj_scale = 1.0 / math.sqrt(2 * self.config.num_positions)
+        for name, module in self.named_modules():
+            if not isinstance(module, CastedLinear):
+                continue
+            if module.zero_init:
+                nn.init.zeros_(module.weight)
+            elif min(module.weight.shape) >= 64:
+                nn.init.orthogonal_(module.weight)
+                if name.endswith(".proj"):
+                    with torch.no_grad():
+                        module.weight.mul_(proj_scale)
+        embed_dtype = getattr(torch, self.config.embed_dtype)
+        for table in self.embedding_tables():
+            table.data = table.data.to(embed_dtype)
+
+    def embedding_tables(self) -> list[nn.Parameter]:
+        """The gathered tables (tok_emb, bigram.table, ve.table), stored in config.embed_dtype."""
+        tables = [self.tok_emb.weight, self.bigram.table.weight]
+        return tables + ([self.ve.table.weight] if self.ve is not None else [])
+
+    def set_qat(self, enabled: bool) -> None:
+        """Turn QAT fake-quantisation on or off for every CastedLinear (on while training, off for eval)."""
+        for module in self.modules():
+            if isinstance(module, CastedLinear):
+                module.qat = enabled
+
+    def resolve_ops(self, device: torch.device) -> str:
+        """"reference" or "triton" for inputs on `device` ("auto": Triton on CUDA)."""
+        if self.ops != "auto":
+            return self.ops
+        return "triton" if device.type == "cuda" else "reference"
+
+    def forward_hidden(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """input_ids (B, T) int -> final rms_norm'd hidden states (B, T, d)."""
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids: expected (B, T), got shape {tuple(input_ids.shape)}")
+        ops = self.resolve_ops(input_ids.device)
+        c = self.config
+        x = select_op(ops, "embed")(input_ids, self.tok_emb.weight, self.bigram.table.weight,
+                                    self.bigram.proj.effective_weight(), self.smear.gate)
+        x0 = x
+        ve_base = self.ve(input_ids) if self.ve is not None else None
+        first_ve = c.num_positions - c.ve_last_n
+        skips: list[torch.Tensor] = []
+        for p, (kind, i, loop) in enumerate(self.schedule):
+            ve = self.ve.scales[p - first_ve] * ve_base if p in self.ve_positions else None
+            args = (self.attn_scales[p], self.mlp_scales[p], self.resid_mixes[p], ve, p in self.xsa_positions, ops)
+            if kind == "crawler":
+                out = self.crawler_blocks[i](x, x0, *args)
+                # loop 0 replaces the stream; later loops interpolate towards the block's output.
+                x = out if loop == 0 else x + self.crawler_residual_scales[loop].to(x.dtype) * (out - x)
+            elif i < c.num_encoder_blocks:
+                x = self.flat_blocks[i](x, x0, *args)
+                skips.append(x)
+            else:
+                if skips:  # U-Net skip, LIFO, added before the decoder block runs
+                    x = x + self.skip_weights[i - c.num_encoder_blocks].to(x.dtype) * skips.pop()
+                x = self.flat_blocks[i](x, x0, *args)
+        return rms_norm(x)
+
+    def forward(self, input_ids: torch.Tensor, target_ids: torch.Tensor) -> torch.Tensor:
+        """Mean cross-entropy (0-d float32) of the softcapped tied head over all B·T targets."""
+        if target_ids.shape != input_ids.shape:
+            raise ValueError(f"target_ids: expected shape {tuple(input_ids.shape)}, got {tuple(target_ids.shape)}")
+        hidden = self.forward_hidden(input_ids)
+        loss_fn = select_op(self.resolve_ops(input_ids.device), "softcapped_cross_entropy")
+        return loss_fn(hidden.reshape(-1, hidden.shape[-1]), self.tok_emb.weight, target_ids.reshape(-1),
+                       self.config.logit_softcap)
+
+    def forward_logits(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Softcapped logits (B, T, V) in the hidden dtype (exact reference head)."""
+        return kernels.reference.softcapped_logits(self.forward_hidden(input_ids), self.tok_emb.weight,
+                                                   self.config.logit_softcap)
+
+    def token_nll(self, input_ids: torch.Tensor, target_ids: torch.Tensor) -> torch.Tensor:
+        """Per-token cross-entropy (B, T) in float32 nats, on float32 logits (evaluation)."""
+        logits = self.forward_logits(input_ids).float()
+        return F.cross_entropy(logits.transpose(1, 2), target_ids.long(), reduction="none")

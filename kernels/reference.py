@@ -1,0 +1,181 @@
+"""Plain-PyTorch reference of every op: the spec (SPEC.md) in code.
+
+Readability first: these functions are what the Triton kernels are tested against (in float64) and what
+the model runs on a CPU. Each public op validates its inputs exactly like its fast counterpart.
+Math is carried out in float32 (float64 when the inputs are float64) and the result is cast back.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from .utils import check_attention_inputs, check_embed_inputs
+
+BIGRAM_HASH_MULTIPLIER = 92821
+
+
+def _compute_dtype(t: torch.Tensor) -> torch.dtype:
+    """float64 stays float64 (tests); every other float dtype is computed in float32."""
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def rms_norm(x: torch.Tensor) -> torch.Tensor:
+    """RMS norm over the last dim, no learned gain, torch's default eps (finfo(x.dtype).eps)."""
+    return F.rms_norm(x, (x.shape[-1],))
+
+
+# ----------------------------------------------------------------------------------------------
+# RoPE (SPEC §1.8): the seed's partial layout
+# ----------------------------------------------------------------------------------------------
+
+def rope_rotary_dims(head_dim: int) -> int:
+    """Number of leading head dims the seed rotates: R = 2 * ((D // 2) // 2) (22 for D = 46)."""
+    return 2 * ((head_dim // 2) // 2)
+
+
+def rope_cos_sin(seq_len: int, head_dim: int, base: float, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin tables (seq_len, R/2) in float32 for θ_i = base^(-2i/D), i < R/2, positions 0..T-1."""
+    half = rope_rotary_dims(head_dim) // 2
+    inv_freq = base ** (-torch.arange(0, half, dtype=torch.float32, device=device) * 2.0 / head_dim)
+    angles = torch.arange(seq_len, dtype=torch.float32, device=device)[:, None] * inv_freq[None, :]
+    return angles.cos(), angles.sin()
+
+
+def rope(x: torch.Tensor, base: float = 10000.0) -> torch.Tensor:
+    """Rotary embedding on x (B, T, H, D): dims [:R] rotate in rotate-half layout, dims [R:] pass through.
+
+    x1 = x[..., :R/2], x2 = x[..., R/2:R] -> cat(x1*cos + x2*sin, -x1*sin + x2*cos). cos/sin are computed
+    in float32 and cast to x.dtype (SPEC §1.8). Returns a tensor of x's shape and dtype.
+    """
+    B, T, H, D = x.shape
+    R = rope_rotary_dims(D)
+    half = R // 2
+    cos, sin = rope_cos_sin(T, D, base, device=x.device)
+    cos = cos.to(x.dtype)[None, :, None, :]
+    sin = sin.to(x.dtype)[None, :, None, :]
+    x1, x2, rest = x[..., :half], x[..., half:R], x[..., R:]
+    return torch.cat((x1 * cos + x2 * sin, -x1 * sin + x2 * cos, rest), dim=-1)
+
+
+# ----------------------------------------------------------------------------------------------
+# Attention with XSA (SPEC §1.4, §1.9)
+# ----------------------------------------------------------------------------------------------
+
+def exclusive_self_attention(y: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Exclusive Self Attention: remove from each head's output its component along its own value.
+
+    y (B, T, H, D) attention output, v (B, T, Hkv, D) values; query head h uses KV head h // (H/Hkv).
+    z = y - (y · v̂) v̂ with v̂ = v / max(‖v‖, 1e-12). Returns (B, T, H, D) in y.dtype.
+    """
+    G = y.shape[2] // v.shape[2]
+    v_hat = F.normalize(v, dim=-1, eps=1e-12).repeat_interleave(G, dim=2)
+    return y - (y * v_hat).sum(-1, keepdim=True) * v_hat
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = True,
+              xsa: bool = False, softmax_scale: float | None = None) -> torch.Tensor:
+    """Softmax attention with grouped KV heads and optional XSA.
+
+    q (B, T, H, D), k/v (B, T, Hkv, D) with H % Hkv == 0, D even and <= 128; float32/16/bf16/64.
+    Query head h attends with KV head h // (H/Hkv). Scores are scaled by softmax_scale (default 1/sqrt(D)),
+    masked causally when `causal`; with `xsa` the output is projected off its own normalised value
+    (see `exclusive_self_attention`). Returns (B, T, H, D) in q.dtype; differentiable in q, k, v.
+    """
+    check_attention_inputs(q, k, v)
+    B, T, H, D = q.shape
+    G = H // k.shape[2]
+    scale = 1.0 / math.sqrt(D) if softmax_scale is None else softmax_scale
+    cd = _compute_dtype(q)
+    qf, kf, vf = (t.to(cd).transpose(1, 2) for t in (q, k, v))        # (B, heads, T, D)
+    kf, vf = kf.repeat_interleave(G, dim=1), vf.repeat_interleave(G, dim=1)
+    scores = (qf @ kf.transpose(-1, -2)) * scale                      # (B, H, T, T)
+    if causal:
+        future = torch.ones(T, T, dtype=torch.bool, device=q.device).triu(1)
+        scores = scores.masked_fill(future, float("-inf"))
+    y = (scores.softmax(dim=-1) @ vf).transpose(1, 2)                 # (B, T, H, D)
+    if xsa:
+        y = exclusive_self_attention(y, v.to(cd))
+    return y.to(q.dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# Embedding: token + BigramHash, rms_norm, SmearGate (SPEC §1.5, §1.6)
+# ----------------------------------------------------------------------------------------------
+
+def bigram_hash(ids: torch.Tensor, buckets: int) -> torch.Tensor:
+    """Bucket of each (previous, current) token pair: (prev * 92821 + id) mod buckets, in int64.
+
+    ids (B, T) int; prev_0 = 0 at the start of every row. int64 because prev * 92821 overflows int32
+    for ids >= 23,136. Returns (B, T) int64 in [0, buckets).
+    """
+    ids = ids.long()
+    prev = F.pad(ids[:, :-1], (1, 0), value=0)
+    return (prev * BIGRAM_HASH_MULTIPLIER + ids) % buckets
+
+
+def smear(x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+    """SmearGate v2: (1 - σ(gate)) * x_t + σ(gate) * x_{t-1}, with x_{-1} = 0 in every row.
+
+    x (B, T, d), gate (d,). Returns (B, T, d) in x's dtype.
+    """
+    g = torch.sigmoid(gate.to(x.dtype))
+    x_prev = F.pad(x[:, :-1], (0, 0, 1, 0))
+    return (1 - g) * x + g * x_prev
+
+
+def embed(ids: torch.Tensor, tok_emb: torch.Tensor, bigram_table: torch.Tensor,
+          bigram_proj: torch.Tensor, smear_gate: torch.Tensor) -> torch.Tensor:
+    """The crawler's input embedding x0 = smear(rms_norm(tok_emb[ids] + bigram_table[h] @ bigram_proj.T)).
+
+    ids (B, T) int; tok_emb (V, d); bigram_table (NB, k); bigram_proj (d, k); smear_gate (d,).
+    Math in float32 (float64 for float64 inputs); returns (B, T, d) in tok_emb.dtype. Differentiable
+    in every float input.
+    """
+    check_embed_inputs(ids, tok_emb, bigram_table, bigram_proj, smear_gate)
+    cd = _compute_dtype(tok_emb)
+    h = bigram_hash(ids, bigram_table.shape[0])
+    x = tok_emb.to(cd)[ids.long()] + bigram_table.to(cd)[h] @ bigram_proj.to(cd).T
+    return smear(rms_norm(x), smear_gate.to(cd)).to(tok_emb.dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# MLP and the tied, softcapped head
+# ----------------------------------------------------------------------------------------------
+
+def relu2(x: torch.Tensor, negative_slope: float = 0.0) -> torch.Tensor:
+    """relu(x)² (the seed's activation), or leaky_relu(x, negative_slope)² when negative_slope > 0."""
+    act = F.relu(x) if negative_slope == 0.0 else F.leaky_relu(x, negative_slope)
+    return act.square()
+
+
+def relu2_mlp(h: torch.Tensor, fc_weight: torch.Tensor, proj_weight: torch.Tensor,
+              negative_slope: float = 0.0) -> torch.Tensor:
+    """mlp(h) = relu2(h @ fc_weight.T) @ proj_weight.T.
+
+    h (..., d); fc_weight (hidden, d); proj_weight (d, hidden). Weights are cast to h.dtype (the seed's
+    CastedLinear). Returns (..., d) in h.dtype.
+    """
+    hidden = relu2(F.linear(h, fc_weight.to(h.dtype)), negative_slope)
+    return F.linear(hidden, proj_weight.to(h.dtype))
+
+
+def softcapped_logits(hidden: torch.Tensor, weight: torch.Tensor, softcap: float) -> torch.Tensor:
+    """Tied head: softcap * tanh((hidden @ weight.T) / softcap).
+
+    hidden (..., d); weight (V, d) (the token embedding). Returns (..., V) in hidden.dtype.
+    """
+    logits = F.linear(hidden, weight.to(hidden.dtype))
+    return softcap * torch.tanh(logits / softcap)
+
+
+def softcapped_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                             softcap: float) -> torch.Tensor:
+    """Mean cross-entropy of the softcapped tied head, computed on float32 logits (SPEC §1.3, §1.12;
+    float64 logits for float64 inputs).
+
+    hidden (N, d), weight (V, d), targets (N,) int64. Returns a 0-d float32 tensor.
+    """
+    logits = softcapped_logits(hidden, weight, softcap)
+    return F.cross_entropy(logits.to(_compute_dtype(logits)), targets.long())
