@@ -37,6 +37,24 @@ def all_reduce_sums(sums: torch.Tensor) -> torch.Tensor:
     return sums
 
 
+def unigram_bpb(train_counts: torch.Tensor, tokens: torch.Tensor, luts, *, seq_len: int) -> tuple[float, float]:
+    """A context-free baseline: (val_loss, val_bpb) of the add-one-smoothed unigram distribution
+    `p(t) = (count_t + 1) / (Σ count + V)` of `train_counts` (V,), scored on exactly the targets
+    `val_bpb` scores (tokens truncated to whole windows of seq_len), with the same byte LUTs.
+    A trained model must beat it."""
+    n_windows = (tokens.numel() - 1) // seq_len
+    if n_windows < 1:
+        raise ValueError(f"tokens: need at least seq_len + 1 = {seq_len + 1} validation tokens, got "
+                         f"{tokens.numel()}")
+    usable = tokens[: n_windows * seq_len + 1].long()
+    x, y = usable[:-1], usable[1:]
+    if int(y.max()) >= train_counts.numel():
+        raise ValueError(f"train_counts: has {train_counts.numel()} entries but the tokens reach id {int(y.max())}")
+    counts = train_counts.double()
+    log_p = torch.log((counts + 1.0) / (counts.sum() + counts.numel()))
+    return bpb_from_sums(float(-log_p[y].sum()), float(y.numel()), float(target_bytes(x, y, luts).sum()))
+
+
 @torch.no_grad()
 def val_bpb(model, tokens: torch.Tensor, luts, *, seq_len: int, batch_seqs: int = 8) -> tuple[float, float]:
     """Non-overlapping validation: (val_loss in nats/token, val_bpb).
