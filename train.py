@@ -35,8 +35,11 @@ from crawler.trainer import (SetupError, TrainConfig, default_cpu_threads, env_w
                              resolve_grad_accum, setup_distributed, teardown_distributed, train, write_summary)
 
 # The built-in corpus demo: a few minutes on a CPU. Everything not listed keeps the seed's default.
+# Measured on this demo: twice the seed's learning rates beat 1x by 0.07 bpb and 3-4x by 0.03 bpb (60
+# steps of 4096 tokens); SWA is off because in a 4-minute run its snapshots span too much of the LR
+# decay (10 snapshots: 2.266 bpb vs 2.246 for the last weights).
 DEMO_TRAIN_DEFAULTS = dict(max_wallclock_seconds=240.0, grad_accum_steps=1, val_every=0, log_every=25,
-                           checkpoint_every=50, swa_every=10)
+                           checkpoint_every=50, swa=False, matrix_lr=0.04, tied_embed_lr=0.04, scalar_lr=0.02)
 # No compiler to warm up on the CPU; fp32 Newton-Schulz (bf16 matmuls are slow on most CPUs).
 CPU_TRAIN_DEFAULTS = dict(warmup_steps=0, compile=False, muon_dtype="float32")
 UNIGRAM_MAX_TRAIN_TOKENS = 100_000_000   # counts for the unigram baseline: the first ~shard of FineWeb
@@ -197,7 +200,15 @@ def run(args) -> dict:
             report.update(stage_baselines(data, model_config))
 
         t0 = time.perf_counter()
-        result = train(model_config, tc, data, out_dir=out_dir, ops=args.ops, resume=args.resume, ctx=ctx)
+        try:
+            result = train(model_config, tc, data, out_dir=out_dir, ops=args.ops, resume=args.resume, ctx=ctx)
+        except KeyboardInterrupt:
+            ckpt = out_dir / "checkpoint.pt"
+            if ctx.is_main:
+                hint = (f"continue with: python train.py --resume {ckpt} (and the same options)"
+                        if ckpt.is_file() else "no checkpoint was written yet (see --checkpoint-every)")
+                print(f"\ninterrupted: {hint}", file=sys.stderr)
+            raise SystemExit(130) from None
         report["stages_s"]["train"] = time.perf_counter() - t0
         # Later stages (quantise -> artifact -> int6 evaluation) take result.model and add to `report`.
 

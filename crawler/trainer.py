@@ -525,7 +525,11 @@ class _Trainer:
                      ", ".join(f"{k} {saved_tc.get(k)!r} -> {getattr(self.tc, k)!r}" for k in changed))
         self.model.load_state_dict(state["model"], strict=True)
         for opt, sd in zip(self.optimizers, state["optimizers"]):
+            # load_state_dict also restores the saved hyper-parameters; this run's options win.
+            current = [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]
             opt.load_state_dict(sd)
+            for group, hyper in zip(opt.param_groups, current):
+                group.update(hyper)
         self.swa.load_state_dict(state["swa"])
         if self.ema is not None:
             if state["ema"] is None:

@@ -7,7 +7,7 @@ import pytest
 
 import train as train_cli
 from crawler.trainer import TrainConfig
-from trainer_fixtures import VOCAB, make_dataset
+from trainer_fixtures import VOCAB, make_dataset, restore_threads  # noqa: F401
 
 SMALL_MODEL = ["--vocab-size", str(VOCAB), "--train-seq-len", "16", "--train-batch-tokens", "64",
                "--model-set", "model_dim=32", "--model-set", "bigram_buckets=64", "--model-set", "bigram_dim=8",
@@ -104,8 +104,10 @@ def test_run_then_resume_after_a_kill(dataset, tmp_path, capsys, monkeypatch):
         return original(self, step, multiplier)
 
     monkeypatch.setattr(trainer_mod._Trainer, "train_step", killed_at_step_3)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(SystemExit) as exc:
         run_cli([*base, "--iterations", "5"], capsys)
+    assert exc.value.code == 130
+    assert f"--resume {out / 'checkpoint.pt'}" in capsys.readouterr().err
     monkeypatch.setattr(trainer_mod._Trainer, "train_step", original)
     assert (out / "checkpoint.pt").is_file() and not (out / "summary.json").exists()
 

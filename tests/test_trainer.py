@@ -15,7 +15,7 @@ from crawler.optim import Muon
 from crawler.trainer import (DistContext, SetupError, WeightAverager, load_checkpoint, load_final_model,
                              prepare_data, train)
 import crawler.trainer as trainer_mod
-from trainer_fixtures import fast_train_config, make_dataset, small_config
+from trainer_fixtures import fast_train_config, make_dataset, restore_threads, small_config  # noqa: F401
 
 
 @pytest.fixture(scope="module")
@@ -174,7 +174,7 @@ class Payload:
 def test_checkpoint_loading_is_weights_only_and_checked(tmp_path):
     evil = tmp_path / "evil.pt"
     with open(evil, "wb") as f:
-        pickle.dump({"format": "crawler-train-checkpoint", "x": Payload()}, f)
+        pickle.dump({"format": "crawler-train-checkpoint", "x": Payload()}, f, protocol=2)
     with pytest.raises(SetupError, match="cannot be read as a trainer checkpoint"):
         load_checkpoint(evil)
     torch.save({"hello": torch.zeros(2)}, tmp_path / "other.pt")

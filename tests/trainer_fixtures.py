@@ -5,6 +5,9 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
+import pytest
+import torch
+
 from crawler.config import CrawlerConfig
 from crawler.data import write_shard
 from crawler.tokenizer import BOS_ID, train_tokenizer
@@ -58,3 +61,12 @@ def fast_train_config(**overrides) -> TrainConfig:
                 log_every=1, swa_every=2, swa_start_mult=1.01, warmdown_frac=0.5, val_batch_seqs=8,
                 checkpoint_every=0, compile=False, muon_dtype="float32", muon_momentum_warmup_steps=4)
     return TrainConfig(**{**base, **overrides})
+
+
+@pytest.fixture(autouse=True)
+def restore_threads():
+    """The trainer tests run on one intra-op thread (cheaper on a shared CPU); give the next tests back
+    the count they had."""
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
