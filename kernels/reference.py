@@ -11,7 +11,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .utils import FLOAT_DTYPES, check_attention_inputs, check_embed_inputs, check_gptq_args, check_gptq_inputs, check_tensor
+from .utils import (FLOAT_DTYPES, check_attention_inputs, check_embed_inputs, check_gptq_args, check_gptq_inputs,
+                    check_gptq_values, check_tensor)
 
 BIGRAM_HASH_MULTIPLIER = 92821
 
@@ -200,16 +201,17 @@ def quant_max(bits: int) -> int:
 def sdclip_scales(weight: torch.Tensor, bits: int = 6, clip_sigmas: float = 12.85) -> torch.Tensor:
     """SDClip per-row scales s_r = clip_sigmas * std(W_r) / R (torch.std, unbiased), as fp16.
 
-    weight (..., N, K) float, K >= 2. The std is taken in float32 (float64 for float64 weights); the
-    scale is floored at 1e-10 and, once stored as fp16, at 2^-24 so that it is never 0. Deliberately not
-    floored at 1/R (PR #1579's floor, which coarsens every row with std < 1/clip_sigmas).
+    weight (..., N, K) float, K >= 2. The std is taken in float64 whatever the weight's dtype, so the
+    fp16 scale does not depend on the compute precision (the reference and the Triton path agree bit for
+    bit). The scale is floored at 1e-10 and, once stored as fp16, at 2^-24 so that it is never 0.
+    Deliberately not floored at 1/R (PR #1579's floor, which coarsens every row with std < 1/clip_sigmas).
     Returns (..., N) float16.
     """
     check_tensor("weight", weight, dtypes=FLOAT_DTYPES)
     check_gptq_args(bits, clip_sigmas)
     if weight.dim() < 1 or weight.shape[-1] < 2:
         raise ValueError(f"weight: expected a last dim of at least 2 (row std), got shape {tuple(weight.shape)}")
-    std = weight.to(_compute_dtype(weight)).std(dim=-1)
+    std = weight.double().std(dim=-1)
     scales = (clip_sigmas * std / quant_max(bits)).clamp_min(SDCLIP_SCALE_FLOOR)
     return scales.to(torch.float16).clamp_min(FP16_SMALLEST)
 
@@ -322,6 +324,7 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, *, bits: int = 6,
     Returns (codes int8 (N, K) in [-R, R], scales float16 (N,)), R = 2^(bits-1) - 1.
     """
     check_gptq_inputs(weight, hessian)
+    check_gptq_values(weight, hessian)
     check_gptq_args(bits, clip_sigmas, block_size, damp)
     R = quant_max(bits)
     W, U, scales, perm = gptq_prepare(weight, hessian, bits=bits, clip_sigmas=clip_sigmas,

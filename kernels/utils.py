@@ -97,8 +97,9 @@ def check_gptq_args(bits, clip_sigmas, block_size=None, damp=None) -> None:
 
 
 def check_gptq_inputs(weight, hessian, *, batched: bool = False) -> None:
-    """Validate GPTQ inputs: weight (N, K) and hessian (K, K) (with a leading matrix dim M when
-    `batched`), floating, on one device, finite, K >= 2 (the row std needs two values), diag(H) >= 0."""
+    """Validate GPTQ input shapes and dtypes: weight (N, K) and hessian (K, K) (with a leading matrix dim
+    M when `batched`), floating, on one device, K >= 2 (the row std needs two values). Reads no values
+    (see `check_gptq_values`), so it also runs on the fake tensors of torch.compile."""
     lead = 1 if batched else 0
     check_tensor("weight", weight, ndim=2 + lead, dtypes=FLOAT_DTYPES)
     check_tensor("hessian", hessian, ndim=2 + lead, dtypes=FLOAT_DTYPES, device=weight.device)
@@ -109,6 +110,10 @@ def check_gptq_inputs(weight, hessian, *, batched: bool = False) -> None:
                          f"got {tuple(hessian.shape)}")
     if K < 2 or weight.shape[-2] < 1:
         raise ValueError(f"weight: expected at least 1 row and 2 columns, got shape {tuple(weight.shape)}")
+
+
+def check_gptq_values(weight, hessian) -> None:
+    """Validate GPTQ input values: both finite, diag(H) >= 0 (H = XᵀX/n is positive semi-definite)."""
     for name, t in (("weight", weight), ("hessian", hessian)):
         if not bool(torch.isfinite(t).all()):
             raise ValueError(f"{name}: contains NaN or Inf")
