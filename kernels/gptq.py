@@ -158,7 +158,8 @@ def gptq_quantize_batched(weights: torch.Tensor, hessians: torch.Tensor, *, bits
 
 
 def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, *, bits: int = 6, clip_sigmas: float = 12.85,
-                  block_size: int = 128, act_order: bool = True, damp: float = 0.01) -> tuple[torch.Tensor, torch.Tensor]:
+                  block_size: int = 128, act_order: bool = True,
+                  damp: float = 0.01) -> tuple[torch.Tensor, torch.Tensor]:
     """GPTQ (Frantar et al. 2022) with SDClip per-row scales, column walk in Triton (SPEC §3, §7.4).
 
     weight (N, K) float, hessian (K, K) float (XᵀX/n of the layer's inputs), same device, finite.
