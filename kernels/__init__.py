@@ -1,5 +1,6 @@
 """Fused Triton ops for crawler transformers. Each public op here has an identically named plain-PyTorch
 reference in `kernels.reference` (the spec in code), which the tests compare against."""
 from . import reference
+from .gptq import gptq_quantize, gptq_quantize_batched
 
-__all__ = ["reference"]
+__all__ = ["reference", "gptq_quantize", "gptq_quantize_batched"]
