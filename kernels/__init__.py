@@ -1,5 +1,7 @@
 """Fused Triton ops for crawler transformers. Each public op here has an identically named plain-PyTorch
 reference in `kernels.reference` (the spec in code), which the tests compare against."""
 from . import reference
+from .cross_entropy import softcapped_cross_entropy
+from .mlp import relu2_mlp
 
-__all__ = ["reference"]
+__all__ = ["reference", "relu2_mlp", "softcapped_cross_entropy"]
