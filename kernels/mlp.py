@@ -180,7 +180,7 @@ def relu2_mlp(h: torch.Tensor, fc_weight: torch.Tensor, proj_weight: torch.Tenso
     if proj_weight.shape != (D, H):
         raise ValueError(f"proj_weight: expected shape ({D}, {H}) (model dim, hidden), "
                          f"got {tuple(proj_weight.shape)}")
-    if isinstance(negative_slope, bool) or not isinstance(negative_slope, Real) or not math.isfinite(negative_slope):
+    if isinstance(negative_slope, bool) or not isinstance(negative_slope, Real) or not -math.inf < negative_slope < math.inf:
         raise ValueError(f"negative_slope: expected a finite number, got {negative_slope!r}")
     out, _, _ = torch.ops.crawler_kernels.relu2_mlp(h.reshape(-1, D), fc_weight, proj_weight,
                                                     float(negative_slope))
