@@ -158,15 +158,17 @@ def _ce_forward(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tenso
     w = weight.to(hidden.dtype)   # the reference's cast (a no-op for the bf16 tied embedding under autocast)
     split = _vocab_split(N, V, hidden.device)
     splits = triton.cdiv(V, split)
-    lse_part = empty_output((splits, N), torch.float32, hidden.device)
-    zt_part = empty_output((splits, N), torch.float32, hidden.device)
+    # Flat (splits · N): with one split these are the per-token results themselves (no view returned).
+    lse_part = empty_output((splits * N,), torch.float32, hidden.device)
+    zt_part = empty_output((splits * N,), torch.float32, hidden.device)
     grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), splits)  # noqa: E731
     _ce_forward_kernel[grid](hidden, w, targets, lse_part, zt_part, N, V, D, split,
                              hidden.stride(0), hidden.stride(1), w.stride(0), w.stride(1), softcap,
                              **_kernel_flags(hidden.dtype, hidden.device))
-    lse = torch.logsumexp(lse_part, dim=0) if splits > 1 else lse_part[0]
-    loss = (lse - zt_part.sum(dim=0)).mean()
-    return loss, lse.contiguous()
+    if splits == 1:
+        return (lse_part - zt_part).mean(), lse_part
+    lse = torch.logsumexp(lse_part.view(splits, N), dim=0)
+    return (lse - zt_part.view(splits, N).sum(dim=0)).mean(), lse
 
 
 @_ce_forward.register_fake

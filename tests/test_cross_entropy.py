@@ -112,6 +112,13 @@ def test_compiles_fullgraph_aot_eager():
         assert rel_err(a, b) < 1e-6
 
 
+def test_library_registration_opcheck():
+    # Schema, fake (meta) implementation, autograd registration and AOT dispatch, as torch.library checks them.
+    hidden, weight, targets = make_inputs(8, 16, 20, seed=10)
+    torch.library.opcheck(torch.ops.crawler_kernels.softcapped_cross_entropy.default,
+                          (hidden.requires_grad_(), weight.requires_grad_(), targets, SOFTCAP))
+
+
 @pytest.mark.parametrize("bad,exc,match", [
     (lambda h, w, t: (h, w, t.clone().fill_(-1)), ValueError, r"targets: expected class indices in \[0, 50\)"),
     (lambda h, w, t: (h, w, t.clone().fill_(50)), ValueError, r"targets: .*got values in \[50, 50\]"),

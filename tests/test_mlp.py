@@ -102,6 +102,14 @@ def test_compiles_fullgraph_aot_eager():
             assert rel_err(a, b) < 1e-6
 
 
+@pytest.mark.parametrize("negative_slope", [0.0, 0.5])
+def test_library_registration_opcheck(negative_slope):
+    # Schema, fake (meta) implementation, autograd registration and AOT dispatch, as torch.library checks them.
+    h, fc, proj, _ = make_inputs((8,), 16, 24, seed=8)
+    torch.library.opcheck(torch.ops.crawler_kernels.relu2_mlp.default,
+                          (h.requires_grad_(), fc.requires_grad_(), proj.requires_grad_(), negative_slope))
+
+
 @pytest.mark.parametrize("bad,exc,match", [
     (lambda h, fc, pj: (h.int(), fc, pj), TypeError, "h: expected dtype"),
     (lambda h, fc, pj: (h[0, 0, 0], fc, pj), ValueError, "h: expected a tensor of shape"),
