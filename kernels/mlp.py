@@ -97,8 +97,10 @@ def _mlp_forward(h: torch.Tensor, fc_weight: torch.Tensor, proj_weight: torch.Te
     post = empty_output((M, H), h.dtype, h.device)
     pre = empty_output((M, H) if save_pre else (0,), h.dtype, h.device)
     if post.numel():
-        _mlp_up_kernel[_grid(M, H)](h, fc, post, pre, M, H, D, h.stride(0), h.stride(1), fc.stride(0),
-                                    fc.stride(1), post.stride(0), post.stride(1), negative_slope,
+        # Without SAVE_PRE the pre pointer is never written: `post` stands in for the empty tensor's
+        # (possibly null) pointer.
+        _mlp_up_kernel[_grid(M, H)](h, fc, post, pre if save_pre else post, M, H, D, h.stride(0), h.stride(1),
+                                    fc.stride(0), fc.stride(1), post.stride(0), post.stride(1), negative_slope,
                                     SAVE_PRE=save_pre, **_kernel_flags(h.dtype, h.device))
     return post @ proj.T, post, pre
 
@@ -180,7 +182,8 @@ def relu2_mlp(h: torch.Tensor, fc_weight: torch.Tensor, proj_weight: torch.Tenso
     if proj_weight.shape != (D, H):
         raise ValueError(f"proj_weight: expected shape ({D}, {H}) (model dim, hidden), "
                          f"got {tuple(proj_weight.shape)}")
-    if isinstance(negative_slope, bool) or not isinstance(negative_slope, Real) or not -math.inf < negative_slope < math.inf:
+    if (isinstance(negative_slope, bool) or not isinstance(negative_slope, Real)
+            or not -math.inf < negative_slope < math.inf):
         raise ValueError(f"negative_slope: expected a finite number, got {negative_slope!r}")
     out, _, _ = torch.ops.crawler_kernels.relu2_mlp(h.reshape(-1, D), fc_weight, proj_weight,
                                                     float(negative_slope))
