@@ -31,8 +31,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .utils import (check_tensor, dot_input_precision, empty_output, grouped_tile, interpreting,
-                    tile_matmul)
+from .utils import (check_tensor, empty_output, grouped_tile, interpreting,
+                    tile_matmul, tile_matmul_flags)
 
 # Budget for one backward chunk of dlogits: 256 MiB = 16,384 tokens × 8,192 vocabulary entries in bf16.
 DLOGITS_CHUNK_BYTES = 256 * 2**20
@@ -136,11 +136,6 @@ def _vocab_split(n_tokens: int, vocab: int, device: torch.device) -> int:
     return triton.cdiv(triton.cdiv(vocab, splits), _SPLIT_ALIGN) * _SPLIT_ALIGN
 
 
-def _kernel_flags(dtype: torch.dtype, device) -> dict:
-    return {"UPCAST": interpreting() or dtype == torch.float64,
-            "PRECISION": dot_input_precision(dtype, device)}
-
-
 def _check_target_range(targets: torch.Tensor, vocab: int) -> None:
     # One host sync per call; out-of-range targets would otherwise silently give a wrong loss.
     if bool(((targets < 0) | (targets >= vocab)).any()):
@@ -164,7 +159,7 @@ def _ce_forward(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tenso
     grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), splits)  # noqa: E731
     _ce_forward_kernel[grid](hidden, w, targets, lse_part, zt_part, N, V, D, split,
                              hidden.stride(0), hidden.stride(1), w.stride(0), w.stride(1), softcap,
-                             **_kernel_flags(hidden.dtype, hidden.device))
+                             **tile_matmul_flags(hidden.dtype, hidden.device))
     if splits == 1:
         return (lse_part - zt_part).mean(), lse_part
     lse = torch.logsumexp(lse_part.view(splits, N), dim=0)
@@ -190,7 +185,7 @@ def _ce_backward(grad: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor,
     # The chunks' weight gradients are summed in fp32 (fp64 for fp64 inputs), in chunk order.
     dw = torch.zeros((V, D), dtype=torch.promote_types(hidden.dtype, torch.float32), device=hidden.device)
     grad = grad.to(torch.float32)
-    flags = _kernel_flags(hidden.dtype, hidden.device)
+    flags = tile_matmul_flags(hidden.dtype, hidden.device)
     for n0 in range(0, N, chunk):
         n1 = min(N, n0 + chunk)
         h_c, dl_c = hidden[n0:n1], dl[: n1 - n0]

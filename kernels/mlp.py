@@ -19,8 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .utils import (FLOAT_DTYPES, check_tensor, dot_input_precision, empty_output, grouped_tile,
-                    interpreting, tile_matmul)
+from .utils import (FLOAT_DTYPES, check_tensor, empty_output, grouped_tile,
+                    interpreting, tile_matmul, tile_matmul_flags)
 
 if interpreting():
     _CONFIGS = [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32})]
@@ -77,11 +77,6 @@ def _mlp_dpre_kernel(g_ptr, proj_ptr, aux_ptr, dpre_ptr, M, H, D, stride_gm, str
              (dpost * deriv).to(dpre_ptr.dtype.element_ty), mask=mask)
 
 
-def _kernel_flags(dtype: torch.dtype, device) -> dict:
-    return {"UPCAST": interpreting() or dtype == torch.float64,
-            "PRECISION": dot_input_precision(dtype, device)}
-
-
 def _grid(M: int, H: int):
     return lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(H, meta["BLOCK_N"]),)
 
@@ -101,7 +96,7 @@ def _mlp_forward(h: torch.Tensor, fc_weight: torch.Tensor, proj_weight: torch.Te
         # (possibly null) pointer.
         _mlp_up_kernel[_grid(M, H)](h, fc, post, pre if save_pre else post, M, H, D, h.stride(0), h.stride(1),
                                     fc.stride(0), fc.stride(1), post.stride(0), post.stride(1), negative_slope,
-                                    SAVE_PRE=save_pre, **_kernel_flags(h.dtype, h.device))
+                                    SAVE_PRE=save_pre, **tile_matmul_flags(h.dtype, h.device))
     return post @ proj.T, post, pre
 
 
@@ -128,7 +123,7 @@ def _mlp_backward(grad: torch.Tensor, h: torch.Tensor, fc_weight: torch.Tensor, 
         _mlp_dpre_kernel[_grid(M, H)](grad, proj, aux, dpre, M, H, D, grad.stride(0), grad.stride(1),
                                       proj.stride(0), proj.stride(1), aux.stride(0), aux.stride(1),
                                       dpre.stride(0), dpre.stride(1), negative_slope, FROM_POST=from_post,
-                                      **_kernel_flags(h.dtype, h.device))
+                                      **tile_matmul_flags(h.dtype, h.device))
     d_fc = (dpre.T @ h).to(fc_weight.dtype)
     d_proj = (grad.T @ post).to(proj_weight.dtype)
     return dpre @ fc, d_fc, d_proj

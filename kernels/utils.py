@@ -88,17 +88,17 @@ def check_embed_inputs(ids, tok_emb, bigram_table, bigram_proj, smear_gate) -> N
 # Shared Triton pieces for the "matmul with a fused epilogue" kernels (cross_entropy, mlp)
 # ----------------------------------------------------------------------------------------------
 
-def dot_input_precision(dtype: torch.dtype, device) -> str:
-    """`tl.dot` input precision for operands of `dtype`, mirroring torch's own matmul setting.
+def tile_matmul_flags(dtype: torch.dtype, device) -> dict:
+    """The UPCAST and PRECISION arguments of `tile_matmul` for operands of `dtype` on `device`.
 
-    fp32 (and fp64, which the kernels feed to tl.dot as fp32) operands on a GPU use TF32 only where
-    torch would (`torch.get_float32_matmul_precision()` is not "highest"), so a Triton op is as exact
-    as the matmul it replaces. 16-bit operands ignore the setting; they get Triton's default ("tf32").
+    UPCAST: under the interpreter (no bf16 dot) and for fp64 inputs (computed in fp32 tiles).
+    PRECISION mirrors torch's own matmul setting: fp32 operands on a GPU use TF32 only where torch would
+    (`torch.get_float32_matmul_precision()` is not "highest"), so an op is as exact as the matmul it
+    replaces. 16-bit operands ignore it; they get Triton's default ("tf32").
     """
-    if dtype in (torch.float32, torch.float64) and (torch.device(device).type != "cuda"
-                                   or torch.get_float32_matmul_precision() == "highest"):
-        return "ieee"
-    return "tf32"
+    full_fp32 = dtype in (torch.float32, torch.float64) and (
+        torch.device(device).type != "cuda" or torch.get_float32_matmul_precision() == "highest")
+    return {"UPCAST": interpreting() or dtype == torch.float64, "PRECISION": "ieee" if full_fp32 else "tf32"}
 
 
 @triton.jit
