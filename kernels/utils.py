@@ -6,6 +6,8 @@ import math
 import os
 
 import torch
+import triton
+import triton.language as tl
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
@@ -119,3 +121,58 @@ def check_gptq_values(weight, hessian) -> None:
             raise ValueError(f"{name}: contains NaN or Inf")
     if bool((hessian.diagonal(dim1=-2, dim2=-1) < 0).any()):
         raise ValueError("hessian: diagonal entries must be >= 0 (H = XᵀX/n is positive semi-definite)")
+# ----------------------------------------------------------------------------------------------
+# Shared Triton pieces for the "matmul with a fused epilogue" kernels (cross_entropy, mlp)
+# ----------------------------------------------------------------------------------------------
+
+def tile_matmul_flags(dtype: torch.dtype, device) -> dict:
+    """The UPCAST and PRECISION arguments of `tile_matmul` for operands of `dtype` on `device`.
+
+    UPCAST: under the interpreter (no bf16 dot) and for fp64 inputs (computed in fp32 tiles).
+    PRECISION mirrors torch's own matmul setting: fp32 operands on a GPU use TF32 only where torch would
+    (`torch.get_float32_matmul_precision()` is not "highest"), so an op is as exact as the matmul it
+    replaces. 16-bit operands ignore it; they get Triton's default ("tf32").
+    """
+    full_fp32 = dtype in (torch.float32, torch.float64) and (
+        torch.device(device).type != "cuda" or torch.get_float32_matmul_precision() == "highest")
+    return {"UPCAST": interpreting() or dtype == torch.float64, "PRECISION": "ieee" if full_fp32 else "tf32"}
+
+
+@triton.jit
+def grouped_tile(pid, num_m, num_n, GROUP_M: tl.constexpr):
+    """Map a 1-D program id onto a (row tile, column tile) pair, GROUP_M row tiles at a time, so the
+    programs running together share their column operand tiles in L2."""
+    group = GROUP_M * num_n
+    first_m = (pid // group) * GROUP_M
+    group_size = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % group) % group_size
+    pid_n = (pid % group) // group_size
+    return pid_m, pid_n
+
+
+@triton.jit
+def tile_matmul(a_ptr, stride_am, stride_ak, b_ptr, stride_bk, stride_bn, rows, cols, K,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+    """fp32 tile A[rows, :] @ B[:, cols] of shape (BLOCK_M, BLOCK_N), looping over K in BLOCK_K steps.
+
+    `rows`/`cols` must be valid indices (callers wrap out-of-range ones with `% M`, so the loads need a
+    mask only along K; their results are dropped at the store). Row and column offsets are widened to
+    int64 so operands with more than 2**31 elements address correctly. UPCAST turns the
+    operands to fp32 before tl.dot (the interpreter has no bf16 dot; fp64 inputs are computed in fp32).
+    """
+    offs_k = tl.arange(0, BLOCK_K)
+    a_ptrs = a_ptr + rows.to(tl.int64)[:, None] * stride_am + offs_k[None, :] * stride_ak
+    b_ptrs = b_ptr + offs_k[:, None] * stride_bk + cols.to(tl.int64)[None, :] * stride_bn
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k_ok = offs_k < K - k0
+        a = tl.load(a_ptrs, mask=k_ok[None, :], other=0.0)
+        b = tl.load(b_ptrs, mask=k_ok[:, None], other=0.0)
+        if UPCAST:
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        acc = tl.dot(a, b, acc, input_precision=PRECISION)
+        a_ptrs += BLOCK_K * stride_ak
+        b_ptrs += BLOCK_K * stride_bk
+    return acc
