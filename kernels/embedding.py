@@ -3,7 +3,7 @@
 
 Forward, one program per block of tokens, fp32 math throughout:
     h_t  = (ids_{t-1} * 92821 + ids_t) mod NB        int64; ids_{-1} = 0 at the start of every row
-    x_t  = tok_emb[ids_t] + bigram_table[h_t] @ bigram_proj.T      (tl.dot; the proj never leaves chip)
+    x_t  = tok_emb[ids_t] + bigram_table[h_t] @ bigram_proj.T      (tl.dot: projected rows never hit memory)
     xn_t = x_t * rstd_t,  rstd_t = rsqrt(mean(x_t²) + eps),  eps = finfo(float32).eps (F.rms_norm)
     y_t  = (1 - σ(gate)) * xn_t + σ(gate) * xn_{t-1}                xn_{-1} = 0 in every row
 The model dim is walked in column chunks (the d×k projection is streamed chunk by chunk through shared
@@ -12,7 +12,8 @@ x² over the chunks, pass 2 recomputes x and writes the output. The smear needs 
 a tile cannot be shifted by one row cheaply in Triton, so pass 2 computes the previous tokens' rows
 directly (a second gather, which hits cache, and a second dot on the same shared-memory proj chunk); their
 rms comes from pass 1, which also covers one halo row (the token before the block), so only a vector
-has to be shifted. Cost: 3 projection dots per chunk instead of 1, in exchange for no N×d scratch.
+has to be shifted. Cost: 3 projection dots per chunk instead of 1 (cheap bf16 tensor-core work next to
+the gathers), in exchange for no N×d scratch and a single launch.
 
 What the forward saves for the backward: the per-token rstd (fp32) and bucket id (int32), 8 bytes per
 token. x is recomputed from the tables in the backward (one more gather of the token rows and one dot)
@@ -20,14 +21,16 @@ rather than stored: saving x or xn would cost an N×d activation (96 MB per 32×
 written in the forward and read back, more traffic than the recompute and a lot more memory.
 
 Dot precision: with 16-bit tables the bigram dot runs in the table's dtype with fp32 accumulation, the
-projection rounded to that dtype once per call (as the seed's CastedLinear does); its error is below the
-16-bit output's rounding. fp32 tables get exact fp32 dots. The interpreter always computes in fp32.
+projection rounded to that dtype once per call (as the seed's CastedLinear does), which adds an error of
+the order of the 16-bit output's own rounding and halves the proj's on-chip traffic. fp32 tables get
+exact fp32 dots ("ieee"). The interpreter always computes in fp32.
 
 Backward (given dy), deterministic, no float atomics:
   1. a row kernel recomputes xn, forms dxn_t = (1-σ) dy_t + σ dy_{t+1} (dy_{t+1} read from memory, so no
      tile shift), per-program partial sums of the gate gradient Σ_t xn_t (dy_{t+1} - dy_t) σ(1-σ), and
      da_t = (dxn_t - xn_t mean(dxn_t xn_t)) rstd_t, which it writes (in tok_emb's dtype) together with
-     g_t = da_t @ bigram_proj (fp32, k wide: the table gradient before its scatter);
+     g_t = da_t @ bigram_proj (fp32, k wide: the table gradient before its scatter). x is rebuilt in
+     both passes (the row reduction needs all chunks before da), so 3 dots per chunk here too;
   2. dtok_emb / dbigram_table are sorted segment sums: a stable sort of the ids / buckets, then one
      program per run of equal keys sums its tokens' rows in sorted order (fp32) and writes the table row.
      Autograd needs dense gradients of the tables' shapes, so the grad tensors themselves (in the tables'

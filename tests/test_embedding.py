@@ -98,7 +98,8 @@ def test_no_leakage_across_rows():
 
 
 def test_bf16_tables_with_fp32_proj_and_gate():
-    """The model's dtypes: bf16 tables, fp32 projection and gate; output and table grads in bf16."""
+    """The model's dtypes: bf16 tables, fp32 projection and gate; output and table grads in bf16.
+    The bound is loose because the interpreter truncates fp32 -> bf16 (the GPU rounds to nearest)."""
     ids, params = make_inputs(2, 20, 40, 24, 29, 16, table_dtype=torch.bfloat16)
     check_against_reference(ids, params, tol=1e-2, grad_tol=2e-2)
 
