@@ -34,7 +34,8 @@ def layer_shapes() -> list[tuple[str, int, int]]:
     c = CrawlerConfig.preset("pr1579")
     d = c.model_dim
     return [("attn.c_q / attn.proj", d, d), ("attn.c_k / attn.c_v", d, c.kv_dim),
-            ("mlp.fc", d, c.mlp_hidden), ("mlp.proj", c.mlp_hidden, d), ("lm_head (tok_emb)", d, c.vocab_size)]
+            ("mlp.fc", d, c.mlp_hidden), ("mlp.proj", c.mlp_hidden, d),
+            ("lm_head (tok_emb)", d, c.vocab_size)]
 
 
 def main() -> int:

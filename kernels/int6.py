@@ -17,6 +17,8 @@ BQ-byte runs (one per plane) and gets the codes of FOUR column runs (one per qua
 masks only; no interleaving, gathers or cross-byte fields. The matching activations are the four
 contiguous runs x[q*K4 + j], so the K reduction is done as four sub-products per tile. The layout does
 not depend on any tile size, so one packed weight serves every kernel configuration and every K.
+Loads are as wide as the alignment of K4 allows (the kernels are told the largest power of two, up to 16,
+dividing K4): 16-byte vectors for K % 64 == 0 (K = 2944), 8-byte ones for K = 736.
 
 The matmul
 ----------
@@ -38,6 +40,7 @@ from typing import NamedTuple
 import torch
 import triton
 import triton.language as tl
+from triton.testing import do_bench
 
 from .reference import pack_int6, unpack_int6  # plain torch, run once: the reference IS the implementation
 from .utils import check_int6_linear_inputs, empty_output, interpreting
@@ -117,7 +120,7 @@ def _mma_quarters(acc, c0, c1, c2, c3, x0, x1, x2, x3, W_FIRST: tl.constexpr, DT
 @triton.jit
 def _int6_decode_kernel(x_ptr, w_ptr, s_ptr, out_ptr, part_ptr, M, N, K4, stride_xm,
                         BM: tl.constexpr, BN: tl.constexpr, BQ: tl.constexpr, SPLIT_K: tl.constexpr,
-                        ALIGN: tl.constexpr, EVEN_K: tl.constexpr, DT: tl.constexpr,
+                        ALIGN: tl.constexpr, MASK_K: tl.constexpr, DT: tl.constexpr,
                         PRECISION: tl.constexpr):
     """Grid (cdiv(N, BN), SPLIT_K); all M <= BM rows of x in one program. BM == 1: elementwise FMA into a
     (BN, BQ) accumulator reduced once at the end; BM >= 16: tl.dot. SPLIT_K == 1 writes the scaled output,
@@ -139,8 +142,8 @@ def _int6_decode_kernel(x_ptr, w_ptr, s_ptr, out_ptr, part_ptr, M, N, K4, stride
         acc = tl.zeros([BN, BM], dtype=tl.float32)
     for j0 in range(j_lo, j_hi, BQ):
         j = j0 + tl.arange(0, BQ)[None, :]
-        c0, c1, c2, c3 = _unpack_codes(w_rows, j, K4, not EVEN_K)
-        x0, x1, x2, x3 = _load_x_quarters(x_rows, j, K4, not EVEN_K, DT)
+        c0, c1, c2, c3 = _unpack_codes(w_rows, j, K4, MASK_K)
+        x0, x1, x2, x3 = _load_x_quarters(x_rows, j, K4, MASK_K, DT)
         if BM == 1:
             acc += (c0.to(tl.float32) * x0.to(tl.float32) + c1.to(tl.float32) * x1.to(tl.float32)
                     + c2.to(tl.float32) * x2.to(tl.float32) + c3.to(tl.float32) * x3.to(tl.float32))
@@ -174,7 +177,7 @@ def _splitk_reduce_kernel(part_ptr, s_ptr, out_ptr, MN, N, SPLIT_K: tl.constexpr
 @triton.jit
 def _int6_gemm_kernel(x_ptr, w_ptr, s_ptr, out_ptr, M, N, K4, stride_xm,
                       BM: tl.constexpr, BN: tl.constexpr, BQ: tl.constexpr, GROUP_M: tl.constexpr,
-                      W_FIRST: tl.constexpr, ALIGN: tl.constexpr, EVEN_K: tl.constexpr, DT: tl.constexpr,
+                      W_FIRST: tl.constexpr, ALIGN: tl.constexpr, MASK_K: tl.constexpr, DT: tl.constexpr,
                       PRECISION: tl.constexpr):
     """Grid (cdiv(M, BM) * cdiv(N, BN),); one (BM, BN) output tile per program, the K loop in steps of
     4*BQ columns (BQ per quarter)."""
@@ -198,8 +201,8 @@ def _int6_gemm_kernel(x_ptr, w_ptr, s_ptr, out_ptr, M, N, K4, stride_xm,
         acc = tl.zeros([BM, BN], dtype=tl.float32)
     for j0 in range(0, K4, BQ):
         j = j0 + tl.arange(0, BQ)[None, :]
-        c0, c1, c2, c3 = _unpack_codes(w_rows, j, K4, not EVEN_K)
-        x0, x1, x2, x3 = _load_x_quarters(x_rows, j, K4, not EVEN_K, DT)
+        c0, c1, c2, c3 = _unpack_codes(w_rows, j, K4, MASK_K)
+        x0, x1, x2, x3 = _load_x_quarters(x_rows, j, K4, MASK_K, DT)
         acc = _mma_quarters(acc, c0, c1, c2, c3, x0, x1, x2, x3, W_FIRST, DT, PRECISION)
     if W_FIRST:
         acc = tl.trans(acc)
@@ -279,7 +282,7 @@ def _launch(x2: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, cfg: _
     else:                # codes are exact in bf16/fp16; fp32 x keeps ~fp32 accuracy with 3xTF32
         dt = _TL_DTYPES[x2.dtype]
         precision = "tf32x3" if x2.dtype == torch.float32 else "tf32"
-    common = dict(BM=cfg.BM, BN=cfg.BN, BQ=cfg.BQ, ALIGN=_pow2_divisor(K4), EVEN_K=K4 % cfg.BQ == 0,
+    common = dict(BM=cfg.BM, BN=cfg.BN, BQ=cfg.BQ, ALIGN=_pow2_divisor(K4), MASK_K=K4 % cfg.BQ != 0,
                   DT=dt, PRECISION=precision, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     if cfg.path == "decode":
         part = out if cfg.SPLIT_K == 1 else empty_output((cfg.SPLIT_K, M, N), torch.float32, x2.device)
@@ -310,8 +313,8 @@ def _pick_config(x2: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor) -
     m_key = M if M <= DECODE_MAX_M else triton.next_power_of_2(M)
     key = (m_key, N, K, x2.dtype, scales.dtype, x2.device)
     if key not in _TUNED:
-        times = [triton.testing.do_bench(lambda c=c: _launch(x2, packed, scales, c), warmup=5, rep=20,
-                                         return_mode="median") for c in cands]
+        times = [do_bench(lambda c=c: _launch(x2, packed, scales, c), warmup=5, rep=20,
+                            return_mode="median") for c in cands]
         _TUNED[key] = cands[min(range(len(cands)), key=times.__getitem__)]
     return _TUNED[key]
 
@@ -347,4 +350,8 @@ def int6_linear(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor) -> 
     crawler_kernels::int6_linear, so torch.compile(fullgraph=True) traces through it.
     """
     check_int6_linear_inputs(x, packed, scales)
+    if x.device.type != "cuda" and not interpreting():
+        raise ValueError(f"x: int6_linear runs Triton kernels, which need a CUDA device or "
+                         f"TRITON_INTERPRET=1 set before importing kernels; got tensors on {x.device} "
+                         f"(kernels.reference.int6_linear runs anywhere)")
     return _int6_linear_op(x, packed, scales)

@@ -101,4 +101,5 @@ def check_int6_linear_inputs(x, packed, scales, *, allow_float64: bool = False) 
         raise ValueError(f"packed: expected shape (N, {3 * K // 4}) = (N, 3K/4) for x's K = {K}, "
                          f"got {tuple(packed.shape)}")
     if scales.shape[0] != N:
-        raise ValueError(f"scales: expected shape ({N},) (one scale per packed row), got {tuple(scales.shape)}")
+        raise ValueError(f"scales: expected shape ({N},) (one scale per packed row), "
+                         f"got {tuple(scales.shape)}")

@@ -167,6 +167,13 @@ def test_int6_linear_errors():
         int6_linear(x.double(), packed, scales)   # float64 only in the reference
 
 
+def test_int6_linear_cpu_without_interpreter_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    N, K = 8, 16
+    with pytest.raises(ValueError, match="TRITON_INTERPRET"):
+        int6_linear(torch.randn(2, K), pack_int6(random_codes(N, K)), random_scales(N))
+
+
 def test_int6_linear_compiles_fullgraph():
     N, K = 24, 32
     codes, scales = random_codes(N, K), random_scales(N)
