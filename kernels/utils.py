@@ -181,3 +181,26 @@ def tile_matmul(a_ptr, stride_am, stride_ak, b_ptr, stride_bk, stride_bn, rows, 
         a_ptrs += BLOCK_K * stride_ak
         b_ptrs += BLOCK_K * stride_bk
     return acc
+
+
+def check_int6_linear_inputs(x, packed, scales, *, allow_float64: bool = False) -> None:
+    """Validate the `int6_linear` contract: x (..., K) float with K % 4 == 0; packed uint8 (N, 3K/4),
+    contiguous (its bytes are addressed directly); scales (N,) float16/float32; all on x's device.
+    `allow_float64` admits float64 x and scales (the reference, evaluated in float64 by the tests)."""
+    x_dtypes = (torch.float32, torch.float16, torch.bfloat16) + ((torch.float64,) if allow_float64 else ())
+    s_dtypes = (torch.float16, torch.float32) + ((torch.float64,) if allow_float64 else ())
+    check_tensor("x", x, dtypes=x_dtypes)
+    if x.dim() < 1:
+        raise ValueError("x: expected a tensor of shape (..., K), got a 0-d tensor")
+    check_tensor("packed", packed, ndim=2, dtypes=(torch.uint8,), device=x.device, contiguous=True)
+    check_tensor("scales", scales, ndim=1, dtypes=s_dtypes, device=x.device)
+    K = x.shape[-1]
+    if K % 4 != 0:
+        raise ValueError(f"x: last dim K must be a multiple of 4 (int6 packs 4 codes in 3 bytes), got {K}")
+    N = packed.shape[0]
+    if packed.shape[1] != 3 * K // 4:
+        raise ValueError(f"packed: expected shape (N, {3 * K // 4}) = (N, 3K/4) for x's K = {K}, "
+                         f"got {tuple(packed.shape)}")
+    if scales.shape[0] != N:
+        raise ValueError(f"scales: expected shape ({N},) (one scale per packed row), "
+                         f"got {tuple(scales.shape)}")
