@@ -10,8 +10,8 @@ Backward, three kernels, no float atomics (deterministic):
 1. preprocess, one program per (row block, batch·KV head), looping over the G query heads of the group:
    Δ = dz·z (= dy·y), and with XSA dy = dz − (dz·v̂) v̂ and XSA's own gradient into v, summed over the
    group: dv_xsa = P⊥(Σ_g −(c·dz + (dz·v̂) y)) / max(‖v‖, 1e-12) with y = z + c v̂.
-2. dK/dV, one program per (key block, batch·KV head), looping over the G query heads and their query
-   blocks at or below the diagonal; adds dv_xsa before the store.
+2. dK/dV, one program per (key block, batch·KV head), looping over the G query heads and (causal) the
+   query blocks at or after the key block; adds dv_xsa before the store.
 3. dQ, one program per (query block, batch·query head), looping over the visible key blocks.
 
 Inputs may be any strided view (the model passes views of linear outputs): kernels take every stride,
@@ -392,11 +392,13 @@ def _dot_args(dtype: torch.dtype) -> dict:
 
 
 def _block_d(head_dim: int) -> int:
+    """Tile width for a head dim: the next power of two, at least 16 (tl.dot's minimum)."""
     return max(16, triton.next_power_of_2(head_dim))
 
 
 def _attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, xsa: bool,
                        softmax_scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Launch the forward kernel: (z, lse, c) as documented on the custom op below."""
     B, T, H, D = q.shape
     G = H // k.shape[2]
     o = empty_output((B, T, H, D), q.dtype, q.device)
@@ -405,13 +407,15 @@ def _attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal
     if o.numel() == 0:
         return o, lse, c
     grid = lambda meta: (triton.cdiv(T, meta["BLOCK_M"]), B * H)  # noqa: E731
-    _attn_fwd[grid](q, k, v, o, lse, c, *q.stride(), *k.stride(), *v.stride(), *o.stride(),
+    # Without XSA, C is never touched: pass lse so no kernel argument is an empty (null) pointer.
+    _attn_fwd[grid](q, k, v, o, lse, c if xsa else lse, *q.stride(), *k.stride(), *v.stride(), *o.stride(),
                     T, H, G, softmax_scale * LOG2E, CAUSAL=causal, XSA=xsa, HEAD_DIM=D,
                     BLOCK_D=_block_d(D), **_dot_args(q.dtype))
     return o, lse, c
 
 
 def _attention_backward(dz, q, k, v, o, lse, c, causal: bool, xsa: bool, softmax_scale: float):
+    """Launch preprocess, dK/dV and dQ kernels for upstream gradient dz (B, T, H, D): (dq, dk, dv)."""
     B, T, H, D = q.shape
     Hkv = k.shape[2]
     G = H // Hkv
@@ -428,7 +432,8 @@ def _attention_backward(dz, q, k, v, o, lse, c, causal: bool, xsa: bool, softmax
         dy_strides = (dy.stride(0), dy.stride(2), dy.stride(1), dy.stride(3))
         dvx = empty_output((B, T, Hkv, D), torch.float32, q.device)
     else:
-        dy, dy_strides, dvx = dz, dz.stride(), delta      # no XSA: dy is dz itself, dvx unused
+        dy, dy_strides, dvx = dz, dz.stride(), delta      # no XSA: dy is dz itself; c and dvx unused
+        c = delta
     # dk, dv and dv_xsa are fresh contiguous (B, T, Hkv, D) tensors: one set of strides serves all three.
     _bwd_preprocess[(triton.cdiv(T, _PRE_BLOCK), B * Hkv)](
         o, dz, v, c, dy, delta, dvx, *o.stride(), *dz.stride(), *v.stride(), *dy_strides, *dk.stride(),

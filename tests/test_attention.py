@@ -139,11 +139,10 @@ def _tiny_model_loss_and_grads(ops, ids, targets):
 
 def test_crawler_model_step_matches_reference(monkeypatch):
     """One training step of a tiny crawler with ops="triton" (our attention at every schedule position,
-    XSA on all of them) vs ops="reference": the same loss and parameter gradients. Ops that have no Triton
-    kernel on this branch run their reference in both, so only attention differs."""
+    XSA on all of them) vs ops="reference": the same loss and parameter gradients. The model's other ops
+    run their references in both models, so this test is about attention alone (and stays fast)."""
     for name in ("embed", "relu2_mlp", "softcapped_cross_entropy"):
-        if not hasattr(kernels, name):
-            monkeypatch.setattr(kernels, name, getattr(reference, name), raising=False)
+        monkeypatch.setattr(kernels, name, getattr(reference, name), raising=False)
     gen = torch.Generator().manual_seed(3)
     ids = torch.randint(0, 256, (2, 32), generator=gen)
     targets = torch.randint(0, 256, (2, 32), generator=gen)
