@@ -26,7 +26,7 @@ import sentencepiece as spm
 import torch
 
 from crawler.fileio import atomic_open
-from crawler.tokenizer import BOS_ID, load_tokenizer, train_tokenizer
+from crawler.tokenizer import BOS_ID, train_tokenizer
 
 SHARD_MAGIC = 20240520
 SHARD_VERSION = 1
@@ -351,13 +351,14 @@ def _load_valid_cache(data_dir: Path, key: dict) -> CorpusInfo | None:
 def _write_split(out_dir: Path, split: str, docs: list[str], sp: spm.SentencePieceProcessor) -> int:
     """Encode docs as [BOS] + ids, write them as shards of at most SHARD_TOKENS; return the token count."""
     tokens = np.fromiter((t for ids in sp.encode(docs) for t in (BOS_ID, *ids)), dtype=np.int64)
-    for i, start in enumerate(range(0, max(len(tokens), 1), SHARD_TOKENS)):
+    for i, start in enumerate(range(0, len(tokens), SHARD_TOKENS)):
         write_shard(out_dir / f"fineweb_{split}_{i:06d}.bin", tokens[start:start + SHARD_TOKENS])
     return len(tokens)
 
 
 def _build(out_dir: Path, key: dict, vocab_size: int, max_documents: int | None,
            log: Callable[[str], None]) -> CorpusInfo:
+    log(f"built-in corpus: gathering pydoc topics and docstrings from {sysconfig.get_paths()['stdlib']}")
     docs = list(builtin_documents(max_documents))
     val = docs[VAL_EVERY - 1::VAL_EVERY]
     train = [d for i, d in enumerate(docs) if i % VAL_EVERY != VAL_EVERY - 1]
@@ -385,8 +386,8 @@ def _build(out_dir: Path, key: dict, vocab_size: int, max_documents: int | None,
                       vocab_size=sp.vocab_size(), built=True, **counts)
 
 
-def build_builtin_corpus(cache_dir: str | os.PathLike | None = None, vocab_size: int = 1024, *,
-                         max_documents: int | None = None, log: Callable[[str], None] = print) -> CorpusInfo:
+def build_builtin_corpus(cache_dir: str | os.PathLike | None = None, vocab_size: int = 1024,
+                         log: Callable[[str], None] = print, *, max_documents: int | None = None) -> CorpusInfo:
     """Build (or reuse) the built-in corpus: a `vocab_size` BPE tokenizer trained on the train split and
     FineWeb-format `fineweb_{train,val}_*.bin` shards, in `cache_dir/sp{vocab_size}[_n{max_documents}]`
     (cache_dir defaults to `default_cache_dir()`). `max_documents` keeps only the first documents

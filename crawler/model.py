@@ -115,8 +115,9 @@ class CausalSelfAttention(nn.Module):
         if ve is not None:
             v = v + ve.to(v.dtype)
         v = v.view(B, T, Hkv, D)
-        q = rope(rms_norm(q), self.rope_base) * self.q_gain.to(q.dtype)[:, None]
-        k = rope(rms_norm(k), self.rope_base)
+        # Under CUDA autocast rms_norm may run in fp32 while v stays bf16: attention takes one dtype.
+        q = (rope(rms_norm(q), self.rope_base) * self.q_gain.to(q.dtype)[:, None]).to(v.dtype)
+        k = rope(rms_norm(k), self.rope_base).to(v.dtype)
         y = select_op(ops, "attention")(q, k, v, causal=True, xsa=use_xsa)
         return self.proj(y.reshape(B, T, d))
 

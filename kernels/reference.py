@@ -11,7 +11,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .utils import check_attention_inputs, check_embed_inputs
+from .utils import (FLOAT_DTYPES, check_attention_inputs, check_embed_inputs, check_gptq_args, check_gptq_inputs,
+                    check_gptq_values, check_int6_linear_inputs, check_tensor)
 
 BIGRAM_HASH_MULTIPLIER = 92821
 
@@ -179,3 +180,235 @@ def softcapped_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets
     """
     logits = softcapped_logits(hidden, weight, softcap)
     return F.cross_entropy(logits.to(_compute_dtype(logits)), targets.long())
+
+
+# ----------------------------------------------------------------------------------------------
+# Quantisation: SDClip scales, round-to-nearest, GPTQ (SPEC §3)
+# ----------------------------------------------------------------------------------------------
+
+SDCLIP_SCALE_FLOOR = 1e-10
+# fp16 cannot hold 1e-10 (it rounds to 0, and w / 0 is NaN for an all-zero row), so stored scales are
+# also floored at the smallest positive fp16 value, 2^-24 (a subnormal).
+FP16_SMALLEST = 2.0 ** -24
+CHOLESKY_RETRIES = 5
+
+
+def quant_max(bits: int) -> int:
+    """Largest code magnitude R = 2^(bits-1) - 1 of the symmetric grid (31 for int6, 127 for int8)."""
+    return 2 ** (bits - 1) - 1
+
+
+def sdclip_scales(weight: torch.Tensor, bits: int = 6, clip_sigmas: float = 12.85) -> torch.Tensor:
+    """SDClip per-row scales s_r = clip_sigmas * std(W_r) / R (torch.std, unbiased), as fp16.
+
+    weight (..., N, K) float, K >= 2. The std is taken in float64 whatever the weight's dtype, so the
+    fp16 scale does not depend on the compute precision (the reference and the Triton path agree bit for
+    bit). The scale is floored at 1e-10 and, once stored as fp16, at 2^-24 so that it is never 0.
+    Deliberately not floored at 1/R (PR #1579's floor, which coarsens every row with std < 1/clip_sigmas).
+    Returns (..., N) float16.
+    """
+    check_tensor("weight", weight, dtypes=FLOAT_DTYPES)
+    check_gptq_args(bits, clip_sigmas)
+    if weight.dim() < 1 or weight.shape[-1] < 2:
+        raise ValueError(f"weight: expected a last dim of at least 2 (row std), got shape {tuple(weight.shape)}")
+    std = weight.double().std(dim=-1)
+    scales = (clip_sigmas * std / quant_max(bits)).clamp_min(SDCLIP_SCALE_FLOOR)
+    return scales.to(torch.float16).clamp_min(FP16_SMALLEST)
+
+
+def _check_codes_scales(codes_name: str, rows: torch.Tensor, scales: torch.Tensor) -> None:
+    """scales must be float with shape rows.shape[:-1] on rows' device."""
+    check_tensor("scales", scales, dtypes=FLOAT_DTYPES, device=rows.device)
+    if tuple(scales.shape) != tuple(rows.shape[:-1]):
+        raise ValueError(f"scales: expected shape {tuple(rows.shape[:-1])} (one per row of {codes_name}), "
+                         f"got {tuple(scales.shape)}")
+
+
+def quantize_rtn(weight: torch.Tensor, scales: torch.Tensor, bits: int = 6) -> torch.Tensor:
+    """Per-row round-to-nearest: codes = clamp(round(w / s), -R, R) (round half to even).
+
+    weight (..., N, K) float; scales (..., N) (used as their float values, e.g. fp16 from
+    `sdclip_scales`). Returns int8 codes of weight's shape.
+    """
+    check_tensor("weight", weight, dtypes=FLOAT_DTYPES)
+    check_gptq_args(bits, 1.0)
+    _check_codes_scales("weight", weight, scales)
+    cd = _compute_dtype(weight)
+    R = quant_max(bits)
+    return torch.clamp(torch.round(weight.to(cd) / scales.to(cd)[..., None]), -R, R).to(torch.int8)
+
+
+def dequantize(codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """Ŵ = codes * scales (per row). codes (..., N, K) int8; scales (..., N). Returns float32
+    (float64 when scales are float64)."""
+    check_tensor("codes", codes, dtypes=(torch.int8,))
+    _check_codes_scales("codes", codes, scales)
+    cd = _compute_dtype(scales)
+    return codes.to(cd) * scales.to(cd)[..., None]
+
+
+def quantization_proxy_loss(weight: torch.Tensor, hessian: torch.Tensor, codes: torch.Tensor,
+                            scales: torch.Tensor) -> torch.Tensor:
+    """GPTQ's quality measure tr((W - Ŵ) H (W - Ŵ)ᵀ) in float64 (SPEC §3), Ŵ = dequantize(codes, scales).
+
+    weight (N, K), hessian (K, K) (the undamped one), codes (N, K) int8, scales (N,). Returns a 0-d
+    float64 tensor.
+    """
+    diff = weight.double() - dequantize(codes, scales).double()
+    return ((diff @ hessian.double()) * diff).sum()
+
+
+def inverse_cholesky_upper(hessian: torch.Tensor) -> torch.Tensor:
+    """U = cholesky(cholesky_inverse(cholesky(H)), upper=True), the upper Cholesky factor of H⁻¹.
+
+    hessian (..., K, K), already damped. Where a factorisation fails, 0.1·mean(diag H) is added to that
+    matrix's diagonal and it is retried, up to CHOLESKY_RETRIES times; then ValueError. Returns U of
+    hessian's shape and dtype.
+    """
+    H = hessian.clone()
+    for _ in range(CHOLESKY_RETRIES + 1):
+        L, info_h = torch.linalg.cholesky_ex(H)
+        U, info_inv = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
+        failed = (info_h != 0) | (info_inv != 0) | ~torch.isfinite(U).flatten(-2).all(-1)
+        if not bool(failed.any()):
+            return U
+        diag = H.diagonal(dim1=-2, dim2=-1)
+        diag.add_(torch.where(failed[..., None], 0.1 * diag.mean(-1, keepdim=True), 0.0))
+    raise ValueError(f"hessian: Cholesky of H (or of H⁻¹) still fails after adding 0.1·mean(diag H) "
+                     f"{CHOLESKY_RETRIES} times; H is far from positive definite")
+
+
+def gptq_prepare(weight: torch.Tensor, hessian: torch.Tensor, *, bits: int, clip_sigmas: float,
+                 act_order: bool, damp: float):
+    """Everything GPTQ does before its column walk (SPEC §3), for (..., N, K) weights and (..., K, K)
+    Hessians (a leading batch of matrices is allowed; the Triton version batches same-shape matrices).
+
+    1. SDClip scales from the weight as given (fp16).
+    2. Dead columns (H_jj = 0): H_jj = 1 and W[:, j] = 0.
+    3. Damping: H += damp · mean(diag H) · I (the mean includes the dead columns' 1s, as the seed does).
+    4. Act-order: perm = argsort(diag H, descending) (stable, so ties keep their order; identity
+       when act_order is False); W's columns and H's rows and columns permuted.
+    5. U = upper Cholesky factor of H⁻¹ (see `inverse_cholesky_upper`).
+    Returns (W permuted working copy, U, scales fp16 (..., N), perm (..., K) int64); W and U in float32
+    (float64 for a float64 weight).
+    """
+    cd = _compute_dtype(weight)
+    scales = sdclip_scales(weight, bits, clip_sigmas)
+    W = weight.to(cd).clone()
+    H = hessian.to(cd).clone()
+    diag = H.diagonal(dim1=-2, dim2=-1)
+    dead = diag == 0
+    diag.masked_fill_(dead, 1.0)
+    W.masked_fill_(dead.unsqueeze(-2), 0.0)
+    diag.add_(damp * diag.mean(-1, keepdim=True))
+    if act_order:
+        perm = torch.argsort(diag, dim=-1, descending=True, stable=True)
+    else:
+        perm = torch.arange(W.shape[-1], device=W.device).expand(diag.shape)
+    # W[..., :, perm] and H[..., perm][..., :, perm] for every matrix of the batch.
+    W = W.gather(-1, perm.unsqueeze(-2).expand(W.shape))
+    H = H.gather(-2, perm.unsqueeze(-1).expand(H.shape)).gather(-1, perm.unsqueeze(-2).expand(H.shape))
+    return W, inverse_cholesky_upper(H), scales, perm
+
+
+def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, *, bits: int = 6, clip_sigmas: float = 12.85,
+                  block_size: int = 128, act_order: bool = True, damp: float = 0.01):
+    """GPTQ (Frantar et al. 2022) with SDClip per-row scales, one column at a time (SPEC §3).
+
+    weight (N, K) float, hessian (K, K) float (XᵀX/n of the layer's inputs), same device, finite.
+    After `gptq_prepare`, for each block of block_size columns and each column j in it:
+    q = clamp(round(w_j / s), -R, R) with the fp16-rounded scales (so dequantising with
+    codes * scales.float() gives exactly what GPTQ compensated), e = (w_j - s·q) / U_jj, and the rest
+    of the block W[:, j+1:end] -= e ⊗ U[j, j+1:end]; after the block W[:, end:] -= E_blk @ U[blk, end:].
+    Codes are un-permuted at the end. Math in float32 (float64 for a float64 weight).
+    Returns (codes int8 (N, K) in [-R, R], scales float16 (N,)), R = 2^(bits-1) - 1.
+    """
+    check_gptq_inputs(weight, hessian)
+    check_gptq_values(weight, hessian)
+    check_gptq_args(bits, clip_sigmas, block_size, damp)
+    R = quant_max(bits)
+    W, U, scales, perm = gptq_prepare(weight, hessian, bits=bits, clip_sigmas=clip_sigmas,
+                                      act_order=act_order, damp=damp)
+    s = scales.to(W.dtype)
+    N, K = W.shape
+    codes = torch.empty((N, K), dtype=torch.int8, device=W.device)
+    for start in range(0, K, block_size):
+        end = min(start + block_size, K)
+        err = torch.empty((N, end - start), dtype=W.dtype, device=W.device)
+        for j in range(start, end):
+            w = W[:, j]
+            q = torch.clamp(torch.round(w / s), -R, R)
+            codes[:, j] = q.to(torch.int8)
+            e = (w - s * q) / U[j, j]
+            W[:, j + 1:end] -= e[:, None] * U[j, j + 1:end]
+            err[:, j - start] = e
+        W[:, end:] -= err @ U[start:end, end:]
+    unpermuted = torch.empty_like(codes)
+    unpermuted[:, perm] = codes
+    return unpermuted, scales
+
+
+# ----------------------------------------------------------------------------------------------
+# Int6 weights at inference (SPEC §5): packing and the weight-only matmul
+# ----------------------------------------------------------------------------------------------
+
+INT6_MIN, INT6_MAX = -32, 31
+INT6_REF_ROW_TILE = 256   # rows of the weight the reference dequantises at a time (never the whole weight)
+
+
+def pack_int6(codes: torch.Tensor) -> torch.Tensor:
+    """Pack int6 codes 4-in-3-bytes (layout documented at the top of kernels/int6.py).
+
+    codes (N, K) int8 in [-32, 31], K % 4 == 0 -> packed (N, 3K/4) uint8. With u = code + 32 and row
+    quarters Q_q = u[:, q*K/4:(q+1)*K/4], each row holds [Q0 | Q1 << 4 (low nibbles), Q2 | Q3 << 4
+    (low nibbles), the four quarters' top 2 bits at bit offsets 0, 2, 4, 6]. Plain torch: runs once.
+    """
+    check_tensor("codes", codes, ndim=2, dtypes=(torch.int8,))
+    N, K = codes.shape
+    if K % 4 != 0:
+        raise ValueError(f"codes: number of columns K must be a multiple of 4, got {K}")
+    if codes.numel():
+        lo, hi = int(codes.min()), int(codes.max())
+        if lo < INT6_MIN or hi > INT6_MAX:
+            raise ValueError(f"codes: expected values in [{INT6_MIN}, {INT6_MAX}], got range [{lo}, {hi}]")
+    u = (codes.to(torch.int16) - INT6_MIN).to(torch.uint8).reshape(N, 4, K // 4)
+    q0, q1, q2, q3 = u.unbind(1)
+    lo01 = (q0 & 15) | ((q1 & 15) << 4)
+    lo23 = (q2 & 15) | ((q3 & 15) << 4)
+    hi = (q0 >> 4) | ((q1 >> 4) << 2) | ((q2 >> 4) << 4) | ((q3 >> 4) << 6)
+    return torch.cat((lo01, lo23, hi), dim=1)
+
+
+def unpack_int6(packed: torch.Tensor, k: int) -> torch.Tensor:
+    """Exact inverse of `pack_int6`: packed (N, 3k/4) uint8 -> codes (N, k) int8 in [-32, 31]."""
+    check_tensor("packed", packed, ndim=2, dtypes=(torch.uint8,))
+    if not isinstance(k, int) or k < 0 or k % 4 != 0:
+        raise ValueError(f"k: expected a non-negative multiple of 4, got {k!r}")
+    if packed.shape[1] != 3 * k // 4:
+        raise ValueError(f"packed: expected shape (N, {3 * k // 4}) = (N, 3k/4) for k = {k}, "
+                         f"got {tuple(packed.shape)}")
+    lo01, lo23, hi = packed.split(k // 4, dim=1)
+    q0 = (lo01 & 15) | ((hi & 3) << 4)
+    q1 = (lo01 >> 4) | (((hi >> 2) & 3) << 4)
+    q2 = (lo23 & 15) | (((hi >> 4) & 3) << 4)
+    q3 = (lo23 >> 4) | ((hi >> 6) << 4)
+    return (torch.cat((q0, q1, q2, q3), dim=1).to(torch.int16) + INT6_MIN).to(torch.int8)
+
+
+def int6_linear(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """y = x @ (codes * scales[:, None]).T with codes = unpack_int6(packed, K).
+
+    x (..., K) float32/16/bf16 (float64 too, for tests); packed (N, 3K/4) uint8; scales (N,) float16/32.
+    Math in float32 (float64 for float64 x); dequantises INT6_REF_ROW_TILE weight rows at a time, so no
+    dequantised copy of the whole weight exists. Returns (..., N) in x.dtype.
+    """
+    check_int6_linear_inputs(x, packed, scales, allow_float64=True)
+    cd = _compute_dtype(x)
+    K, N = x.shape[-1], packed.shape[0]
+    xc = x.to(cd)
+    out = torch.empty(*x.shape[:-1], N, dtype=cd, device=x.device)
+    for n0 in range(0, N, INT6_REF_ROW_TILE):
+        rows = slice(n0, n0 + INT6_REF_ROW_TILE)
+        w = unpack_int6(packed[rows], K).to(cd) * scales[rows, None].to(cd)
+        out[..., rows] = xc @ w.T
+    return out.to(x.dtype)

@@ -1,0 +1,220 @@
+"""kernels.attention (Triton, SPEC §1.9, §7.1-7.2) against kernels.reference.attention in float64:
+forward and dq/dk/dv, on CPU under the Triton interpreter at small shapes and in bf16 at real shapes on a
+GPU. Outputs are NaN-poisoned (conftest), so an element a kernel forgets to write fails."""
+import pytest
+import torch
+
+import kernels
+from conftest import rel_err
+from crawler import CrawlerConfig, CrawlerGPT
+from kernels import reference
+from kernels.attention import attention
+
+# ‖out − ref‖/‖ref‖ bounds per input dtype (forward, gradients): a few units of the dtype's rounding.
+BOUNDS = {torch.float32: (1e-5, 1e-5), torch.float16: (2e-3, 5e-3), torch.bfloat16: (1e-2, 2e-2)}
+
+
+def _inputs(B, T, H, Hkv, D, dtype, device="cpu"):
+    """Fresh random q, k, v as strided views of one fused (B, T, H + 2·Hkv, D) projection, the way a
+    model splits a qkv linear: the kernels must read the strides, not assume contiguity."""
+    qkv = torch.randn(B, T, H + 2 * Hkv, D, device=device, dtype=torch.float32)
+    q, k, v = qkv.to(dtype).split([H, Hkv, Hkv], dim=2)
+    return q, k, v
+
+
+def _check(q, k, v, *, causal=True, xsa=False, softmax_scale=None, dz=None):
+    """Run ours and the float64 reference on the same inputs and upstream gradient; assert the bounds."""
+    q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
+    out = attention(q, k, v, causal=causal, xsa=xsa, softmax_scale=softmax_scale)
+    assert out.shape == q.shape and out.dtype == q.dtype
+    if dz is None:
+        dz = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v), dz)
+    ref_in = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    ref = reference.attention(*ref_in, causal=causal, xsa=xsa, softmax_scale=softmax_scale)
+    ref_grads = torch.autograd.grad(ref, ref_in, dz.double())
+    fwd_bound, grad_bound = BOUNDS[q.dtype]
+    assert rel_err(out, ref) < fwd_bound, f"forward rel err {rel_err(out, ref):.2e}"
+    for name, g, r in zip("qkv", grads, ref_grads):
+        assert g.shape == r.shape and g.dtype == q.dtype
+        assert rel_err(g, r) < grad_bound, f"d{name} rel err {rel_err(g, r):.2e}"
+    return grads, ref_grads
+
+
+# T not a multiple of the interpreter blocks (32 rows per program, 16 per step) and a multiple of them;
+# G = 1 (MHA), 2, 4, 8; D = 46 (padded to a 64 tile), 52, 64, 128 and 16 (the minimum tile); every dtype.
+CASES = [
+    # B, T, H, Hkv, D, dtype, causal, xsa
+    (2, 37, 4, 2, 46, torch.float32, True, True),
+    (1, 80, 4, 1, 64, torch.float16, True, True),
+    (2, 33, 2, 2, 64, torch.bfloat16, True, False),
+    (1, 45, 4, 2, 46, torch.float32, False, True),
+    (1, 64, 2, 1, 52, torch.bfloat16, True, True),
+    (2, 24, 4, 4, 16, torch.float16, False, False),
+    (1, 40, 8, 1, 128, torch.float32, True, True),
+]
+
+
+@pytest.mark.parametrize("B,T,H,Hkv,D,dtype,causal,xsa", CASES)
+def test_matches_reference(B, T, H, Hkv, D, dtype, causal, xsa):
+    torch.manual_seed(T * 131 + D)
+    _check(*_inputs(B, T, H, Hkv, D, dtype), causal=causal, xsa=xsa)
+
+
+def test_xsa_value_norm_at_and_below_eps():
+    """‖v‖ = 0 and 0 < ‖v‖ < 1e-12 rows: v̂ = v / 1e-12 (F.normalize's clamp), whose backward has no
+    projection. The tiny row's dv is ~1e12 times the others, so the other rows are checked on their own."""
+    torch.manual_seed(5)
+    q, k, v = _inputs(1, 12, 4, 2, 16, torch.float32)
+    v = v.clone()
+    v[:, 3] = 0.0
+    v[:, 7] *= 1e-13 / v[:, 7].norm(dim=-1, keepdim=True)
+    grads, ref_grads = _check(q, k, v, xsa=True)
+    others = [t for t in range(12) if t != 7]
+    assert rel_err(grads[2][:, others], ref_grads[2][:, others]) < BOUNDS[torch.float32][1]
+
+
+def test_softmax_scale_and_strided_upstream_gradient():
+    """A non-default scale, and dz as a transposed (non-contiguous) view."""
+    torch.manual_seed(1)
+    q, k, v = _inputs(1, 29, 4, 2, 46, torch.float32)
+    dz = torch.randn(1, 4, 29, 46).transpose(1, 2)
+    _check(q, k, v, xsa=True, softmax_scale=0.37, dz=dz)
+
+
+@pytest.mark.parametrize("xsa", [False, True])
+def test_single_token(xsa):
+    """T = 1: softmax over one key gives y = v, so dq = dk = 0; with XSA, z = v − (v·v̂)v̂ = 0 and dv = 0 too.
+    Zero references are checked in absolute terms (their relative error is meaningless)."""
+    torch.manual_seed(2)
+    q, k, v = (t.detach().requires_grad_() for t in _inputs(2, 1, 4, 2, 46, torch.float32))
+    out = attention(q, k, v, xsa=xsa)
+    dz = torch.randn_like(out)
+    dq, dk, dv = torch.autograd.grad(out, (q, k, v), dz)
+    zeros = [out, dq, dk, dv] if xsa else [dq, dk]
+    for t in zeros:
+        assert torch.isfinite(t).all() and t.abs().max() < 1e-5
+    if not xsa:
+        assert rel_err(out, v.repeat_interleave(2, dim=2)) < 1e-6
+        assert rel_err(dv, dz.view(2, 1, 2, 2, 46).sum(3)) < 1e-6
+
+
+@pytest.mark.parametrize("make, exc, match", [
+    (lambda q, k, v: (q[0], k, v), ValueError, "q: expected a 4-D"),
+    (lambda q, k, v: (q, k[:, :, :1], v), ValueError, "k and v"),
+    (lambda q, k, v: (q[:, :, :3], k, v), ValueError, "multiple of KV heads"),
+    (lambda q, k, v: (q[..., :15], k[..., :15], v[..., :15]), ValueError, "even"),
+    (lambda q, k, v: (q.repeat(1, 1, 1, 4), k.repeat(1, 1, 1, 4), v.repeat(1, 1, 1, 4)), ValueError, "<= 128"),
+    (lambda q, k, v: (q, k.half(), v), TypeError, "one dtype"),
+    (lambda q, k, v: (q.double(), k.double(), v.double()), TypeError, "float64"),
+    (lambda q, k, v: (q.int(), k, v), TypeError, "q: expected dtype"),
+    (lambda q, k, v: (q, k.to("meta"), v), ValueError, "k: expected a tensor on"),
+    (lambda q, k, v: (q, k[:, :5], v[:, :5]), ValueError, "k: expected shape"),
+])
+def test_bad_inputs(make, exc, match):
+    q, k, v = _inputs(1, 8, 4, 2, 46, torch.float32)
+    with pytest.raises(exc, match=match):
+        attention(*make(q, k, v))
+
+
+@pytest.mark.parametrize("scale", [0.0, -1.0, float("nan"), float("inf")])
+def test_bad_softmax_scale(scale):
+    q, k, v = _inputs(1, 8, 4, 2, 46, torch.float32)
+    with pytest.raises(ValueError, match="softmax_scale"):
+        attention(q, k, v, softmax_scale=scale)
+
+
+def _tiny_model_loss_and_grads(ops, ids, targets):
+    torch.manual_seed(0)
+    config = CrawlerConfig.preset("tiny", model_dim=64, num_heads=4, num_kv_heads=2, vocab_size=256,
+                                  bigram_buckets=64, bigram_dim=16, ve_dim=16)
+    model = CrawlerGPT(config, ops=ops)
+    with torch.no_grad():   # the zero-init projections would hide attention from the loss
+        for p in model.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    loss = model(ids, targets)
+    loss.backward()
+    return loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_crawler_model_step_matches_reference(monkeypatch):
+    """One training step of a tiny crawler with ops="triton" (our attention at every schedule position,
+    XSA on all of them) vs ops="reference": the same loss and parameter gradients. The model's other ops
+    run their references in both models, so this test is about attention alone (and stays fast)."""
+    for name in ("embed", "relu2_mlp", "softcapped_cross_entropy"):
+        monkeypatch.setattr(kernels, name, getattr(reference, name), raising=False)
+    gen = torch.Generator().manual_seed(3)
+    ids = torch.randint(0, 256, (2, 32), generator=gen)
+    targets = torch.randint(0, 256, (2, 32), generator=gen)
+    loss_t, grads_t = _tiny_model_loss_and_grads("triton", ids, targets)
+    loss_r, grads_r = _tiny_model_loss_and_grads("reference", ids, targets)
+    assert abs(loss_t.item() - loss_r.item()) < 1e-5 * abs(loss_r.item())
+    assert grads_t.keys() == grads_r.keys()
+    for name, g in grads_t.items():
+        assert rel_err(g, grads_r[name]) < 1e-4, name
+
+
+def test_compiles_fullgraph_aot_eager():
+    """torch.compile(fullgraph=True) traces through the custom op (fake + autograd registered): forward
+    and backward of a module that feeds linear-output views into attention, bitwise equal to eager."""
+    torch.manual_seed(4)
+    B, T, H, Hkv, D = 1, 20, 4, 2, 16
+    qkv = torch.nn.Linear(32, (H + 2 * Hkv) * D)
+    x = torch.randn(B, T, 32)
+
+    def f(x):
+        q, k, v = qkv(x).view(B, T, H + 2 * Hkv, D).split([H, Hkv, Hkv], dim=2)
+        return attention(q, k, v, xsa=True).square().sum()
+
+    eager = f(x)
+    eager_grads = torch.autograd.grad(eager, list(qkv.parameters()))
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")(x)
+    compiled_grads = torch.autograd.grad(compiled, list(qkv.parameters()))
+    assert torch.equal(eager, compiled)
+    for a, b in zip(eager_grads, compiled_grads):
+        assert torch.equal(a, b)
+
+
+# ----------------------------------------------------------------------------------------------
+# GPU: bf16 at the crawler's real shape (B·T = 64K tokens), and determinism
+# ----------------------------------------------------------------------------------------------
+
+def _reference_in_chunks(q, k, v, dz, xsa, chunk=2):
+    """float64 reference forward + gradients, a few sequences at a time (the full (B, H, T, T) float64
+    score tensor would not fit)."""
+    outs, grads = [], [[], [], []]
+    for s in range(0, q.shape[0], chunk):
+        ins = [t[s:s + chunk].detach().double().requires_grad_() for t in (q, k, v)]
+        out = reference.attention(*ins, causal=True, xsa=xsa)
+        for acc, g in zip(grads, torch.autograd.grad(out, ins, dz[s:s + chunk].double())):
+            acc.append(g)
+        outs.append(out.detach())
+    return torch.cat(outs), [torch.cat(g) for g in grads]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("D", [46, 64])
+def test_gpu_bf16_real_shape(D):
+    torch.manual_seed(D)
+    q, k, v = (t.detach().requires_grad_() for t in _inputs(32, 2048, 16, 8, D, torch.bfloat16, device="cuda"))
+    out = attention(q, k, v, xsa=True)
+    dz = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v), dz)
+    ref, ref_grads = _reference_in_chunks(q, k, v, dz, xsa=True)
+    fwd_bound, grad_bound = BOUNDS[torch.bfloat16]
+    assert rel_err(out, ref) < fwd_bound
+    for name, g, r in zip("qkv", grads, ref_grads):
+        assert rel_err(g, r) < grad_bound, f"d{name} rel err {rel_err(g, r):.2e}"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("D", [46, 64])
+def test_gpu_gradients_bitwise_deterministic(D):
+    torch.manual_seed(D + 1)
+    q, k, v = (t.detach().requires_grad_() for t in _inputs(32, 2048, 16, 8, D, torch.bfloat16, device="cuda"))
+    dz = torch.randn(q.shape, device="cuda", dtype=torch.bfloat16)
+    first = torch.autograd.grad(attention(q, k, v, xsa=True), (q, k, v), dz)
+    for _ in range(2):
+        again = torch.autograd.grad(attention(q, k, v, xsa=True), (q, k, v), dz)
+        for a, b in zip(first, again):
+            assert torch.equal(a, b)
