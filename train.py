@@ -219,7 +219,7 @@ def run(args) -> dict:
                     ("steps", f"{s['steps']} ({s['steps_this_session']} this session)"),
                     ("train time", f"{s['train_time_ms'] / 1000:.1f} s"),
                     ("step_avg", f"{_fmt(s['step_avg_ms'], '.2f')} ms"),
-                    ("tokens/s", _fmt(s["tokens_per_s"], ",.0f")),
+                    ("tokens/s (this session)", _fmt(s["tokens_per_s"], ",.0f")),
                     ("val tokens scored", f"{s['val_tokens']:,}")]
             if "unigram_val_bpb" in report:
                 rows.append(("unigram baseline val_bpb", _fmt(report["unigram_val_bpb"])))

@@ -731,7 +731,7 @@ class _Trainer:
             "device": str(self.device), "compiled": self.compiled,
             "steps": self.step, "steps_this_session": steps_run, "resumed_from_step": self.start_step,
             "train_time_ms": self.train_time_ms,
-            "step_avg_ms": run_ms / steps_run if steps_run else None,
+            "step_avg_ms": self.train_time_ms / self.step if self.step else None,   # as in the log lines
             "tokens_per_s": steps_run * self.mc.train_batch_tokens / (run_ms / 1000.0) if run_ms > 0 else None,
             "train_tokens": self.step * self.mc.train_batch_tokens,
             "initial_val_bpb": first_val["val_bpb"] if first_val["step"] == 0 else None,
