@@ -45,13 +45,20 @@ CPU_TRAIN_DEFAULTS = dict(warmup_steps=0, compile=False, muon_dtype="float32")
 UNIGRAM_MAX_TRAIN_TOKENS = 100_000_000   # counts for the unigram baseline: the first ~shard of FineWeb
 
 
+def _as_flags(options: dict) -> str:
+    def flag(key, value):
+        name = key.replace("_", "-")
+        if isinstance(value, bool):
+            return f"--{name}" if value else f"--no-{name}"
+        return f"--{name} {value}"
+    return " ".join(flag(k, v) for k, v in options.items())
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="train.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="Built-in corpus demo defaults (no --data-dir): " +
-               ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in DEMO_TRAIN_DEFAULTS.items()) +
-               "; on a CPU also " + ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in CPU_TRAIN_DEFAULTS.items()) +
-               ". Explicit options always win.")
+        epilog=f"Built-in corpus demo defaults (no --data-dir): {_as_flags(DEMO_TRAIN_DEFAULTS)}; on a CPU "
+               f"also {_as_flags(CPU_TRAIN_DEFAULTS)}. Explicit options always win.")
     run = p.add_argument_group("run")
     run.add_argument("--preset", choices=sorted(PRESETS), default=None,
                      help="model preset (default: pr1579 on a GPU with --data-dir, else tiny)")

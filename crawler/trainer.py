@@ -56,8 +56,8 @@ class SetupError(ValueError):
     fix; the message says how. train.py prints it without a traceback."""
 
 
-def _opt(default, help_text: str):
-    return field(default=default, metadata={"help": help_text})
+def _opt(default, help_text: str, choices=None):
+    return field(default=default, metadata={"help": help_text, "choices": choices})
 
 
 @dataclass
@@ -83,7 +83,7 @@ class TrainConfig:
     muon_row_normalize: bool = _opt(False, "MuonEq-R: normalise the rows of the update before Newton-Schulz")
     muon_polar_express: bool = _opt(False, "Polar-Express Newton-Schulz coefficients instead of the fixed ones")
     muon_dtype: str = _opt("bfloat16", "Newton-Schulz dtype: bfloat16 (the seed's) or float32 (CPUs without "
-                           "bf16 matmul units run bf16 ~20x slower)")
+                           "bf16 matmul units run bf16 ~20x slower)", choices=("bfloat16", "float32"))
     adam_weight_decay: float = _opt(0.085, "AdamW weight decay (both AdamW groups)")
     adam_beta1: float = _opt(0.9, "AdamW beta1")
     adam_beta2: float = _opt(0.95, "AdamW beta2")
@@ -128,10 +128,14 @@ class TrainConfig:
                                           "built-in corpus demo changes a few, see above)")
         for f in dataclasses.fields(cls):
             kind = hints[f.name]
-            help_text = f"{f.metadata['help']} (default: {f.default})"
+            help_text = f.metadata["help"]
+            if f.default is not None:
+                help_text += f" (default: {f.default})"
             flag = "--" + f.name.replace("_", "-")
             if kind in (bool, typing.Optional[bool]):
                 group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+            elif f.metadata["choices"]:
+                group.add_argument(flag, choices=f.metadata["choices"], default=None, help=help_text)
             else:
                 group.add_argument(flag, type=kind, default=None, metavar=kind.__name__.upper(), help=help_text)
 

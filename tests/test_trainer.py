@@ -244,3 +244,18 @@ def test_two_process_ddp_matches_one_process(dataset, data, tmp_path):
     for rank in range(2):
         got = torch.load(ddp_dir / f"muon_rank{rank}.pt", weights_only=True)
         assert all(torch.equal(a, b.detach()) for a, b in zip(got, params))
+
+
+@pytest.mark.gpu
+def test_gpu_compiled_bf16_training_learns(data, tmp_path):
+    """On CUDA: Triton ops, bf16 autocast, torch.compile with compile warm-up and state restore, bf16
+    Newton-Schulz, fused AdamW; the loss falls and a checkpoint resumes."""
+    ctx = DistContext(rank=0, world_size=1, local_rank=0, device=torch.device("cuda"))
+    tc = dict(iterations=30, warmup_steps=3, compile=True, muon_dtype="bfloat16", checkpoint_every=10, log_every=5)
+    res = train(small_config(model_dim=64), fast_train_config(**tc), data, out_dir=tmp_path / "gpu", ops="auto",
+                ctx=ctx)
+    s = res.summary
+    assert s["compiled"] and s["steps"] == 30 and s["final_val_bpb"] < s["initial_val_bpb"] - 0.5
+    resumed = train(small_config(model_dim=64), fast_train_config(**{**tc, "iterations": 35}), data,
+                    out_dir=tmp_path / "gpu", ops="auto", ctx=ctx, resume=tmp_path / "gpu" / "checkpoint.pt")
+    assert resumed.summary["resumed_from_step"] == 30 and resumed.summary["steps"] == 35
