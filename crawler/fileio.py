@@ -1,0 +1,34 @@
+"""Atomic file output shared by every writer in the package (shards, tokenizer, manifests): a crash or
+a full disk mid-write leaves the previous file, never a half-written one under the final name."""
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+from pathlib import Path
+from typing import BinaryIO, Iterator
+
+
+@contextlib.contextmanager
+def atomic_open(path: str | os.PathLike) -> Iterator[BinaryIO]:
+    """Open `path` for binary writing through a temporary file in the same directory.
+
+    On a clean exit the data is flushed, fsynced and moved over `path` with `os.replace` (atomic on
+    POSIX because both names are on one filesystem); on an exception the temporary file is deleted
+    and `path` is left as it was. The parent directory must exist.
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    # os.open with mode 0o666 (not mkstemp's 0o600) so the final file gets the usual umask-based
+    # permissions; O_EXCL because the name must be ours alone.
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise

@@ -1,0 +1,126 @@
+"""SentencePiece tokenizers: loading with clear errors, deterministic BPE training with parameter-golf's
+options, and the byte look-up tables that turn per-token losses into bits per byte (SPEC §6)."""
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import sentencepiece as spm
+import torch
+
+from crawler.fileio import atomic_open
+
+PAD_ID, BOS_ID, EOS_ID, UNK_ID = 0, 1, 2, 3
+
+# parameter-golf's tokenizer options (pg_spec §1.5). add_dummy_prefix=False: a document's first word
+# gets no invented leading space, so the byte count of the text is not inflated.
+_TRAINER_OPTIONS = dict(
+    model_type="bpe",
+    byte_fallback=True,
+    split_digits=True,
+    normalization_rule_name="nfkc",
+    add_dummy_prefix=False,
+    pad_id=PAD_ID,
+    bos_id=BOS_ID,
+    eos_id=EOS_ID,
+    unk_id=UNK_ID,
+    character_coverage=0.9995,
+    # One thread: multi-threaded BPE merges may break frequency ties in a different order run to run.
+    num_threads=1,
+    # Sentences are lines; docstring lines are short, but a long line must not be silently dropped.
+    max_sentence_length=16384,
+    # Bounds training time and memory on a large corpus; sampling beyond it is seeded (below).
+    input_sentence_size=2_000_000,
+    shuffle_input_sentence=True,
+    minloglevel=2,
+)
+_SAMPLING_SEED = 1234
+
+
+def load_tokenizer(path: str | os.PathLike) -> spm.SentencePieceProcessor:
+    """Load a SentencePiece model file.
+
+    Raises FileNotFoundError when `path` does not exist and ValueError when it is not a valid
+    SentencePiece model (both name the file).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"tokenizer model {str(path)!r} does not exist")
+    sp = spm.SentencePieceProcessor()
+    try:
+        sp.load_from_serialized_proto(path.read_bytes())
+    except (RuntimeError, OSError) as e:
+        raise ValueError(f"{str(path)!r} is not a valid SentencePiece model: {e}") from None
+    return sp
+
+
+def _lines(documents: Iterable[str]) -> Iterator[str]:
+    # SentencePiece trains on "sentences"; a line is the natural unit of docstring text.
+    for doc in documents:
+        for line in doc.split("\n"):
+            if line.strip():
+                yield line
+
+
+def train_tokenizer(documents: Iterable[str], model_path: str | os.PathLike,
+                    vocab_size: int) -> spm.SentencePieceProcessor:
+    """Train a byte-fallback BPE SentencePiece model on `documents` (an iterable of str) and write it
+    atomically to `model_path`.
+
+    Ids: pad 0, bos 1, eos 2, unk 3, then 256 byte-fallback pieces, then merges; `vocab_size` is exact
+    (ValueError if the text cannot fill it). The same documents give a byte-identical model file.
+    Returns the trained processor.
+    """
+    # 4 specials + 256 byte pieces must fit, and ids are stored as uint16 in shards.
+    if not 260 < vocab_size <= 65536:
+        raise ValueError(f"vocab_size must be in (260, 65536] (4 special + 256 byte pieces, uint16 ids), "
+                         f"got {vocab_size}")
+    spm.set_random_generator_seed(_SAMPLING_SEED)
+    proto = io.BytesIO()
+    try:
+        spm.SentencePieceTrainer.train(sentence_iterator=_lines(documents), model_writer=proto,
+                                       vocab_size=vocab_size, **_TRAINER_OPTIONS)
+    except RuntimeError as e:
+        raise ValueError(f"SentencePiece training failed for vocab_size={vocab_size}: {e}") from None
+    with atomic_open(model_path) as f:
+        f.write(proto.getvalue())
+    return load_tokenizer(model_path)
+
+
+def check_vocab(sp: spm.SentencePieceProcessor, vocab_size: int) -> None:
+    """Raise ValueError unless the model's `vocab_size` covers every id the tokenizer can emit."""
+    if sp.vocab_size() > vocab_size:
+        raise ValueError(f"tokenizer has {sp.vocab_size()} pieces but the model's vocab_size is {vocab_size}: "
+                         f"ids >= {vocab_size} would index past the embedding; use a model with "
+                         f"vocab_size >= {sp.vocab_size()} or a smaller tokenizer")
+
+
+def byte_luts(sp: spm.SentencePieceProcessor,
+              vocab_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Byte look-up tables for bits-per-byte (SPEC §6), each of length L = max(sp.vocab_size(), vocab_size).
+
+    Returns (base_bytes int16 (L,), has_leading_space bool (L,), is_boundary bool (L,)):
+    control / unknown / unused ids and table padding (ids >= sp.vocab_size()) -> 0 bytes, boundary;
+    byte-fallback ids -> 1 byte; any other piece -> UTF-8 length after dropping a leading "▁", which
+    sets has_leading_space. A target y after token x costs
+    `base_bytes[y] + (has_leading_space[y] and not is_boundary[x])` bytes.
+    """
+    n = max(sp.vocab_size(), vocab_size)
+    base_bytes = torch.zeros(n, dtype=torch.int16)
+    has_leading_space = torch.zeros(n, dtype=torch.bool)
+    is_boundary = torch.ones(n, dtype=torch.bool)
+    for i in range(sp.vocab_size()):
+        if sp.is_control(i) or sp.is_unknown(i) or sp.is_unused(i):
+            continue
+        is_boundary[i] = False
+        if sp.is_byte(i):
+            base_bytes[i] = 1
+            continue
+        piece = sp.id_to_piece(i)
+        if piece.startswith("\u2581"):
+            has_leading_space[i] = True
+            piece = piece[1:]
+        base_bytes[i] = len(piece.encode("utf-8"))
+    return base_bytes, has_leading_space, is_boundary
