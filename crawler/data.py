@@ -26,7 +26,7 @@ import sentencepiece as spm
 import torch
 
 from crawler.fileio import atomic_open
-from crawler.tokenizer import BOS_ID, load_tokenizer, train_tokenizer
+from crawler.tokenizer import BOS_ID, train_tokenizer
 
 SHARD_MAGIC = 20240520
 SHARD_VERSION = 1
