@@ -749,13 +749,14 @@ def load_checkpoint(path, preset: str | None = None) -> tuple[CrawlerConfig, dic
 
 
 def _parse_role(text: str) -> tuple[str, RoleSpec]:
-    """"ROLE=METHOD[:BITS[:K]]", e.g. "tok_emb=gptq:8:20"."""
+    """"ROLE=METHOD[:BITS[:K[:FLOOR]]]", e.g. "tok_emb=gptq:8:20" or "block=rtn:6:12.85:inv_range"."""
     try:
         role, rest = text.split("=", 1)
-        parts = rest.split(":")
-        spec = RoleSpec(parts[0], int(parts[1]) if len(parts) > 1 else 6, float(parts[2]) if len(parts) > 2 else 12.85)
-    except (ValueError, IndexError) as e:
-        raise argparse.ArgumentTypeError(f"--role {text!r}: expected ROLE=METHOD[:BITS[:K]] ({e})") from None
+        method, *more = rest.split(":")
+        bits, k, floor = (more + [None] * 3)[:3]
+        spec = RoleSpec(method, int(bits or 6), float(k or 12.85), floor or "eps")
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected ROLE=METHOD[:BITS[:K[:FLOOR]]] ({e})") from None
     return role, spec
 
 
@@ -768,8 +769,9 @@ def main(argv=None) -> int:
     ap.add_argument("--preset", help="config preset for a checkpoint without a config (pr1579, tiny)")
     ap.add_argument("--plan", default="default", choices=sorted(PLANS),
                     help="quantisation plan: default (ours), seed (PR #1579's), rtn_seed_floor (baseline)")
-    ap.add_argument("--role", action="append", default=[], type=_parse_role, metavar="ROLE=METHOD[:BITS[:K]]",
-                    help=f"override one role of the plan, e.g. tok_emb=gptq:8:20; roles: {', '.join(ROLES)}")
+    ap.add_argument("--role", action="append", default=[], type=_parse_role, metavar="ROLE=METHOD[:BITS[:K[:FLOOR]]]",
+                    help=f"override one role of the plan, e.g. tok_emb=gptq:8:20 (METHOD gptq|rtn, FLOOR "
+                         f"eps|inv_range); roles: {', '.join(ROLES)}")
     ap.add_argument("--small-numel", type=int, default=SMALL_NUMEL,
                     help="tensors with at most this many elements pass through as fp16")
     ap.add_argument("--loop-aware", action="store_true", help="two-phase loop-aware GPTQ (PR #1535)")
