@@ -413,10 +413,22 @@ class QuantizeResult:
         return self.hessian_seconds + self.quantize_seconds
 
 
+def _batched_gptq(weights: list[torch.Tensor], hessians: list[torch.Tensor], spec: RoleSpec) -> list[QuantizedTensor]:
+    """GPTQ of same-shape matrices in one batched Triton pass (one launch per column block)."""
+    codes, scales = kernels.gptq_quantize_batched(torch.stack([w.detach().float() for w in weights]),
+                                                  torch.stack([h.float() for h in hessians]),
+                                                  bits=spec.bits, clip_sigmas=spec.k)
+    return [QuantizedTensor(c.cpu(), s.cpu(), spec.bits, spec.method) for c, s in zip(codes, scales)]
+
+
 def _quantize_entries(state: dict[str, torch.Tensor], names, plan: QuantPlan, hessians: dict[str, torch.Tensor],
                       stats: list[dict], log: Log) -> dict[str, QuantizedTensor | torch.Tensor]:
-    """Artifact entries for `names` of `state`; appends one stats row per quantised tensor."""
+    """Artifact entries for `names` of `state`, in that order; one stats row per quantised tensor.
+
+    On CUDA, GPTQ'd matrices of one shape and spec (e.g. the five blocks' mlp.fc) go through the batched
+    Triton op together; elsewhere each matrix is quantised on its own. Progress: one line per group."""
     out: dict[str, QuantizedTensor | torch.Tensor] = {}
+    groups: dict[tuple, list[str]] = {}
     for name in names:
         t = state[name]
         role = tensor_role(name, t, plan.small_numel)
@@ -426,15 +438,30 @@ def _quantize_entries(state: dict[str, torch.Tensor], names, plan: QuantPlan, he
             continue
         if spec.method == "gptq" and name not in hessians:
             raise ValueError(f"{name}: plan {plan.name!r} quantises it with GPTQ but no Hessian was given")
+        batchable = (t.is_cuda and spec.method == "gptq" and spec.floor == "eps"
+                     and hasattr(kernels, "gptq_quantize_batched"))
+        groups.setdefault((tuple(t.shape), spec, name if not batchable else None), []).append(name)
+    done = 0
+    quantised = sum(len(g) for g in groups.values())
+    for (shape, spec, _), members in groups.items():
         t0 = time.perf_counter()
-        q = quantize_tensor(t, spec, hessians.get(name) if spec.method == "gptq" else None)
+        if len(members) > 1:
+            results = _batched_gptq([state[n] for n in members], [hessians[n] for n in members], spec)
+        else:
+            results = [quantize_tensor(state[members[0]], spec, hessians.get(members[0]) if spec.method == "gptq"
+                                       else None)]
         dt = time.perf_counter() - t0
-        out[name] = q
-        err = _relative_error(t, q, hessians.get(name))
-        stats.append({"name": name, "scheme": q.scheme, "k": spec.k, "shape": list(t.shape),
-                      "seconds": dt, "rel_error": err})
-        log(f"quantize: [{len(stats)}] {name} {tuple(t.shape)} {spec.describe()} {dt:.2f}s rel_err {err:.3e}")
-    return out
+        errors = []
+        for name, q in zip(members, results):
+            out[name] = q
+            errors.append(_relative_error(state[name], q, hessians.get(name)))
+            stats.append({"name": name, "scheme": q.scheme, "k": spec.k, "shape": list(shape),
+                          "seconds": dt / len(members), "rel_error": errors[-1]})
+        done += len(members)
+        what = members[0] if len(members) == 1 else f"{len(members)} x {members[0].split('.', 2)[-1]}"
+        log(f"quantize: [{done}/{quantised}] {what} {shape} {spec.describe()} {dt:.2f}s "
+            f"rel_err {max(errors):.3e}{' (max)' if len(members) > 1 else ''}")
+    return {n: out[n] for n in names}
 
 
 def _summarise(stats: list[dict], n_tensors: int, t_hess: float, log: Log) -> float:
@@ -722,13 +749,14 @@ def load_checkpoint(path, preset: str | None = None) -> tuple[CrawlerConfig, dic
 
 
 def _parse_role(text: str) -> tuple[str, RoleSpec]:
-    """"ROLE=METHOD[:BITS[:K]]", e.g. "tok_emb=gptq:8:20"."""
+    """"ROLE=METHOD[:BITS[:K[:FLOOR]]]", e.g. "tok_emb=gptq:8:20" or "block=rtn:6:12.85:inv_range"."""
     try:
         role, rest = text.split("=", 1)
-        parts = rest.split(":")
-        spec = RoleSpec(parts[0], int(parts[1]) if len(parts) > 1 else 6, float(parts[2]) if len(parts) > 2 else 12.85)
-    except (ValueError, IndexError) as e:
-        raise argparse.ArgumentTypeError(f"--role {text!r}: expected ROLE=METHOD[:BITS[:K]] ({e})") from None
+        method, *more = rest.split(":")
+        bits, k, floor = (more + [None] * 3)[:3]
+        spec = RoleSpec(method, int(bits or 6), float(k or 12.85), floor or "eps")
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected ROLE=METHOD[:BITS[:K[:FLOOR]]] ({e})") from None
     return role, spec
 
 
@@ -741,8 +769,9 @@ def main(argv=None) -> int:
     ap.add_argument("--preset", help="config preset for a checkpoint without a config (pr1579, tiny)")
     ap.add_argument("--plan", default="default", choices=sorted(PLANS),
                     help="quantisation plan: default (ours), seed (PR #1579's), rtn_seed_floor (baseline)")
-    ap.add_argument("--role", action="append", default=[], type=_parse_role, metavar="ROLE=METHOD[:BITS[:K]]",
-                    help=f"override one role of the plan, e.g. tok_emb=gptq:8:20; roles: {', '.join(ROLES)}")
+    ap.add_argument("--role", action="append", default=[], type=_parse_role, metavar="ROLE=METHOD[:BITS[:K[:FLOOR]]]",
+                    help=f"override one role of the plan, e.g. tok_emb=gptq:8:20 (METHOD gptq|rtn, FLOOR "
+                         f"eps|inv_range); roles: {', '.join(ROLES)}")
     ap.add_argument("--small-numel", type=int, default=SMALL_NUMEL,
                     help="tensors with at most this many elements pass through as fp16")
     ap.add_argument("--loop-aware", action="store_true", help="two-phase loop-aware GPTQ (PR #1535)")
