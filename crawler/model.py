@@ -13,7 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import kernels
-from kernels.reference import rms_norm, rope
+from kernels.reference import exclusive_self_attention, rms_norm, rope
 
 from .config import CrawlerConfig
 
@@ -91,6 +91,69 @@ class ValueEmbedding(nn.Module):
         return self.proj(self.table(ids))
 
 
+class KVCache:
+    """Keys and values of the tokens decoded so far, for incremental decoding (`forward_hidden(ids,
+    cache=...)`): one (k, v) pair per schedule position, not per block, because a crawler block runs at
+    several positions, each with its own input and so its own keys. Buffers (B, max_len, Hkv, D) are
+    allocated on first use in the keys' dtype and device. Also keeps the last two token ids: the new
+    tokens' BigramHash needs the previous id and their SmearGate the previous token's embedding."""
+
+    def __init__(self, config: CrawlerConfig, max_len: int):
+        if max_len < 1:
+            raise ValueError(f"max_len must be >= 1, got {max_len}")
+        self.max_len = max_len
+        self.length = 0                                   # tokens already cached at every position
+        self.context: torch.Tensor | None = None          # (B, <= 2) the last token ids
+        self._k: list[torch.Tensor | None] = [None] * config.num_positions
+        self._v: list[torch.Tensor | None] = [None] * config.num_positions
+
+    def check_step(self, input_ids: torch.Tensor) -> None:
+        """Raise ValueError unless `input_ids` (B, T) fits: same batch, at most max_len tokens in all."""
+        B, T = input_ids.shape
+        if self.context is not None and self.context.shape[0] != B:
+            raise ValueError(f"input_ids: batch {B} differs from the cache's {self.context.shape[0]}")
+        if self.length + T > self.max_len:
+            raise ValueError(f"input_ids: {T} new tokens after {self.length} overflow the cache's "
+                             f"max_len {self.max_len}")
+
+    def append(self, position: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store this step's k, v (B, T, Hkv, D) for schedule `position`; return every cached key and
+        value of that position so far, (B, length + T, Hkv, D) views."""
+        B, T = k.shape[:2]
+        if self._k[position] is None:
+            self._k[position] = k.new_empty(B, self.max_len, *k.shape[2:])
+            self._v[position] = v.new_empty(B, self.max_len, *v.shape[2:])
+        end = self.length + T
+        self._k[position][:, self.length:end] = k
+        self._v[position][:, self.length:end] = v
+        return self._k[position][:, :end], self._v[position][:, :end]
+
+    def advance(self, input_ids: torch.Tensor) -> None:
+        """Mark this step's tokens as cached (after every position has appended its k, v)."""
+        self.length += input_ids.shape[1]
+        ids = input_ids if self.context is None else torch.cat((self.context, input_ids), dim=1)
+        self.context = ids[:, -2:]
+
+
+def attention_after_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, v_self: torch.Tensor,
+                          xsa: bool) -> torch.Tensor:
+    """Causal GQA attention of new queries over cached + new keys (incremental decoding), math as
+    `kernels.reference.attention`: q (B, Tq, H, D) are the last Tq of the Tk positions of k, v
+    (B, Tk, Hkv, D); v_self (B, Tq, Hkv, D) the queries' own values, for XSA. Returns (B, Tq, H, D)."""
+    Tq, H, D = q.shape[1:]
+    Tk, Hkv = k.shape[1:3]
+    cd = torch.float64 if q.dtype == torch.float64 else torch.float32
+    qf, kf, vf = (t.to(cd).transpose(1, 2) for t in (q, k, v))
+    kf, vf = kf.repeat_interleave(H // Hkv, dim=1), vf.repeat_interleave(H // Hkv, dim=1)
+    scores = (qf @ kf.transpose(-1, -2)) / math.sqrt(D)
+    # query i sits at position Tk - Tq + i: it may see keys 0 .. Tk - Tq + i
+    future = torch.ones(Tq, Tk, dtype=torch.bool, device=q.device).triu(Tk - Tq + 1)
+    y = (scores.masked_fill(future, float("-inf")).softmax(dim=-1) @ vf).transpose(1, 2)
+    if xsa:
+        y = exclusive_self_attention(y, v_self.to(cd))
+    return y.to(q.dtype)
+
+
 class CausalSelfAttention(nn.Module):
     """q/k/v projections, per-head q/k rms_norm, partial RoPE, q_gain, GQA attention (+ XSA), out proj."""
 
@@ -105,8 +168,10 @@ class CausalSelfAttention(nn.Module):
         self.proj = CastedLinear(d, d, zero_init=True)
         self.q_gain = nn.Parameter(torch.full((config.num_heads,), config.qk_gain_init))
 
-    def forward(self, n: torch.Tensor, ve: torch.Tensor | None, use_xsa: bool, ops: str) -> torch.Tensor:
-        """n (B, T, d) normalised input; ve (B, T, Hkv·D) or None. Returns (B, T, d)."""
+    def forward(self, n: torch.Tensor, ve: torch.Tensor | None, use_xsa: bool, ops: str,
+                cache: KVCache | None = None, position: int = 0) -> torch.Tensor:
+        """n (B, T, d) normalised input; ve (B, T, Hkv·D) or None. With a `cache`, n holds the tokens
+        after the cached ones and schedule `position` selects the cache's k, v. Returns (B, T, d)."""
         B, T, d = n.shape
         H, Hkv, D = self.num_heads, self.num_kv_heads, self.head_dim
         q = self.c_q(n).view(B, T, H, D)
@@ -115,9 +180,14 @@ class CausalSelfAttention(nn.Module):
         if ve is not None:
             v = v + ve.to(v.dtype)
         v = v.view(B, T, Hkv, D)
+        offset = cache.length if cache is not None else 0
         # Under CUDA autocast rms_norm may run in fp32 while v stays bf16: attention takes one dtype.
-        q = (rope(rms_norm(q), self.rope_base) * self.q_gain.to(q.dtype)[:, None]).to(v.dtype)
-        k = rope(rms_norm(k), self.rope_base).to(v.dtype)
+        q = (rope(rms_norm(q), self.rope_base, offset) * self.q_gain.to(q.dtype)[:, None]).to(v.dtype)
+        k = rope(rms_norm(k), self.rope_base, offset).to(v.dtype)
+        if cache is not None:
+            k_all, v_all = cache.append(position, k, v)
+            if offset:
+                return self.proj(attention_after_cache(q, k_all, v_all, v, use_xsa).reshape(B, T, d))
         y = select_op(ops, "attention")(q, k, v, causal=True, xsa=use_xsa)
         return self.proj(y.reshape(B, T, d))
 
@@ -145,11 +215,13 @@ class Block(nn.Module):
         self.attn = CausalSelfAttention(config)
         self.mlp = MLP(config)
 
-    def forward(self, x, x0, attn_scale, mlp_scale, resid_mix, ve, use_xsa: bool, ops: str):
-        """x, x0 (B, T, d); attn_scale, mlp_scale (d,); resid_mix (2, d); ve (B, T, Hkv·D) or None."""
+    def forward(self, x, x0, attn_scale, mlp_scale, resid_mix, ve, use_xsa: bool, ops: str,
+                cache: KVCache | None = None, position: int = 0):
+        """x, x0 (B, T, d); attn_scale, mlp_scale (d,); resid_mix (2, d); ve (B, T, Hkv·D) or None;
+        `cache` and schedule `position` for incremental decoding (see CausalSelfAttention)."""
         mix = resid_mix.to(x.dtype)
         x = mix[0] * x + mix[1] * x0
-        x = x + attn_scale.to(x.dtype) * self.attn(rms_norm(x), ve, use_xsa, ops)
+        x = x + attn_scale.to(x.dtype) * self.attn(rms_norm(x), ve, use_xsa, ops, cache, position)
         return x + mlp_scale.to(x.dtype) * self.mlp(rms_norm(x), ops)
 
 
@@ -227,21 +299,41 @@ class CrawlerGPT(nn.Module):
             return self.ops
         return "triton" if device.type == "cuda" else "reference"
 
-    def forward_hidden(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """input_ids (B, T) int -> final rms_norm'd hidden states (B, T, d)."""
+    def embed_input(self, input_ids: torch.Tensor, ops: str) -> torch.Tensor:
+        """x0 (B, T, d) = smear(rms_norm(tok_emb[ids] + bigram(ids))) (SPEC §1.3, §1.5-1.6)."""
+        return select_op(ops, "embed")(input_ids, self.tok_emb.weight, self.bigram.table.weight,
+                                       self.bigram.proj.effective_weight(), self.smear.gate)
+
+    def head_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Softcapped tied-head logits (..., V) in hidden's dtype (exact reference head)."""
+        return kernels.reference.softcapped_logits(hidden, self.tok_emb.weight, self.config.logit_softcap)
+
+    def forward_hidden(self, input_ids: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        """input_ids (B, T) int -> final rms_norm'd hidden states (B, T, d).
+
+        With a `cache` (incremental decoding), input_ids are the tokens after the cached ones: attention
+        also reads the cached keys and values, and the new ones are added to the cache."""
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids: expected (B, T), got shape {tuple(input_ids.shape)}")
         ops = self.resolve_ops(input_ids.device)
         c = self.config
-        x = select_op(ops, "embed")(input_ids, self.tok_emb.weight, self.bigram.table.weight,
-                                    self.bigram.proj.effective_weight(), self.smear.gate)
+        if cache is not None:
+            cache.check_step(input_ids)
+        if cache is None or cache.context is None:
+            x = self.embed_input(input_ids, ops)
+        else:
+            # BigramHash and SmearGate look one token back: re-embedding the last two cached tokens in
+            # front makes the new tokens' x0 exact (the first context token's own x0 is not needed).
+            n_ctx = cache.context.shape[1]
+            x = self.embed_input(torch.cat((cache.context, input_ids), dim=1), ops)[:, n_ctx:]
         x0 = x
         ve_base = self.ve(input_ids) if self.ve is not None else None
         first_ve = c.num_positions - c.ve_last_n
         skips: list[torch.Tensor] = []
         for p, (kind, i, loop) in enumerate(self.schedule):
             ve = self.ve.scales[p - first_ve] * ve_base if p in self.ve_positions else None
-            args = (self.attn_scales[p], self.mlp_scales[p], self.resid_mixes[p], ve, p in self.xsa_positions, ops)
+            args = (self.attn_scales[p], self.mlp_scales[p], self.resid_mixes[p], ve, p in self.xsa_positions, ops,
+                    cache, p)
             if kind == "crawler":
                 out = self.crawler_blocks[i](x, x0, *args)
                 # loop 0 replaces the stream; later loops interpolate towards the block's output.
@@ -253,6 +345,8 @@ class CrawlerGPT(nn.Module):
                 if skips:  # U-Net skip, LIFO, added before the decoder block runs
                     x = x + self.skip_weights[i - c.num_encoder_blocks].to(x.dtype) * skips.pop()
                 x = self.flat_blocks[i](x, x0, *args)
+        if cache is not None:
+            cache.advance(input_ids)
         return rms_norm(x)
 
     def forward(self, input_ids: torch.Tensor, target_ids: torch.Tensor) -> torch.Tensor:
@@ -264,10 +358,10 @@ class CrawlerGPT(nn.Module):
         return loss_fn(hidden.reshape(-1, hidden.shape[-1]), self.tok_emb.weight, target_ids.reshape(-1),
                        self.config.logit_softcap)
 
-    def forward_logits(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """Softcapped logits (B, T, V) in the hidden dtype (exact reference head)."""
-        return kernels.reference.softcapped_logits(self.forward_hidden(input_ids), self.tok_emb.weight,
-                                                   self.config.logit_softcap)
+    def forward_logits(self, input_ids: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        """Softcapped logits (B, T, V) in the hidden dtype (exact reference head); `cache` as in
+        forward_hidden."""
+        return self.head_logits(self.forward_hidden(input_ids, cache))
 
     def token_nll(self, input_ids: torch.Tensor, target_ids: torch.Tensor) -> torch.Tensor:
         """Per-token cross-entropy (B, T) in float32 nats, on float32 logits (evaluation)."""

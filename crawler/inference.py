@@ -1,0 +1,287 @@
+"""Int6 inference (SPEC §5): a CrawlerGPT that computes on an artifact's codes, and generation.
+
+`load_int6_model(artifact, device, ops)` builds an `Int6CrawlerGPT` straight from an artifact: the model
+is constructed on the meta device, every quantised matrix's module is swapped for a code-holding one, and
+only then are tensors allocated, so no full-precision copy of a quantised weight ever exists:
+  * block Linears, bigram.proj (and ve.proj when quantised) -> `Int6Linear`: buffers `packed` uint8
+    (N, 3K/4) (kernels.pack_int6's layout) + `scales` fp16 (N,); forward = int6_linear;
+  * tok_emb, bigram.table, ve.table -> `Int6Embedding`: the same buffers, gathered row-wise (only the
+    looked-up rows are dequantised); tok_emb's codes also serve as the tied LM head through int6_linear.
+Codes of a 7- or 8-bit plan (e.g. tok_emb int8 k=20), or of a matrix whose K is not a multiple of 4,
+have no packed layout: they are kept as int8 `codes` (N, K) and multiplied 256 rows at a time (like
+kernels.reference.int6_linear), never dequantised whole. Passthrough tensors load as in the float model.
+Everything else is CrawlerGPT's own code (blocks, attention, schedule); only the modules differ.
+
+`generate(model, prompt_ids, ...)` decodes incrementally with a per-schedule-position KV cache
+(crawler.model.KVCache) and works for the float and the int6 model alike.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import kernels
+from kernels.reference import bigram_hash, relu2, rms_norm, smear
+
+from .artifact import Artifact, QuantizedTensor, load_artifact, load_state_into
+from .config import CrawlerConfig
+from .model import OPS_CHOICES, CastedLinear, CrawlerGPT, KVCache, select_op
+
+INT6_MAX_BITS = 6                                    # codes of up to 6 bits fit the packed int6 layout
+ROW_TILE = kernels.reference.INT6_REF_ROW_TILE       # weight rows dequantised at a time on the int8 path
+
+
+def _autocast_input(x: torch.Tensor) -> torch.Tensor:
+    """x in the autocast dtype when autocast is on for its device (what F.linear would compute in), so
+    the int6 model runs at the float model's precision under evaluation's bf16 autocast."""
+    if torch.is_autocast_enabled(x.device.type):
+        return x.to(torch.get_autocast_dtype(x.device.type))
+    return x
+
+
+class QuantMatrix(nn.Module):
+    """A row-quantised matrix W (N, K) ≈ codes · scales[:, None], held as codes only.
+
+    Buffers: `packed` uint8 (N, 3K/4) (kernels.pack_int6 layout) when bits <= 6 and K % 4 == 0, else
+    `codes` int8 (N, K); `scales` fp16 (N,). `ops` picks the int6 matmul: "triton" (kernels.int6_linear),
+    "reference" (kernels.reference.int6_linear) or "auto" (Triton on CUDA, the reference elsewhere).
+    """
+
+    def __init__(self, rows: int, cols: int, bits: int, ops: str = "auto"):
+        super().__init__()
+        if ops not in OPS_CHOICES:
+            raise ValueError(f"ops must be one of {OPS_CHOICES}, got {ops!r}")
+        self.rows, self.cols, self.bits, self.ops = rows, cols, bits, ops
+        self.is_packed = bits <= INT6_MAX_BITS and cols % 4 == 0
+        if self.is_packed:
+            self.register_buffer("packed", torch.empty(rows, 3 * cols // 4, dtype=torch.uint8))
+        else:
+            self.register_buffer("codes", torch.empty(rows, cols, dtype=torch.int8))
+        self.register_buffer("scales", torch.empty(rows, dtype=torch.float16))
+
+    def extra_repr(self) -> str:
+        return f"rows={self.rows}, cols={self.cols}, bits={self.bits}, " \
+               f"{'packed int6' if self.is_packed else 'int8 codes'}, ops={self.ops}"
+
+    def encode(self, q: QuantizedTensor) -> dict[str, torch.Tensor]:
+        """This module's buffers (name -> tensor, on q's device) for the artifact entry `q`."""
+        if tuple(q.codes.shape) != (self.rows, self.cols) or q.bits > self.bits:
+            raise ValueError(f"quantised tensor int{q.bits} {tuple(q.codes.shape)} does not fit a module of "
+                             f"int{self.bits} ({self.rows}, {self.cols})")
+        codes = kernels.pack_int6(q.codes) if self.is_packed else q.codes
+        return {"packed" if self.is_packed else "codes": codes, "scales": q.scales}
+
+    def gather(self, idx: torch.Tensor) -> torch.Tensor:
+        """Rows idx (...) int of W as float32 (..., K); only those rows are dequantised."""
+        flat = idx.reshape(-1).long()
+        codes = kernels.unpack_int6(self.packed[flat], self.cols) if self.is_packed else self.codes[flat]
+        return kernels.reference.dequantize(codes, self.scales[flat]).view(*idx.shape, self.cols)
+
+    def linear(self, x: torch.Tensor) -> torch.Tensor:
+        """x (..., K) float -> x @ Wᵀ (..., N) in x's dtype (the autocast dtype under autocast)."""
+        x = _autocast_input(x)
+        if self.is_packed:
+            ops = self.ops if self.ops != "auto" else ("triton" if x.device.type == "cuda" else "reference")
+            return select_op(ops, "int6_linear")(x, self.packed, self.scales)
+        out = x.new_empty(*x.shape[:-1], self.rows)
+        for n0 in range(0, self.rows, ROW_TILE):
+            tile = slice(n0, n0 + ROW_TILE)
+            out[..., tile] = x @ kernels.reference.dequantize(self.codes[tile], self.scales[tile]).to(x.dtype).T
+        return out
+
+
+class Int6Linear(QuantMatrix):
+    """Bias-free Linear on codes (see QuantMatrix): forward(x (..., in)) -> (..., out) = x @ (codes·s)ᵀ."""
+
+    def __init__(self, in_features: int, out_features: int, bits: int = 6, ops: str = "auto"):
+        super().__init__(out_features, in_features, bits, ops)
+        self.in_features, self.out_features = in_features, out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(x)
+
+
+class Int6Embedding(QuantMatrix):
+    """Embedding table on codes (see QuantMatrix): forward(ids (...)) -> rows (..., dim) in `dtype`
+    (the float model's table dtype, config.embed_dtype), dequantised per gathered row. `linear` gives
+    the tied head's x @ tableᵀ."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, bits: int = 6, ops: str = "auto",
+                 dtype: torch.dtype = torch.float32):
+        super().__init__(num_embeddings, embedding_dim, bits, ops)
+        self.dtype = dtype
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.gather(ids).to(self.dtype)
+
+
+class Int6MLP(nn.Module):
+    """The block MLP with code-holding fc / proj: proj(relu2(fc(h))) (the float MLP hands its weights to
+    the fused relu2_mlp op instead, which a quantised weight cannot feed)."""
+
+    def __init__(self, fc: nn.Module, proj: nn.Module, negative_slope: float):
+        super().__init__()
+        self.fc, self.proj, self.negative_slope = fc, proj, negative_slope
+
+    def forward(self, h: torch.Tensor, ops: str) -> torch.Tensor:
+        return self.proj(relu2(self.fc(h), self.negative_slope))
+
+
+class Int6CrawlerGPT(CrawlerGPT):
+    """CrawlerGPT whose quantised matrices are code-holding modules (see the module docstring).
+
+    `quantized` maps state-dict names of quantised weights to their bits, e.g.
+    {"flat_blocks.0.attn.c_q.weight": 6, "tok_emb.weight": 8}. The model is created on the meta device
+    with those modules swapped in; fill it with `load_int6_model` (or `load_state_into` with the
+    modules' `encode` output and the passthrough tensors). Inference only (no autograd through codes).
+    """
+
+    def __init__(self, config: CrawlerConfig, quantized: dict[str, int], ops: str = "auto"):
+        with torch.device("meta"):       # nothing is allocated: the weights come from the artifact
+            super().__init__(config, ops)
+            names = set(self.state_dict())
+            unknown = sorted(set(quantized) - names)
+            if unknown:
+                raise ValueError(f"quantised tensors {unknown[:5]} are not in the config's model")
+            for name, bits in quantized.items():
+                path, _, attr = name.rpartition(".")
+                module = self.get_submodule(path)
+                if attr != "weight" or not isinstance(module, (CastedLinear, nn.Embedding)):
+                    raise ValueError(f"{name}: only Linear and embedding weights can be quantised")
+                rows, cols = module.weight.shape
+                if isinstance(module, nn.Embedding):
+                    new = Int6Embedding(rows, cols, bits, ops, dtype=module.weight.dtype)
+                else:
+                    new = Int6Linear(cols, rows, bits, ops)
+                parent, _, child = path.rpartition(".")
+                setattr(self.get_submodule(parent), child, new)
+            for block in [*self.flat_blocks, *self.crawler_blocks]:
+                if isinstance(block.mlp.fc, QuantMatrix) or isinstance(block.mlp.proj, QuantMatrix):
+                    block.mlp = Int6MLP(block.mlp.fc, block.mlp.proj, block.mlp.negative_slope)
+
+    def embed_input(self, input_ids: torch.Tensor, ops: str) -> torch.Tensor:
+        """x0 = smear(rms_norm(tok_emb[ids] + bigram(ids))) from gathered rows, in float32 as the fused
+        op computes it (autocast off), returned in the table dtype."""
+        with torch.autocast(input_ids.device.type, enabled=False):
+            tok = self.tok_emb(input_ids)
+            rows = self.bigram.table(bigram_hash(input_ids, self.config.bigram_buckets))
+            cd = torch.float64 if tok.dtype == torch.float64 else torch.float32
+            x = tok.to(cd) + self.bigram.proj(rows.to(cd))
+            return smear(rms_norm(x), self.smear.gate.to(cd)).to(tok.dtype)
+
+    def head_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Softcapped tied head on tok_emb's codes: softcap · tanh(int6_linear(hidden) / softcap)."""
+        if not isinstance(self.tok_emb, QuantMatrix):
+            return super().head_logits(hidden)
+        cap = self.config.logit_softcap
+        return cap * torch.tanh(self.tok_emb.linear(hidden) / cap)
+
+    def forward(self, input_ids: torch.Tensor, target_ids: torch.Tensor) -> torch.Tensor:
+        """Mean cross-entropy (0-d float32) over all targets, on float32 logits of the int6 head."""
+        if target_ids.shape != input_ids.shape:
+            raise ValueError(f"target_ids: expected shape {tuple(input_ids.shape)}, got {tuple(target_ids.shape)}")
+        return self.token_nll(input_ids, target_ids).mean()
+
+
+def load_int6_model(artifact: Artifact | str | os.PathLike, device="cpu", ops: str = "auto") -> Int6CrawlerGPT:
+    """An Int6CrawlerGPT in eval mode on `device` from an artifact file (or a decoded Artifact).
+
+    Quantised weights are packed to int6 (or kept as int8 codes above 6 bits) and moved to `device`;
+    passthrough tensors load into their parameters (cast to the parameters' dtypes). Raises
+    crawler.artifact.ArtifactError for an unreadable file (names the file and the problem) and
+    ValueError when the artifact's tensors do not match its config's model.
+    """
+    if not isinstance(artifact, Artifact):
+        artifact = load_artifact(artifact)
+    config = CrawlerConfig.from_dict(artifact.config)
+    quantized = {n: t for n, t in artifact.tensors.items() if isinstance(t, QuantizedTensor)}
+    model = Int6CrawlerGPT(config, {n: q.bits for n, q in quantized.items()}, ops)
+    state: dict[str, torch.Tensor] = {}
+    for name, t in artifact.tensors.items():
+        if name in quantized:
+            path = name.rsplit(".", 1)[0]
+            try:
+                buffers = model.get_submodule(path).encode(t)
+            except ValueError as e:
+                raise ValueError(f"{name}: {e}") from None
+            state.update({f"{path}.{b}": v for b, v in buffers.items()})
+        else:
+            state[name] = t
+    return load_state_into(model, state, device).eval()
+
+
+# --------------------------------------------------------------------------------------------------
+# Generation
+
+def sample_next(logits: torch.Tensor, temperature: float, top_k: int | None,
+                generator: torch.Generator | None) -> torch.Tensor:
+    """Next token ids (B,) from last-position logits (B, V): argmax for temperature 0, else a draw from
+    softmax(logits / temperature) restricted to the top_k largest logits (all when top_k is None)."""
+    logits = logits.float()
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = logits.topk(top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator)[:, 0]
+
+
+@torch.no_grad()
+def generate(model: CrawlerGPT, prompt_ids, max_new_tokens: int, temperature: float = 1.0,
+             top_k: int | None = None, seed: int = 0, *, eos_id: int | None = None,
+             vocab_limit: int | None = None) -> torch.Tensor:
+    """Sample a continuation of `prompt_ids` with incremental (KV-cached) decoding.
+
+    prompt_ids (T,) or (B, T) int, T >= 1. The prompt is run once (its keys and values cached at every
+    schedule position), then each new token costs one single-token forward. temperature 0 = greedy;
+    otherwise softmax sampling at that temperature over the top_k logits, seeded by `seed` (a
+    generator on the model's device: the same seed, device and model give the same tokens). With
+    `eos_id`, a sequence that emits it is finished (later positions repeat eos_id) and decoding stops
+    once all are. `vocab_limit` masks ids >= it (model rows a tokenizer cannot decode).
+    Returns prompt + new ids, (T + n,) or (B, T + n) int64 on the model's device, n <= max_new_tokens.
+    Runs in eval mode (restored afterwards), under bf16 autocast on CUDA like evaluation.
+    """
+    ids = torch.as_tensor(prompt_ids)
+    squeeze = ids.dim() == 1
+    ids = ids[None] if squeeze else ids
+    if ids.dim() != 2 or ids.shape[1] < 1 or ids.dtype.is_floating_point or ids.dtype == torch.bool:
+        raise ValueError(f"prompt_ids: expected (T,) or (B, T) int ids with T >= 1, got {ids.dtype} "
+                         f"{tuple(torch.as_tensor(prompt_ids).shape)}")
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens: expected an int >= 0, got {max_new_tokens!r}")
+    if not temperature >= 0:
+        raise ValueError(f"temperature: expected >= 0 (0 = greedy), got {temperature!r}")
+    if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
+        raise ValueError(f"top_k: expected None or an int >= 1, got {top_k!r}")
+    device = next(model.parameters()).device
+    ids = ids.long().to(device)
+    generator = torch.Generator(device=device).manual_seed(seed)
+    cache = KVCache(model.config, ids.shape[1] + max_new_tokens)
+    done = torch.zeros(ids.shape[0], dtype=torch.bool, device=device)
+    out = [ids]
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            step_ids = ids
+            for _ in range(max_new_tokens):
+                # the head runs on the last position only: a prompt's other logits are never used
+                logits = model.head_logits(model.forward_hidden(step_ids, cache)[:, -1])
+                if vocab_limit is not None:
+                    logits[:, vocab_limit:] = float("-inf")
+                step_ids = sample_next(logits, temperature, top_k, generator)
+                if eos_id is not None:
+                    step_ids = step_ids.masked_fill(done, eos_id)
+                    done |= step_ids == eos_id
+                step_ids = step_ids[:, None]
+                out.append(step_ids)
+                if bool(done.all()):
+                    break
+    finally:
+        model.train(was_training)
+    result = torch.cat(out, dim=1)
+    return result[0] if squeeze else result
