@@ -11,7 +11,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .utils import check_attention_inputs, check_embed_inputs
+from .utils import FLOAT_DTYPES, check_attention_inputs, check_embed_inputs, check_gptq_args, check_gptq_inputs, check_tensor
 
 BIGRAM_HASH_MULTIPLIER = 92821
 
@@ -179,3 +179,167 @@ def softcapped_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets
     """
     logits = softcapped_logits(hidden, weight, softcap)
     return F.cross_entropy(logits.to(_compute_dtype(logits)), targets.long())
+
+
+# ----------------------------------------------------------------------------------------------
+# Quantisation: SDClip scales, round-to-nearest, GPTQ (SPEC §3)
+# ----------------------------------------------------------------------------------------------
+
+SDCLIP_SCALE_FLOOR = 1e-10
+# fp16 cannot hold 1e-10 (it rounds to 0, and w / 0 is NaN for an all-zero row), so stored scales are
+# also floored at the smallest positive fp16 value, 2^-24 (a subnormal).
+FP16_SMALLEST = 2.0 ** -24
+CHOLESKY_RETRIES = 5
+
+
+def quant_max(bits: int) -> int:
+    """Largest code magnitude R = 2^(bits-1) - 1 of the symmetric grid (31 for int6, 127 for int8)."""
+    return 2 ** (bits - 1) - 1
+
+
+def sdclip_scales(weight: torch.Tensor, bits: int = 6, clip_sigmas: float = 12.85) -> torch.Tensor:
+    """SDClip per-row scales s_r = clip_sigmas * std(W_r) / R (torch.std, unbiased), as fp16.
+
+    weight (..., N, K) float, K >= 2. The std is taken in float32 (float64 for float64 weights); the
+    scale is floored at 1e-10 and, once stored as fp16, at 2^-24 so that it is never 0. Deliberately not
+    floored at 1/R (PR #1579's floor, which coarsens every row with std < 1/clip_sigmas).
+    Returns (..., N) float16.
+    """
+    check_tensor("weight", weight, dtypes=FLOAT_DTYPES)
+    check_gptq_args(bits, clip_sigmas)
+    if weight.dim() < 1 or weight.shape[-1] < 2:
+        raise ValueError(f"weight: expected a last dim of at least 2 (row std), got shape {tuple(weight.shape)}")
+    std = weight.to(_compute_dtype(weight)).std(dim=-1)
+    scales = (clip_sigmas * std / quant_max(bits)).clamp_min(SDCLIP_SCALE_FLOOR)
+    return scales.to(torch.float16).clamp_min(FP16_SMALLEST)
+
+
+def _check_codes_scales(codes_name: str, rows: torch.Tensor, scales: torch.Tensor) -> None:
+    """scales must be float with shape rows.shape[:-1] on rows' device."""
+    check_tensor("scales", scales, dtypes=FLOAT_DTYPES, device=rows.device)
+    if tuple(scales.shape) != tuple(rows.shape[:-1]):
+        raise ValueError(f"scales: expected shape {tuple(rows.shape[:-1])} (one per row of {codes_name}), "
+                         f"got {tuple(scales.shape)}")
+
+
+def quantize_rtn(weight: torch.Tensor, scales: torch.Tensor, bits: int = 6) -> torch.Tensor:
+    """Per-row round-to-nearest: codes = clamp(round(w / s), -R, R) (round half to even).
+
+    weight (..., N, K) float; scales (..., N) (used as their float values, e.g. fp16 from
+    `sdclip_scales`). Returns int8 codes of weight's shape.
+    """
+    check_tensor("weight", weight, dtypes=FLOAT_DTYPES)
+    check_gptq_args(bits, 1.0)
+    _check_codes_scales("weight", weight, scales)
+    cd = _compute_dtype(weight)
+    R = quant_max(bits)
+    return torch.clamp(torch.round(weight.to(cd) / scales.to(cd)[..., None]), -R, R).to(torch.int8)
+
+
+def dequantize(codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """Ŵ = codes * scales (per row). codes (..., N, K) int8; scales (..., N). Returns float32
+    (float64 when scales are float64)."""
+    check_tensor("codes", codes, dtypes=(torch.int8,))
+    _check_codes_scales("codes", codes, scales)
+    cd = _compute_dtype(scales)
+    return codes.to(cd) * scales.to(cd)[..., None]
+
+
+def quantization_proxy_loss(weight: torch.Tensor, hessian: torch.Tensor, codes: torch.Tensor,
+                            scales: torch.Tensor) -> torch.Tensor:
+    """GPTQ's quality measure tr((W - Ŵ) H (W - Ŵ)ᵀ) in float64 (SPEC §3), Ŵ = dequantize(codes, scales).
+
+    weight (N, K), hessian (K, K) (the undamped one), codes (N, K) int8, scales (N,). Returns a 0-d
+    float64 tensor.
+    """
+    diff = weight.double() - dequantize(codes, scales).double()
+    return ((diff @ hessian.double()) * diff).sum()
+
+
+def inverse_cholesky_upper(hessian: torch.Tensor) -> torch.Tensor:
+    """U = cholesky(cholesky_inverse(cholesky(H)), upper=True), the upper Cholesky factor of H⁻¹.
+
+    hessian (..., K, K), already damped. Where a factorisation fails, 0.1·mean(diag H) is added to that
+    matrix's diagonal and it is retried, up to CHOLESKY_RETRIES times; then ValueError. Returns U of
+    hessian's shape and dtype.
+    """
+    H = hessian.clone()
+    for _ in range(CHOLESKY_RETRIES + 1):
+        L, info_h = torch.linalg.cholesky_ex(H)
+        U, info_inv = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
+        failed = (info_h != 0) | (info_inv != 0) | ~torch.isfinite(U).flatten(-2).all(-1)
+        if not bool(failed.any()):
+            return U
+        diag = H.diagonal(dim1=-2, dim2=-1)
+        diag.add_(torch.where(failed[..., None], 0.1 * diag.mean(-1, keepdim=True), 0.0))
+    raise ValueError(f"hessian: Cholesky of H (or of H⁻¹) still fails after adding 0.1·mean(diag H) "
+                     f"{CHOLESKY_RETRIES} times; H is far from positive definite")
+
+
+def gptq_prepare(weight: torch.Tensor, hessian: torch.Tensor, *, bits: int, clip_sigmas: float,
+                 act_order: bool, damp: float):
+    """Everything GPTQ does before its column walk (SPEC §3), for (..., N, K) weights and (..., K, K)
+    Hessians (a leading batch of matrices is allowed; the Triton version batches same-shape matrices).
+
+    1. SDClip scales from the weight as given (fp16).
+    2. Dead columns (H_jj = 0): H_jj = 1 and W[:, j] = 0.
+    3. Damping: H += damp · mean(diag H) · I (the mean includes the dead columns' 1s, as the seed does).
+    4. Act-order: perm = argsort(diag H, descending) (stable, so ties keep their order; identity
+       when act_order is False); W's columns and H's rows and columns permuted.
+    5. U = upper Cholesky factor of H⁻¹ (see `inverse_cholesky_upper`).
+    Returns (W permuted working copy, U, scales fp16 (..., N), perm (..., K) int64); W and U in float32
+    (float64 for a float64 weight).
+    """
+    cd = _compute_dtype(weight)
+    scales = sdclip_scales(weight, bits, clip_sigmas)
+    W = weight.to(cd).clone()
+    H = hessian.to(cd).clone()
+    diag = H.diagonal(dim1=-2, dim2=-1)
+    dead = diag == 0
+    diag.masked_fill_(dead, 1.0)
+    W.masked_fill_(dead.unsqueeze(-2), 0.0)
+    diag.add_(damp * diag.mean(-1, keepdim=True))
+    if act_order:
+        perm = torch.argsort(diag, dim=-1, descending=True, stable=True)
+    else:
+        perm = torch.arange(W.shape[-1], device=W.device).expand(diag.shape)
+    # W[..., :, perm] and H[..., perm][..., :, perm] for every matrix of the batch.
+    W = W.gather(-1, perm.unsqueeze(-2).expand(W.shape))
+    H = H.gather(-2, perm.unsqueeze(-1).expand(H.shape)).gather(-1, perm.unsqueeze(-2).expand(H.shape))
+    return W, inverse_cholesky_upper(H), scales, perm
+
+
+def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, *, bits: int = 6, clip_sigmas: float = 12.85,
+                  block_size: int = 128, act_order: bool = True, damp: float = 0.01):
+    """GPTQ (Frantar et al. 2022) with SDClip per-row scales, one column at a time (SPEC §3).
+
+    weight (N, K) float, hessian (K, K) float (XᵀX/n of the layer's inputs), same device, finite.
+    After `gptq_prepare`, for each block of block_size columns and each column j in it:
+    q = clamp(round(w_j / s), -R, R) with the fp16-rounded scales (so dequantising with
+    codes * scales.float() gives exactly what GPTQ compensated), e = (w_j - s·q) / U_jj, and the rest
+    of the block W[:, j+1:end] -= e ⊗ U[j, j+1:end]; after the block W[:, end:] -= E_blk @ U[blk, end:].
+    Codes are un-permuted at the end. Math in float32 (float64 for a float64 weight).
+    Returns (codes int8 (N, K) in [-R, R], scales float16 (N,)), R = 2^(bits-1) - 1.
+    """
+    check_gptq_inputs(weight, hessian)
+    check_gptq_args(bits, clip_sigmas, block_size, damp)
+    R = quant_max(bits)
+    W, U, scales, perm = gptq_prepare(weight, hessian, bits=bits, clip_sigmas=clip_sigmas,
+                                      act_order=act_order, damp=damp)
+    s = scales.to(W.dtype)
+    N, K = W.shape
+    codes = torch.empty((N, K), dtype=torch.int8, device=W.device)
+    for start in range(0, K, block_size):
+        end = min(start + block_size, K)
+        err = torch.empty((N, end - start), dtype=W.dtype, device=W.device)
+        for j in range(start, end):
+            w = W[:, j]
+            q = torch.clamp(torch.round(w / s), -R, R)
+            codes[:, j] = q.to(torch.int8)
+            e = (w - s * q) / U[j, j]
+            W[:, j + 1:end] -= e[:, None] * U[j, j + 1:end]
+            err[:, j - start] = e
+        W[:, end:] -= err @ U[start:end, end:]
+    unpermuted = torch.empty_like(codes)
+    unpermuted[:, perm] = codes
+    return unpermuted, scales

@@ -80,3 +80,37 @@ def check_embed_inputs(ids, tok_emb, bigram_table, bigram_proj, smear_gate) -> N
     if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= tok_emb.shape[0]):
         raise ValueError(f"ids: expected token ids in [0, {tok_emb.shape[0]}), got range "
                          f"[{int(ids.min())}, {int(ids.max())}]")
+
+
+def check_gptq_args(bits, clip_sigmas, block_size=None, damp=None) -> None:
+    """Validate GPTQ / SDClip settings: bits an int in 2..8 (codes live in int8), clip_sigmas > 0,
+    block_size an int > 0, damp >= 0 (each only when given)."""
+    if isinstance(bits, bool) or not isinstance(bits, int) or not 2 <= bits <= 8:
+        raise ValueError(f"bits: expected an int in 2..8, got {bits!r}")
+    if not (isinstance(clip_sigmas, (int, float)) and math.isfinite(clip_sigmas) and clip_sigmas > 0):
+        raise ValueError(f"clip_sigmas: expected a finite number > 0, got {clip_sigmas!r}")
+    if block_size is not None and (isinstance(block_size, bool) or not isinstance(block_size, int)
+                                   or block_size <= 0):
+        raise ValueError(f"block_size: expected an int > 0, got {block_size!r}")
+    if damp is not None and not (isinstance(damp, (int, float)) and math.isfinite(damp) and damp >= 0):
+        raise ValueError(f"damp: expected a finite number >= 0, got {damp!r}")
+
+
+def check_gptq_inputs(weight, hessian, *, batched: bool = False) -> None:
+    """Validate GPTQ inputs: weight (N, K) and hessian (K, K) (with a leading matrix dim M when
+    `batched`), floating, on one device, finite, K >= 2 (the row std needs two values), diag(H) >= 0."""
+    lead = 1 if batched else 0
+    check_tensor("weight", weight, ndim=2 + lead, dtypes=FLOAT_DTYPES)
+    check_tensor("hessian", hessian, ndim=2 + lead, dtypes=FLOAT_DTYPES, device=weight.device)
+    K = weight.shape[-1]
+    expected = (*weight.shape[:lead], K, K)
+    if tuple(hessian.shape) != expected:
+        raise ValueError(f"hessian: expected shape {expected} (K = weight.shape[-1] = {K}), "
+                         f"got {tuple(hessian.shape)}")
+    if K < 2 or weight.shape[-2] < 1:
+        raise ValueError(f"weight: expected at least 1 row and 2 columns, got shape {tuple(weight.shape)}")
+    for name, t in (("weight", weight), ("hessian", hessian)):
+        if not bool(torch.isfinite(t).all()):
+            raise ValueError(f"{name}: contains NaN or Inf")
+    if bool((hessian.diagonal(dim1=-2, dim2=-1) < 0).any()):
+        raise ValueError("hessian: diagonal entries must be >= 0 (H = XᵀX/n is positive semi-definite)")

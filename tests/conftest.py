@@ -28,3 +28,12 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     """‖out − ref‖ / ‖ref‖ computed in float64 (NaN if out has NaNs, so poisoned outputs fail)."""
     out, ref = out.detach().double().cpu(), ref.detach().double().cpu()
     return float((out - ref).norm() / ref.norm().clamp_min(1e-300))
+
+
+def correlated_hessian(K: int, n: int = 1024, seed: int = 0, dtype=torch.float32) -> torch.Tensor:
+    """H = XᵀX/n for random activations X (n, K) whose columns are strongly correlated (random mixing
+    with a decaying spectrum), the regime where GPTQ beats round-to-nearest by a wide margin."""
+    g = torch.Generator().manual_seed(seed)
+    mix = torch.randn(K, K, generator=g, dtype=torch.float64) * torch.logspace(0, -2, K, dtype=torch.float64)[:, None]
+    x = torch.randn(n, K, generator=g, dtype=torch.float64) @ mix
+    return (x.T @ x / n).to(dtype)
