@@ -1,5 +1,11 @@
 """Fused Triton ops for crawler transformers. Each public op here has an identically named plain-PyTorch
 reference in `kernels.reference` (the spec in code), which the tests compare against."""
 from . import reference
+from .cross_entropy import softcapped_cross_entropy
+from .embedding import embed
+from .gptq import gptq_quantize, gptq_quantize_batched
+from .int6 import int6_linear, pack_int6, unpack_int6
+from .mlp import relu2_mlp
 
-__all__ = ["reference"]
+__all__ = ["reference", "embed", "gptq_quantize", "gptq_quantize_batched", "int6_linear", "pack_int6",
+           "relu2_mlp", "softcapped_cross_entropy", "unpack_int6"]

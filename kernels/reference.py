@@ -11,7 +11,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .utils import FLOAT_DTYPES, check_attention_inputs, check_embed_inputs, check_gptq_args, check_gptq_inputs, check_tensor
+from .utils import (FLOAT_DTYPES, check_attention_inputs, check_embed_inputs, check_gptq_args, check_gptq_inputs,
+                    check_gptq_values, check_int6_linear_inputs, check_tensor)
 
 BIGRAM_HASH_MULTIPLIER = 92821
 
@@ -200,16 +201,17 @@ def quant_max(bits: int) -> int:
 def sdclip_scales(weight: torch.Tensor, bits: int = 6, clip_sigmas: float = 12.85) -> torch.Tensor:
     """SDClip per-row scales s_r = clip_sigmas * std(W_r) / R (torch.std, unbiased), as fp16.
 
-    weight (..., N, K) float, K >= 2. The std is taken in float32 (float64 for float64 weights); the
-    scale is floored at 1e-10 and, once stored as fp16, at 2^-24 so that it is never 0. Deliberately not
-    floored at 1/R (PR #1579's floor, which coarsens every row with std < 1/clip_sigmas).
+    weight (..., N, K) float, K >= 2. The std is taken in float64 whatever the weight's dtype, so the
+    fp16 scale does not depend on the compute precision (the reference and the Triton path agree bit for
+    bit). The scale is floored at 1e-10 and, once stored as fp16, at 2^-24 so that it is never 0.
+    Deliberately not floored at 1/R (PR #1579's floor, which coarsens every row with std < 1/clip_sigmas).
     Returns (..., N) float16.
     """
     check_tensor("weight", weight, dtypes=FLOAT_DTYPES)
     check_gptq_args(bits, clip_sigmas)
     if weight.dim() < 1 or weight.shape[-1] < 2:
         raise ValueError(f"weight: expected a last dim of at least 2 (row std), got shape {tuple(weight.shape)}")
-    std = weight.to(_compute_dtype(weight)).std(dim=-1)
+    std = weight.double().std(dim=-1)
     scales = (clip_sigmas * std / quant_max(bits)).clamp_min(SDCLIP_SCALE_FLOOR)
     return scales.to(torch.float16).clamp_min(FP16_SMALLEST)
 
@@ -322,6 +324,7 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, *, bits: int = 6,
     Returns (codes int8 (N, K) in [-R, R], scales float16 (N,)), R = 2^(bits-1) - 1.
     """
     check_gptq_inputs(weight, hessian)
+    check_gptq_values(weight, hessian)
     check_gptq_args(bits, clip_sigmas, block_size, damp)
     R = quant_max(bits)
     W, U, scales, perm = gptq_prepare(weight, hessian, bits=bits, clip_sigmas=clip_sigmas,
@@ -343,3 +346,69 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, *, bits: int = 6,
     unpermuted = torch.empty_like(codes)
     unpermuted[:, perm] = codes
     return unpermuted, scales
+
+
+# ----------------------------------------------------------------------------------------------
+# Int6 weights at inference (SPEC §5): packing and the weight-only matmul
+# ----------------------------------------------------------------------------------------------
+
+INT6_MIN, INT6_MAX = -32, 31
+INT6_REF_ROW_TILE = 256   # rows of the weight the reference dequantises at a time (never the whole weight)
+
+
+def pack_int6(codes: torch.Tensor) -> torch.Tensor:
+    """Pack int6 codes 4-in-3-bytes (layout documented at the top of kernels/int6.py).
+
+    codes (N, K) int8 in [-32, 31], K % 4 == 0 -> packed (N, 3K/4) uint8. With u = code + 32 and row
+    quarters Q_q = u[:, q*K/4:(q+1)*K/4], each row holds [Q0 | Q1 << 4 (low nibbles), Q2 | Q3 << 4
+    (low nibbles), the four quarters' top 2 bits at bit offsets 0, 2, 4, 6]. Plain torch: runs once.
+    """
+    check_tensor("codes", codes, ndim=2, dtypes=(torch.int8,))
+    N, K = codes.shape
+    if K % 4 != 0:
+        raise ValueError(f"codes: number of columns K must be a multiple of 4, got {K}")
+    if codes.numel():
+        lo, hi = int(codes.min()), int(codes.max())
+        if lo < INT6_MIN or hi > INT6_MAX:
+            raise ValueError(f"codes: expected values in [{INT6_MIN}, {INT6_MAX}], got range [{lo}, {hi}]")
+    u = (codes.to(torch.int16) - INT6_MIN).to(torch.uint8).reshape(N, 4, K // 4)
+    q0, q1, q2, q3 = u.unbind(1)
+    lo01 = (q0 & 15) | ((q1 & 15) << 4)
+    lo23 = (q2 & 15) | ((q3 & 15) << 4)
+    hi = (q0 >> 4) | ((q1 >> 4) << 2) | ((q2 >> 4) << 4) | ((q3 >> 4) << 6)
+    return torch.cat((lo01, lo23, hi), dim=1)
+
+
+def unpack_int6(packed: torch.Tensor, k: int) -> torch.Tensor:
+    """Exact inverse of `pack_int6`: packed (N, 3k/4) uint8 -> codes (N, k) int8 in [-32, 31]."""
+    check_tensor("packed", packed, ndim=2, dtypes=(torch.uint8,))
+    if not isinstance(k, int) or k < 0 or k % 4 != 0:
+        raise ValueError(f"k: expected a non-negative multiple of 4, got {k!r}")
+    if packed.shape[1] != 3 * k // 4:
+        raise ValueError(f"packed: expected shape (N, {3 * k // 4}) = (N, 3k/4) for k = {k}, "
+                         f"got {tuple(packed.shape)}")
+    lo01, lo23, hi = packed.split(k // 4, dim=1)
+    q0 = (lo01 & 15) | ((hi & 3) << 4)
+    q1 = (lo01 >> 4) | (((hi >> 2) & 3) << 4)
+    q2 = (lo23 & 15) | (((hi >> 4) & 3) << 4)
+    q3 = (lo23 >> 4) | ((hi >> 6) << 4)
+    return (torch.cat((q0, q1, q2, q3), dim=1).to(torch.int16) + INT6_MIN).to(torch.int8)
+
+
+def int6_linear(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """y = x @ (codes * scales[:, None]).T with codes = unpack_int6(packed, K).
+
+    x (..., K) float32/16/bf16 (float64 too, for tests); packed (N, 3K/4) uint8; scales (N,) float16/32.
+    Math in float32 (float64 for float64 x); dequantises INT6_REF_ROW_TILE weight rows at a time, so no
+    dequantised copy of the whole weight exists. Returns (..., N) in x.dtype.
+    """
+    check_int6_linear_inputs(x, packed, scales, allow_float64=True)
+    cd = _compute_dtype(x)
+    K, N = x.shape[-1], packed.shape[0]
+    xc = x.to(cd)
+    out = torch.empty(*x.shape[:-1], N, dtype=cd, device=x.device)
+    for n0 in range(0, N, INT6_REF_ROW_TILE):
+        rows = slice(n0, n0 + INT6_REF_ROW_TILE)
+        w = unpack_int6(packed[rows], K).to(cd) * scales[rows, None].to(cd)
+        out[..., rows] = xc @ w.T
+    return out.to(x.dtype)

@@ -6,6 +6,8 @@ import math
 import os
 
 import torch
+import triton
+import triton.language as tl
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
@@ -77,9 +79,12 @@ def check_embed_inputs(ids, tok_emb, bigram_table, bigram_proj, smear_gate) -> N
                          f"(model dim, bigram dim), got {tuple(bigram_proj.shape)}")
     if smear_gate.shape != (d,):
         raise ValueError(f"smear_gate: expected shape ({d},), got {tuple(smear_gate.shape)}")
-    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= tok_emb.shape[0]):
-        raise ValueError(f"ids: expected token ids in [0, {tok_emb.shape[0]}), got range "
-                         f"[{int(ids.min())}, {int(ids.max())}]")
+    # The id range is a data-dependent check (a host sync): skipped while torch.compile traces, where it
+    # would break the graph. uint16 has no min/max kernels, hence the widening.
+    if ids.numel() and not torch.compiler.is_compiling():
+        lo, hi = (int(v) for v in (ids.int() if ids.dtype == torch.uint16 else ids).aminmax())
+        if lo < 0 or hi >= tok_emb.shape[0]:
+            raise ValueError(f"ids: expected token ids in [0, {tok_emb.shape[0]}), got range [{lo}, {hi}]")
 
 
 def check_gptq_args(bits, clip_sigmas, block_size=None, damp=None) -> None:
@@ -97,8 +102,9 @@ def check_gptq_args(bits, clip_sigmas, block_size=None, damp=None) -> None:
 
 
 def check_gptq_inputs(weight, hessian, *, batched: bool = False) -> None:
-    """Validate GPTQ inputs: weight (N, K) and hessian (K, K) (with a leading matrix dim M when
-    `batched`), floating, on one device, finite, K >= 2 (the row std needs two values), diag(H) >= 0."""
+    """Validate GPTQ input shapes and dtypes: weight (N, K) and hessian (K, K) (with a leading matrix dim
+    M when `batched`), floating, on one device, K >= 2 (the row std needs two values). Reads no values
+    (see `check_gptq_values`), so it also runs on the fake tensors of torch.compile."""
     lead = 1 if batched else 0
     check_tensor("weight", weight, ndim=2 + lead, dtypes=FLOAT_DTYPES)
     check_tensor("hessian", hessian, ndim=2 + lead, dtypes=FLOAT_DTYPES, device=weight.device)
@@ -109,8 +115,92 @@ def check_gptq_inputs(weight, hessian, *, batched: bool = False) -> None:
                          f"got {tuple(hessian.shape)}")
     if K < 2 or weight.shape[-2] < 1:
         raise ValueError(f"weight: expected at least 1 row and 2 columns, got shape {tuple(weight.shape)}")
+
+
+def check_gptq_values(weight, hessian) -> None:
+    """Validate GPTQ input values: both finite, diag(H) >= 0 (H = XᵀX/n is positive semi-definite)."""
     for name, t in (("weight", weight), ("hessian", hessian)):
         if not bool(torch.isfinite(t).all()):
             raise ValueError(f"{name}: contains NaN or Inf")
     if bool((hessian.diagonal(dim1=-2, dim2=-1) < 0).any()):
         raise ValueError("hessian: diagonal entries must be >= 0 (H = XᵀX/n is positive semi-definite)")
+
+
+# ----------------------------------------------------------------------------------------------
+# Shared Triton pieces for the "matmul with a fused epilogue" kernels (cross_entropy, mlp)
+# ----------------------------------------------------------------------------------------------
+
+def tile_matmul_flags(dtype: torch.dtype, device) -> dict:
+    """The UPCAST and PRECISION arguments of `tile_matmul` for operands of `dtype` on `device`.
+
+    UPCAST: under the interpreter (no bf16 dot) and for fp64 inputs (computed in fp32 tiles).
+    PRECISION mirrors torch's own matmul setting: fp32 operands on a GPU use TF32 only where torch would
+    (`torch.get_float32_matmul_precision()` is not "highest"), so an op is as exact as the matmul it
+    replaces. 16-bit operands ignore it; they get Triton's default ("tf32").
+    """
+    full_fp32 = dtype in (torch.float32, torch.float64) and (
+        torch.device(device).type != "cuda" or torch.get_float32_matmul_precision() == "highest")
+    return {"UPCAST": interpreting() or dtype == torch.float64, "PRECISION": "ieee" if full_fp32 else "tf32"}
+
+
+@triton.jit
+def grouped_tile(pid, num_m, num_n, GROUP_M: tl.constexpr):
+    """Map a 1-D program id onto a (row tile, column tile) pair, GROUP_M row tiles at a time, so the
+    programs running together share their column operand tiles in L2."""
+    group = GROUP_M * num_n
+    first_m = (pid // group) * GROUP_M
+    group_size = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % group) % group_size
+    pid_n = (pid % group) // group_size
+    return pid_m, pid_n
+
+
+@triton.jit
+def tile_matmul(a_ptr, stride_am, stride_ak, b_ptr, stride_bk, stride_bn, rows, cols, K,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+    """fp32 tile A[rows, :] @ B[:, cols] of shape (BLOCK_M, BLOCK_N), looping over K in BLOCK_K steps.
+
+    `rows`/`cols` must be valid indices (callers wrap out-of-range ones with `% M`, so the loads need a
+    mask only along K; their results are dropped at the store). Row and column offsets are widened to
+    int64 so operands with more than 2**31 elements address correctly. UPCAST turns the
+    operands to fp32 before tl.dot (the interpreter has no bf16 dot; fp64 inputs are computed in fp32).
+    """
+    offs_k = tl.arange(0, BLOCK_K)
+    a_ptrs = a_ptr + rows.to(tl.int64)[:, None] * stride_am + offs_k[None, :] * stride_ak
+    b_ptrs = b_ptr + offs_k[:, None] * stride_bk + cols.to(tl.int64)[None, :] * stride_bn
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k_ok = offs_k < K - k0
+        a = tl.load(a_ptrs, mask=k_ok[None, :], other=0.0)
+        b = tl.load(b_ptrs, mask=k_ok[:, None], other=0.0)
+        if UPCAST:
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        acc = tl.dot(a, b, acc, input_precision=PRECISION)
+        a_ptrs += BLOCK_K * stride_ak
+        b_ptrs += BLOCK_K * stride_bk
+    return acc
+
+
+def check_int6_linear_inputs(x, packed, scales, *, allow_float64: bool = False) -> None:
+    """Validate the `int6_linear` contract: x (..., K) float with K % 4 == 0; packed uint8 (N, 3K/4),
+    contiguous (its bytes are addressed directly); scales (N,) float16/float32; all on x's device.
+    `allow_float64` admits float64 x and scales (the reference, evaluated in float64 by the tests)."""
+    x_dtypes = (torch.float32, torch.float16, torch.bfloat16) + ((torch.float64,) if allow_float64 else ())
+    s_dtypes = (torch.float16, torch.float32) + ((torch.float64,) if allow_float64 else ())
+    check_tensor("x", x, dtypes=x_dtypes)
+    if x.dim() < 1:
+        raise ValueError("x: expected a tensor of shape (..., K), got a 0-d tensor")
+    check_tensor("packed", packed, ndim=2, dtypes=(torch.uint8,), device=x.device, contiguous=True)
+    check_tensor("scales", scales, ndim=1, dtypes=s_dtypes, device=x.device)
+    K = x.shape[-1]
+    if K % 4 != 0:
+        raise ValueError(f"x: last dim K must be a multiple of 4 (int6 packs 4 codes in 3 bytes), got {K}")
+    N = packed.shape[0]
+    if packed.shape[1] != 3 * K // 4:
+        raise ValueError(f"packed: expected shape (N, {3 * K // 4}) = (N, 3K/4) for x's K = {K}, "
+                         f"got {tuple(packed.shape)}")
+    if scales.shape[0] != N:
+        raise ValueError(f"scales: expected shape ({N},) (one scale per packed row), "
+                         f"got {tuple(scales.shape)}")

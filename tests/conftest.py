@@ -30,10 +30,11 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     return float((out - ref).norm() / ref.norm().clamp_min(1e-300))
 
 
-def correlated_hessian(K: int, n: int = 1024, seed: int = 0, dtype=torch.float32) -> torch.Tensor:
+def correlated_hessian(K: int, n: int = 1024, seed: int = 0, dtype=torch.float32, device="cpu") -> torch.Tensor:
     """H = XᵀX/n for random activations X (n, K) whose columns are strongly correlated (random mixing
-    with a decaying spectrum), the regime where GPTQ beats round-to-nearest by a wide margin."""
+    with a decaying spectrum), the regime where GPTQ beats round-to-nearest by a wide margin. Drawn on
+    the CPU (same values on every device), multiplied in float64 on `device`."""
     g = torch.Generator().manual_seed(seed)
     mix = torch.randn(K, K, generator=g, dtype=torch.float64) * torch.logspace(0, -2, K, dtype=torch.float64)[:, None]
-    x = torch.randn(n, K, generator=g, dtype=torch.float64) @ mix
+    x = torch.randn(n, K, generator=g, dtype=torch.float64).to(device) @ mix.to(device)
     return (x.T @ x / n).to(dtype)
