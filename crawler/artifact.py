@@ -10,8 +10,9 @@ File layout (all integers little-endian; docs/artifact.md has the full descripti
     20      32    SHA-256 of the payload
     52      ...   payload = brotli(byte_shuffle(safetensors_bytes, stride=2)), quality 11
 
-The safetensors metadata (string -> string) holds `format_version`, `config` (the CrawlerConfig JSON)
-and `schemes` (JSON: tensor name -> scheme). A quantised tensor `name` is stored as `name.q` (int8 codes,
+The safetensors metadata holds one entry, "crawler": a JSON object with `format_version`, `config` (the
+CrawlerConfig dict) and `schemes` (tensor name -> scheme). One entry, because safetensors writes its
+metadata map in hash order: several entries would make the file bytes (and size) vary between runs. A quantised tensor `name` is stored as `name.q` (int8 codes,
 one per byte) and `name.scale` (fp16 per-row scales), scheme "int{bits}_{method}"; a passthrough tensor
 is stored under its own name in the dtype its scheme names ("fp32", "fp16" or "bf16").
 
@@ -43,6 +44,7 @@ HEADER_BYTES = _HEADER.size                # 52
 BROTLI_QUALITY = 11
 BROTLI_LGWIN = 24                          # brotli's largest window: the payload is tens of MB
 SHUFFLE_STRIDE = 2
+METADATA_KEY = "crawler"
 BUDGET_BYTES = 16_000_000                  # Parameter Golf's limit, decimal bytes
 
 PASSTHROUGH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -120,22 +122,30 @@ class Artifact:
                 for name, t in self.tensors.items()}
 
 
-def dequantize_into(model: torch.nn.Module, artifact: Artifact) -> torch.nn.Module:
-    """Load the artifact's dequantised weights into `model` (a CrawlerGPT of the artifact's config),
-    strictly: every parameter must be present. Each value is cast to the parameter's own dtype and
-    device. Returns the model."""
+def load_state_into(model: torch.nn.Module, state: dict[str, torch.Tensor], device=None) -> torch.nn.Module:
+    """Load `state` into `model` strictly (same names and shapes), casting each value to the parameter's
+    own dtype. A model built on the meta device (no initialisation cost) gets the values assigned on
+    `device`, which is then required; otherwise values go to each parameter's device. Returns the model."""
     own = model.state_dict()
-    state = artifact.state_dict()
     missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
     if missing or unexpected:
-        raise ValueError(f"artifact does not match the model: missing {missing}, unexpected {unexpected}")
+        raise ValueError(f"state does not match the model: missing {missing}, unexpected {unexpected}")
     for name, value in state.items():
         if value.shape != own[name].shape:
-            raise ValueError(f"artifact tensor {name!r} has shape {tuple(value.shape)}, the model "
-                             f"expects {tuple(own[name].shape)}")
-    model.load_state_dict({n: v.to(dtype=own[n].dtype, device=own[n].device) for n, v in state.items()},
-                          strict=True)
+            raise ValueError(f"tensor {name!r} has shape {tuple(value.shape)}, the model expects "
+                             f"{tuple(own[name].shape)}")
+    on_meta = any(t.is_meta for t in own.values())
+    if on_meta and device is None:
+        raise ValueError("model is on the meta device: pass the device to load onto")
+    model.load_state_dict({n: v.to(dtype=own[n].dtype, device=device if device is not None else own[n].device)
+                           for n, v in state.items()}, strict=True, assign=on_meta)
     return model
+
+
+def dequantize_into(model: torch.nn.Module, artifact: Artifact, device=None) -> torch.nn.Module:
+    """Load the artifact's dequantised weights into `model` (a CrawlerGPT of the artifact's config) via
+    `load_state_into`: strict, cast to each parameter's dtype, `device` for a meta-device model."""
+    return load_state_into(model, artifact.state_dict(), device)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -168,16 +178,15 @@ def _safetensors_bytes(artifact: Artifact) -> bytes:
         else:
             artifact.scheme(name)  # validates the passthrough dtype
             tensors[name] = t.detach().cpu().contiguous()
-    metadata = {"format_version": str(FORMAT_VERSION),
-                "config": json.dumps(artifact.config, sort_keys=True),
-                "schemes": json.dumps(artifact.schemes(), sort_keys=True)}
+    meta = {"format_version": FORMAT_VERSION, "config": artifact.config, "schemes": artifact.schemes()}
+    metadata = {METADATA_KEY: json.dumps(meta, sort_keys=True, separators=(",", ":"))}
     return safetensors_save(tensors, metadata=metadata)
 
 
-def encode_artifact(artifact: Artifact) -> bytes:
-    """The complete file contents (header + compressed payload) for `artifact`."""
-    payload = brotli.compress(byte_shuffle(_safetensors_bytes(artifact)), quality=BROTLI_QUALITY,
-                              lgwin=BROTLI_LGWIN)
+def encode_artifact(artifact: Artifact, quality: int = BROTLI_QUALITY) -> bytes:
+    """The complete file contents (header + compressed payload) for `artifact`. `quality` is brotli's
+    (11, the format's, by default; lower values only for quick previews: sizes are not comparable)."""
+    payload = brotli.compress(byte_shuffle(_safetensors_bytes(artifact)), quality=quality, lgwin=BROTLI_LGWIN)
     return _HEADER.pack(MAGIC, FORMAT_VERSION, len(payload), hashlib.sha256(payload).digest()) + payload
 
 
@@ -207,15 +216,6 @@ def _parse_header_json(raw: bytes, where: str) -> dict:
     if not isinstance(header, dict):
         raise ArtifactError(f"{where}: corrupt: safetensors header is not a JSON object")
     return header
-
-
-def _meta_json(meta: dict, key: str, where: str):
-    if key not in meta:
-        raise ArtifactError(f"{where}: metadata has no {key!r} entry")
-    try:
-        return json.loads(meta[key])
-    except (TypeError, json.JSONDecodeError) as e:
-        raise ArtifactError(f"{where}: metadata {key!r} is not valid JSON ({e})") from None
 
 
 def decode_artifact(blob: bytes, where: str = "<bytes>") -> Artifact:
@@ -248,14 +248,18 @@ def decode_artifact(blob: bytes, where: str = "<bytes>") -> Artifact:
     except brotli.error as e:
         raise ArtifactError(f"{where}: corrupt: payload does not decompress ({e})") from None
 
-    meta = _parse_header_json(raw, where).get("__metadata__") or {}
-    if meta.get("format_version") != str(version):
-        raise ArtifactError(f"{where}: corrupt: inner format version {meta.get('format_version')!r} "
-                            f"disagrees with the header's {version}")
-    config = _meta_json(meta, "config", where)
-    schemes = _meta_json(meta, "schemes", where)
+    meta = (_parse_header_json(raw, where).get("__metadata__") or {}).get(METADATA_KEY)
+    try:
+        meta = json.loads(meta)
+    except (TypeError, json.JSONDecodeError):
+        raise ArtifactError(f"{where}: corrupt: no readable {METADATA_KEY!r} metadata entry") from None
+    if not isinstance(meta, dict) or meta.get("format_version") != version:
+        raise ArtifactError(f"{where}: corrupt: inner format version "
+                            f"{meta.get('format_version') if isinstance(meta, dict) else None!r} disagrees "
+                            f"with the header's {version}")
+    config, schemes = meta.get("config"), meta.get("schemes")
     if not isinstance(config, dict) or not isinstance(schemes, dict):
-        raise ArtifactError(f"{where}: metadata 'config' and 'schemes' must be JSON objects")
+        raise ArtifactError(f"{where}: corrupt: metadata 'config' and 'schemes' must be JSON objects")
     try:
         stored = safetensors_load(raw)
     except (SafetensorError, ValueError, RuntimeError) as e:

@@ -3,6 +3,8 @@ atomic writes, strict dequantisation into a model, and the size budget."""
 import hashlib
 import struct
 
+import brotli
+
 import pytest
 import torch
 
@@ -63,6 +65,11 @@ def test_round_trip_is_bit_exact(tmp_path):
     assert not [p for p in tmp_path.iterdir() if p.name != "model.crawl"], "temporary file left behind"
 
 
+def test_encoding_is_deterministic():
+    # same tensors, same bytes (the safetensors metadata map is written in hash order: one entry only)
+    assert len({encode_artifact(_sample_artifact()) for _ in range(4)}) == 1
+
+
 def test_byte_shuffle_layout_and_inverse():
     data = bytes(range(11))
     assert byte_shuffle(data) == bytes([0, 2, 4, 6, 8, 10, 1, 3, 5, 7, 9])
@@ -113,6 +120,12 @@ def test_trailing_bytes_and_undecodable_payload_are_corrupt():
     forged = struct.pack("<8sIQ32s", MAGIC, FORMAT_VERSION, len(payload), hashlib.sha256(payload).digest())
     with pytest.raises(ArtifactError, match="corrupt"):
         decode_artifact(forged + payload)
+    # A genuine safetensors payload without our metadata (someone else's file in our wrapper).
+    from safetensors.torch import save
+    payload = brotli.compress(byte_shuffle(save({"w": torch.zeros(2)})))
+    foreign = struct.pack("<8sIQ32s", MAGIC, FORMAT_VERSION, len(payload), hashlib.sha256(payload).digest())
+    with pytest.raises(ArtifactError, match="corrupt: no readable 'crawler' metadata"):
+        decode_artifact(foreign + payload)
 
 
 def test_failed_write_keeps_previous_file(tmp_path):
@@ -153,6 +166,12 @@ def test_dequantize_into_model_is_strict():
         t = tensors[name]
         want = t.dequantize() if isinstance(t, QuantizedTensor) else t.float()
         assert torch.equal(p.float(), want.to(p.dtype).float()), name
+    with torch.device("meta"):
+        empty = CrawlerGPT(config, ops="reference")
+    with pytest.raises(ValueError, match="meta device"):
+        dequantize_into(empty, art)
+    dequantize_into(empty, art, device="cpu")
+    assert all(torch.equal(p, model.state_dict()[n]) for n, p in empty.state_dict().items())
     del art.tensors["smear.gate"]
     with pytest.raises(ValueError, match=r"missing \['smear.gate'\]"):
         dequantize_into(model, art)
