@@ -279,6 +279,21 @@ def test_ttt_config_validation(trained):
         legal_ttt_bpb(torch.nn.Sequential(model), val, luts(), seq_len=32, stride=8, log=None)
 
 
+@pytest.mark.gpu
+def test_sliding_and_ttt_on_cuda_match_cpu(trained):
+    """The CUDA path (bf16 autocast, tokens/LUTs moved per batch) agrees with the fp32 CPU numbers.
+    Reference ops: the model's Triton ops are exercised by their own tests."""
+    model, val = trained
+    cpu_sliding = sliding_window_bpb(model, val, luts(), seq_len=32, stride=8, batch_seqs=8)
+    cpu_ttt = tiny_ttt(copy.deepcopy(model), val, lr=0.05, batch_seqs=8)
+    gpu = copy.deepcopy(model).cuda()
+    gpu_sliding = sliding_window_bpb(gpu, val, luts(), seq_len=32, stride=8, batch_seqs=8)
+    assert gpu_sliding == pytest.approx(cpu_sliding, rel=2e-2)
+    assert tiny_ttt(gpu, val, lr=0.0, batch_seqs=8) == pytest.approx(gpu_sliding, rel=1e-6)
+    gpu = copy.deepcopy(model).cuda()
+    assert tiny_ttt(gpu, val, lr=0.05, batch_seqs=8) == pytest.approx(cpu_ttt, rel=3e-2)
+
+
 # ------------------------------------------------------------------------------------------------
 # Distributed (2 processes, gloo) equals single process
 
