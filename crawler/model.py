@@ -22,8 +22,11 @@ QAT_MIN_NUMEL = 65_536          # QAT fake-quantises every Linear with more elem
 QAT_LEVELS = (-32, 31)          # int6 grid of the seed's QAT: max-abs scale, [-32, 31]
 
 
-def select_op(ops: str, name: str):
-    """The implementation of op `name` for an ops kind ("reference" or "triton")."""
+def select_op(ops, name: str):
+    """The implementation of op `name` for an ops kind: "reference", "triton", or an object whose
+    attributes are the ops (e.g. the seed's SDPA-based set in bench/step_time.py)."""
+    if not isinstance(ops, str):
+        return getattr(ops, name)
     if ops == "reference":
         return getattr(kernels.reference, name)
     fn = getattr(kernels, name, None)
@@ -235,8 +238,8 @@ class CrawlerGPT(nn.Module):
 
     def __init__(self, config: CrawlerConfig, ops: str = "auto"):
         super().__init__()
-        if ops not in OPS_CHOICES:
-            raise ValueError(f"ops must be one of {OPS_CHOICES}, got {ops!r}")
+        if isinstance(ops, str) and ops not in OPS_CHOICES:
+            raise ValueError(f"ops must be one of {OPS_CHOICES} or an object providing the ops, got {ops!r}")
         self.config, self.ops = config, ops
         c = config
         P = c.num_positions

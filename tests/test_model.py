@@ -194,3 +194,24 @@ def test_ops_argument():
         CrawlerGPT(CrawlerConfig.preset("tiny", **SMALL), ops="fast")
     model = small_model()
     assert model.resolve_ops(torch.device("cpu")) == "reference"
+
+
+def test_ops_object_supplies_the_ops():
+    """An object with the op functions as attributes (how benchmarks plug in a baseline set) is used."""
+    import types
+
+    import kernels.reference as ref
+    calls = []
+
+    def counting_attention(*args, **kwargs):
+        calls.append(1)
+        return ref.attention(*args, **kwargs)
+
+    ops = types.SimpleNamespace(attention=counting_attention, embed=ref.embed, relu2_mlp=ref.relu2_mlp,
+                                softcapped_cross_entropy=ref.softcapped_cross_entropy)
+    ids = torch.randint(0, 96, (1, 8))
+    expect = small_model(seed=7)(ids, ids)
+    model = small_model(seed=7)
+    model.ops = ops
+    assert torch.equal(model(ids, ids), expect)
+    assert len(calls) == 7
