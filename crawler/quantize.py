@@ -651,6 +651,10 @@ def evaluate_artifact(artifact: Artifact, val_tokens: torch.Tensor, luts, *, seq
     return val_bpb(model, val_tokens, luts, seq_len=seq_len, batch_seqs=batch_seqs)
 
 
+def _rank() -> int:
+    return torch.distributed.get_rank() if torch.distributed.is_available() and torch.distributed.is_initialized() else 0
+
+
 def build_artifact(model: CrawlerGPT, calib: torch.Tensor | None, *, plan: str | QuantPlan = "default",
                    loop_aware: bool = False, target_bytes: int = BUDGET_BYTES, out_path=None,
                    batch_seqs: int = 8, log: Log | None = print) -> tuple[Artifact, dict]:
@@ -665,7 +669,7 @@ def build_artifact(model: CrawlerGPT, calib: torch.Tensor | None, *, plan: str |
     result = quantize_model(model, calib, plan=plan, loop_aware=loop_aware, batch_seqs=batch_seqs, log=log)
     sizes = size_report(0)
     pruned = prune_to_fit(result.artifact, target_bytes, code_bytes=sizes.code_bytes, log=log)
-    if out_path is not None:
+    if out_path is not None and _rank() == 0:    # every rank builds the same bytes; one writes them
         with atomic_open(out_path) as f:
             f.write(pruned.blob)
     # Evaluate what was written: decode the file's bytes, not the in-memory tensors.
@@ -697,6 +701,9 @@ def quantize_and_evaluate(model: CrawlerGPT, data_dir, luts, val_tokens: torch.T
 
     Returns build_artifact's summary plus pre_quant_val_loss / _bpb, quant_val_loss / _bpb and
     quant_gap_bpb (round trip minus pre-quant).
+
+    Under torch.distributed every rank must call it (val_bpb shards windows and all-reduces): each rank
+    quantises the same weights on the same calibration windows, and rank 0 alone writes the file.
     """
     log = log or (lambda _: None)
     plan = get_plan(plan)
@@ -723,27 +730,31 @@ def quantize_and_evaluate(model: CrawlerGPT, data_dir, luts, val_tokens: torch.T
 # CLI
 
 def load_checkpoint(path, preset: str | None = None) -> tuple[CrawlerConfig, dict[str, torch.Tensor]]:
-    """(config, state dict) from a trainer checkpoint ({"model": state dict, "config": dict, ...}) or a
-    plain state dict plus `preset`. Read with torch.load(weights_only=True): no code runs. Prefixes
-    added by torch.compile ("_orig_mod.") and DDP ("module.") are removed."""
+    """(config, state dict) from a trainer file (checkpoint.pt or final_model.pt: the state dict under
+    "model" and the config under "model_config" as JSON, or under "config" as a dict) or from a plain
+    state dict plus `preset`. Read with torch.load(weights_only=True): no code runs. Prefixes added by
+    torch.compile ("_orig_mod.") and DDP ("module.") are removed."""
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(ckpt, dict):
         raise ValueError(f"checkpoint {str(path)!r}: expected a dict, got {type(ckpt).__name__}")
     if isinstance(ckpt.get("model"), dict):
         state = ckpt["model"]
-        if isinstance(ckpt.get("config"), dict):
-            config = CrawlerConfig.from_dict(ckpt["config"])
+        config = ckpt.get("model_config", ckpt.get("config"))
+        if isinstance(config, str):
+            config = json.loads(config)
+        if isinstance(config, dict):
+            config = CrawlerConfig.from_dict(config)
         elif preset:
             config = CrawlerConfig.preset(preset)
         else:
-            raise ValueError(f"checkpoint {str(path)!r} has no 'config'; pass --preset")
+            raise ValueError(f"checkpoint {str(path)!r} has no model config; pass --preset")
     elif ckpt and all(isinstance(v, torch.Tensor) for v in ckpt.values()):
         if not preset:
             raise ValueError(f"checkpoint {str(path)!r} is a plain state dict; pass --preset")
         state, config = ckpt, CrawlerConfig.preset(preset)
     else:
-        raise ValueError(f"checkpoint {str(path)!r}: expected a trainer checkpoint (keys 'model', 'config') "
-                         f"or a state dict of tensors, got keys {sorted(ckpt)[:8]}")
+        raise ValueError(f"checkpoint {str(path)!r}: expected a trainer checkpoint (keys 'model', "
+                         f"'model_config') or a state dict of tensors, got keys {sorted(ckpt)[:8]}")
     state = {re.sub(r"^(module\.|_orig_mod\.)+", "", k): v for k, v in state.items()}
     return config, state
 

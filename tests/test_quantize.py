@@ -277,7 +277,8 @@ def test_quantize_and_evaluate_round_trip(data_dir, tmp_path):
 def test_cli_quantises_a_trainer_checkpoint_and_a_plain_state_dict(data_dir, tmp_path, capsys):
     model = small_model()
     ckpt = tmp_path / "ckpt.pt"
-    torch.save({"model": model.state_dict(), "config": model.config.to_dict(), "step": 3}, ckpt)
+    # the trainer's final_model.pt layout
+    torch.save({"format": "crawler-model", "model_config": model.config.to_json(), "model": model.state_dict()}, ckpt)
     out = tmp_path / "a.crawl"
     assert main(["--checkpoint", str(ckpt), "--out", str(out), "--data-dir", str(data_dir), "--n-seqs", "4",
                  "--small-numel", "0", "--device", "cpu", "--role", "tok_emb=gptq:8:20"]) == 0
