@@ -35,7 +35,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load as safetensors_load
 from safetensors.torch import save as safetensors_save
 
+from .config import CrawlerConfig
 from .fileio import atomic_open
+from .model import CrawlerGPT
 
 MAGIC = b"CRWLART\0"
 FORMAT_VERSION = 1
@@ -146,6 +148,28 @@ def dequantize_into(model: torch.nn.Module, artifact: Artifact, device=None) -> 
     """Load the artifact's dequantised weights into `model` (a CrawlerGPT of the artifact's config) via
     `load_state_into`: strict, cast to each parameter's dtype, `device` for a meta-device model."""
     return load_state_into(model, artifact.state_dict(), device)
+
+
+def model_from_artifact(artifact: Artifact | str | os.PathLike, *, device="cpu", ops="auto") -> CrawlerGPT:
+    """A CrawlerGPT of the artifact's config holding its dequantised weights, on `device`, in eval mode.
+
+    `artifact` is an Artifact or a file path (read with `load_artifact`). Built on the meta device, so no
+    weight is initialised only to be overwritten. Raises FileNotFoundError (no such file) or ArtifactError
+    (not an artifact, truncated, corrupt, or a config/tensors that do not make a CrawlerGPT), naming it.
+    """
+    where = "artifact" if isinstance(artifact, Artifact) else f"artifact {str(artifact)!r}"
+    if not isinstance(artifact, Artifact):
+        artifact = load_artifact(artifact)
+    try:
+        with torch.device("meta"):
+            model = CrawlerGPT(CrawlerConfig.from_dict(artifact.config), ops=ops)
+    except (TypeError, ValueError) as e:
+        raise ArtifactError(f"{where}: invalid model config ({e})") from None
+    try:
+        dequantize_into(model, artifact, device=device)
+    except ValueError as e:
+        raise ArtifactError(f"{where}: {e}") from None
+    return model.eval()
 
 
 # --------------------------------------------------------------------------------------------------

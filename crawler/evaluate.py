@@ -17,10 +17,9 @@ from typing import Callable, NamedTuple
 import torch
 import torch.distributed as dist
 
-from .artifact import ArtifactError, dequantize_into, load_artifact
-from .config import CrawlerConfig
+from .artifact import model_from_artifact
 from .data import build_builtin_corpus, load_validation_tokens
-from .model import OPS_CHOICES, CastedLinear, CrawlerGPT
+from .model import OPS_CHOICES, CastedLinear
 from .tokenizer import byte_luts, check_vocab, load_tokenizer
 
 
@@ -383,24 +382,6 @@ def legal_ttt_bpb(model, tokens: torch.Tensor, luts, *, seq_len: int, stride: in
 MODES = ("plain", "sliding", "ttt")
 
 
-def load_artifact_model(path: str | os.PathLike, *, device: str | torch.device = "cpu",
-                        ops: str = "auto") -> CrawlerGPT:
-    """A CrawlerGPT of the artifact's config holding its dequantised weights, on `device`, in eval mode.
-    Raises FileNotFoundError (no such file) or ArtifactError (not an artifact, truncated, corrupt, or its
-    config/tensors do not make a CrawlerGPT), naming the file."""
-    artifact = load_artifact(path)
-    where = f"artifact {str(path)!r}"
-    try:
-        model = CrawlerGPT(CrawlerConfig.from_dict(artifact.config), ops=ops)
-    except (TypeError, ValueError) as e:
-        raise ArtifactError(f"{where}: invalid model config ({e})") from None
-    try:
-        dequantize_into(model, artifact)
-    except ValueError as e:
-        raise ArtifactError(f"{where}: {e}") from None
-    return model.to(device).eval()
-
-
 def load_eval_data(data_dir, tokenizer, vocab_size: int, *, max_val_tokens: int | None = None,
                    log: Callable[[str], None] = print) -> tuple[torch.Tensor, tuple]:
     """(validation tokens, byte LUTs) for a model of `vocab_size`. `data_dir` None: the built-in corpus
@@ -478,7 +459,7 @@ def main(argv: list[str] | None = None) -> int:
             print(msg, flush=True)
 
     try:
-        model = load_artifact_model(args.artifact, device=device, ops=args.ops)
+        model = model_from_artifact(args.artifact, device=device, ops=args.ops)
         config = model.config
         seq_len = args.seq_len or config.train_seq_len
         tokens, luts = load_eval_data(args.data_dir, args.tokenizer, config.vocab_size,

@@ -21,7 +21,6 @@ import os
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 import kernels
 from kernels.reference import bigram_hash, relu2, rms_norm, smear

@@ -31,8 +31,8 @@ import torch.nn.functional as F
 
 import kernels
 
-from .artifact import (BUDGET_BYTES, Artifact, QuantizedTensor, decode_artifact, dequantize_into,
-                       encode_artifact, load_state_into, size_report)
+from .artifact import (BUDGET_BYTES, Artifact, QuantizedTensor, decode_artifact, encode_artifact,
+                       load_state_into, model_from_artifact, size_report)
 from .config import CrawlerConfig
 from .data import HEADER_BYTES, _shard_length, list_shards
 from .evaluate import val_bpb
@@ -635,14 +635,6 @@ def prune_to_fit(artifact: Artifact, target_bytes: int, *, code_bytes: int = 0, 
 
 # --------------------------------------------------------------------------------------------------
 # Round trip
-
-def model_from_artifact(artifact: Artifact, *, device="cpu", ops: str = "auto") -> CrawlerGPT:
-    """A CrawlerGPT of the artifact's config holding its dequantised weights, in eval mode."""
-    with torch.device("meta"):       # no initialisation: every weight comes from the artifact
-        model = CrawlerGPT(CrawlerConfig.from_dict(artifact.config), ops=ops)
-    dequantize_into(model, artifact, device=device)
-    return model.eval()
-
 
 def evaluate_artifact(artifact: Artifact, val_tokens: torch.Tensor, luts, *, seq_len: int, device="cpu",
                       ops: str = "auto", batch_seqs: int = 8) -> tuple[float, float]:

@@ -5,7 +5,6 @@ import dataclasses
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
@@ -14,10 +13,11 @@ from crawler.artifact import Artifact, ArtifactError, QuantizedTensor, save_arti
 from crawler.config import CrawlerConfig
 from crawler.evaluate import val_bpb
 from crawler.generate import main as generate_main
-from crawler.inference import (Int6CrawlerGPT, Int6Embedding, Int6Linear, Int6MLP, QuantMatrix, generate,
+from crawler.inference import (Int6Embedding, Int6Linear, Int6MLP, QuantMatrix, generate,
                                load_int6_model, sample_next)
 from crawler.model import CrawlerGPT, KVCache
-from crawler.quantize import PLANS, RoleSpec, model_from_artifact, quantize_state_dict
+from crawler.artifact import model_from_artifact
+from crawler.quantize import PLANS, RoleSpec, quantize_state_dict
 from conftest import rel_err
 
 SMALL = dict(vocab_size=64, model_dim=32, num_heads=2, num_kv_heads=1, bigram_buckets=32, bigram_dim=8,

@@ -7,10 +7,10 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from crawler.artifact import Artifact, QuantizedTensor, save_artifact
+from crawler.artifact import Artifact, QuantizedTensor, model_from_artifact, save_artifact
 from crawler.config import CrawlerConfig
 from crawler.data import builtin_documents, read_shard, write_shard
-from crawler.evaluate import (TTTConfig, Window, _score_windows, legal_ttt_bpb, load_artifact_model, main,
+from crawler.evaluate import (TTTConfig, Window, _score_windows, legal_ttt_bpb, main,
                               plan_windows, sliding_window_bpb, val_bpb)
 from crawler.model import CastedLinear, CrawlerGPT
 from crawler.tokenizer import BOS_ID, byte_luts, load_tokenizer, train_tokenizer
@@ -375,7 +375,7 @@ def test_cli_modes(cli_files, capsys):
         assert last.startswith(f"mode:{mode} val_loss:") and "val_tokens:700" in last
         results[mode] = float(last.split("val_bpb:")[1].split()[0])
     assert "ttt chunk 3/3" in out
-    model = load_artifact_model(cli_files / "model.int6")
+    model = model_from_artifact(cli_files / "model.int6")
     tokens = read_shard(cli_files / "data" / "fineweb_val_000000.bin")
     sp_luts = byte_luts(load_tokenizer(cli_files / "data" / "tokenizer.model"), 400)
     direct = sliding_window_bpb(model, tokens, sp_luts, seq_len=32, stride=8)
