@@ -7,7 +7,12 @@ trained model's val_bpb next to the untrained model's and a unigram baseline's.
 With --data-dir/--tokenizer: trains on parameter-golf FineWeb shards (preset pr1579 on a GPU).
 `torchrun --nproc_per_node=N train.py ...` runs data-parallel (NCCL on GPU, gloo on CPU).
 
-Stages (each a function below; all logic lives in crawler/): data -> baselines -> train -> summary.
+Then quantises the trained model to an int6 artifact (GPTQ + SDClip, brotli, checked against the 16 MB
+budget), evaluates the artifact (non-overlapping, sliding window stride 64, legal score-first TTT), and,
+for the built-in corpus demo, also measures the quantisation gap of the seed's plans for comparison.
+
+Stages (each a function below; all logic lives in crawler/):
+data -> baselines -> train -> quantise -> evaluate -> summary.
 """
 from __future__ import annotations
 
@@ -27,9 +32,11 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from crawler.artifact import BUDGET_BYTES, model_from_artifact
 from crawler.config import PRESETS, CrawlerConfig
 from crawler.data import build_builtin_corpus
-from crawler.evaluate import unigram_bpb
+from crawler.evaluate import TTTConfig, legal_ttt_bpb, sliding_window_bpb, unigram_bpb
+from crawler.quantize import PLANS, SMALL_NUMEL, get_plan, quantize_and_evaluate
 from crawler.model import OPS_CHOICES
 from crawler.trainer import (SetupError, TrainConfig, default_cpu_threads, env_world_size, prepare_data,
                              resolve_grad_accum, setup_distributed, teardown_distributed, train, write_summary)
@@ -43,6 +50,14 @@ DEMO_TRAIN_DEFAULTS = dict(max_wallclock_seconds=240.0, grad_accum_steps=1, val_
 # No compiler to warm up on the CPU; fp32 Newton-Schulz (bf16 matmuls are slow on most CPUs).
 CPU_TRAIN_DEFAULTS = dict(warmup_steps=0, compile=False, muon_dtype="float32")
 UNIGRAM_MAX_TRAIN_TOKENS = 100_000_000   # counts for the unigram baseline: the first ~shard of FineWeb
+ARTIFACT_NAME = "model.int6.ptz"
+# TTT on a CPU is reduced to one epoch per chunk (the seed: 3); every other TTT setting is the seed's.
+CPU_TTT_EPOCHS = 1
+# The quantisation comparison of the demo: (label, plan, loop-aware), all measured in the same run.
+QUANT_COMPARISON = (("(a) round-to-nearest, seed's 1/31 floor", "rtn_seed_floor", False),
+                    ("(b) the seed's plan (GPTQ, 1/31 floor, RTN embeddings)", "seed", False),
+                    ("(c) ours: GPTQ + SDClip, GPTQ'd embedding", "default", False),
+                    ("(d) ours + loop-aware GPTQ", "default", True))
 
 
 def _as_flags(options: dict) -> str:
@@ -97,6 +112,33 @@ def build_parser() -> argparse.ArgumentParser:
                             "--model-set xsa='\"pr1579\"'; repeatable. Fields: " +
                             ", ".join(f.name for f in dataclasses.fields(CrawlerConfig)))
     TrainConfig.add_arguments(p)
+    post = p.add_argument_group("after training: quantise -> artifact -> evaluate")
+    post.add_argument("--quantize", action=argparse.BooleanOptionalAction, default=True,
+                      help="write the int6 artifact (out-dir/" + ARTIFACT_NAME + ") and score its round trip "
+                           "(default: on)")
+    post.add_argument("--quant-plan", choices=sorted(PLANS), default="default",
+                      help="quantisation plan of the artifact: default (ours: GPTQ + SDClip floored at 1e-10, "
+                           "GPTQ'd tied embedding), seed (PR #1579's), rtn_seed_floor (round-to-nearest, 1/31 "
+                           "floor) (default: default)")
+    post.add_argument("--loop-aware", action=argparse.BooleanOptionalAction, default=False,
+                      help="loop-aware two-phase GPTQ for the artifact (default: off)")
+    post.add_argument("--compare-quant", action=argparse.BooleanOptionalAction, default=None,
+                      help="also measure the round-trip gap of (a) RTN with the seed's floor, (b) the seed's "
+                           "plan, (c) ours, (d) ours loop-aware (default: on for the built-in corpus)")
+    post.add_argument("--quant-small-numel", type=int, default=None,
+                      help=f"matrices with at most this many elements stay fp16 (default: {SMALL_NUMEL:,}, the "
+                           f"seed's; 0 for the built-in corpus demo, whose tiny matrices all fall below it)")
+    post.add_argument("--target-bytes", type=int, default=BUDGET_BYTES,
+                      help=f"artifact + code byte target; ±1 codes are pruned to fit (default: {BUDGET_BYTES:,})")
+    post.add_argument("--sliding", action=argparse.BooleanOptionalAction, default=True,
+                      help="score the artifact with the sliding window (default: on)")
+    post.add_argument("--eval-stride", type=int, default=64, help="sliding-window stride (default: 64)")
+    post.add_argument("--ttt", action=argparse.BooleanOptionalAction, default=True,
+                      help="score the artifact with legal score-first TTT (default: on)")
+    post.add_argument("--ttt-epochs", type=int, default=None,
+                      help=f"TTT epochs per chunk (default: 3, the seed's; {CPU_TTT_EPOCHS} on a CPU)")
+    post.add_argument("--ttt-chunk-tokens", type=int, default=TTTConfig.chunk_tokens,
+                      help=f"TTT chunk size in tokens (default: {TTTConfig.chunk_tokens:,})")
     return p
 
 
@@ -163,6 +205,51 @@ def stage_baselines(data, model_config) -> dict:
     return {"unigram_val_loss": loss, "unigram_val_bpb": bpb}
 
 
+def stage_quantize(args, model, data, train_summary: dict, out_dir: Path, log) -> dict:
+    """The int6 artifact of the trained model and its round-trip val_bpb; with --compare-quant, the gaps of
+    the QUANT_COMPARISON plans measured on the same model. Returns {"artifact": summary of the written
+    artifact, "comparison": [(label, summary), ...]}."""
+    pre_quant = (train_summary["final_val_loss"], train_summary["final_val_bpb"])
+    chosen = (args.quant_plan, args.loop_aware)
+    runs = [(label, plan, loop_aware) for label, plan, loop_aware in QUANT_COMPARISON] if args.compare_quant else []
+    if chosen not in [(plan, loop_aware) for _, plan, loop_aware in runs]:
+        runs.append((f"artifact: {args.quant_plan}{' loop-aware' if args.loop_aware else ''}", *chosen))
+    out = {"comparison": []}
+    for label, plan, loop_aware in runs:
+        log(f"quantise: {label}")
+        written = (plan, loop_aware) == chosen
+        plan_spec = dataclasses.replace(get_plan(plan), small_numel=args.quant_small_numel)
+        result = quantize_and_evaluate(model, data.data_dir, data.luts, data.val_tokens, plan=plan_spec,
+                                       loop_aware=loop_aware, target_bytes=args.target_bytes,
+                                       out_path=out_dir / ARTIFACT_NAME if written else None,
+                                       pre_quant=pre_quant, log=log)
+        out["comparison"].append((label, result))
+        if written:
+            out["artifact"] = result
+    return out
+
+
+def stage_evaluate(args, artifact_path: Path, data, model_config, device: str, log) -> dict:
+    """Sliding-window and legal score-first TTT val_bpb of the artifact (dequantised), with timings."""
+    model = model_from_artifact(artifact_path, device=device, ops=args.ops)
+    T, out = model_config.train_seq_len, {}
+    if args.sliding:
+        t0 = time.perf_counter()
+        out["sliding_val_loss"], out["sliding_val_bpb"] = sliding_window_bpb(
+            model, data.val_tokens, data.luts, seq_len=T, stride=args.eval_stride)
+        out["sliding_seconds"] = time.perf_counter() - t0
+        log(f"sliding window (stride {args.eval_stride}): val_bpb {out['sliding_val_bpb']:.4f} "
+            f"({out['sliding_seconds']:.0f} s)")
+    if args.ttt:
+        epochs = args.ttt_epochs if args.ttt_epochs is not None else (CPU_TTT_EPOCHS if device == "cpu" else 3)
+        config = TTTConfig(epochs=epochs, chunk_tokens=args.ttt_chunk_tokens)
+        t0 = time.perf_counter()
+        out["ttt_val_loss"], out["ttt_val_bpb"] = legal_ttt_bpb(
+            model, data.val_tokens, data.luts, seq_len=T, stride=args.eval_stride, config=config, log=log)
+        out["ttt_seconds"], out["ttt_epochs"] = time.perf_counter() - t0, epochs
+    return out
+
+
 def print_summary_table(rows: list[tuple[str, str]], log=print) -> None:
     width = max(len(k) for k, _ in rows)
     log("=" * (width + 30))
@@ -192,6 +279,10 @@ def run(args) -> dict:
     resolve_grad_accum(tc, env_world_size())   # before any process group waits on a bad world size
     if args.baselines is None:
         args.baselines = builtin
+    if args.compare_quant is None:
+        args.compare_quant = builtin
+    if args.quant_small_numel is None:
+        args.quant_small_numel = 0 if builtin else SMALL_NUMEL
 
     if device == "cpu":
         torch.set_num_threads(args.threads or default_cpu_threads())
@@ -217,7 +308,17 @@ def run(args) -> dict:
                 print(f"\ninterrupted: {hint}", file=sys.stderr)
             raise SystemExit(130) from None
         report["stages_s"]["train"] = time.perf_counter() - t0
-        # Later stages (quantise -> artifact -> int6 evaluation) take result.model and add to `report`.
+        log = print if ctx.is_main else (lambda msg: None)
+        quant = None
+        if args.quantize:
+            t0 = time.perf_counter()
+            quant = stage_quantize(args, result.model, data, result.summary, out_dir, log)
+            report["stages_s"]["quantize"] = time.perf_counter() - t0
+            report["quantization"] = [{"label": label, **r} for label, r in quant["comparison"]]
+            if args.sliding or args.ttt:
+                t0 = time.perf_counter()
+                report.update(stage_evaluate(args, out_dir / ARTIFACT_NAME, data, model_config, device, log))
+                report["stages_s"]["evaluate"] = time.perf_counter() - t0
 
         summary = {**result.summary, **report, "out_dir": str(out_dir)}
         if ctx.is_main:
@@ -232,8 +333,28 @@ def run(args) -> dict:
                 rows.append(("unigram baseline val_bpb", _fmt(report["unigram_val_bpb"])))
             rows += [("untrained val_bpb", _fmt(s["initial_val_bpb"])),
                      ("last-step val_bpb", _fmt(s["last_step_val_bpb"])),
-                     (f"pre-quant val_bpb ({s['averaging'] or 'raw weights'})", _fmt(s["final_val_bpb"])),
-                     ("out dir", str(out_dir))]
+                     (f"pre-quant val_bpb ({s['averaging'] or 'raw weights'})", _fmt(s["final_val_bpb"]))]
+            if quant:
+                for label, r in quant["comparison"]:
+                    rows.append((f"int6 round trip {label}",
+                                 f"{_fmt(r['quant_val_bpb'])} (gap {r['quant_gap_bpb']:+.4f}, "
+                                 f"{r['quantize_total_seconds']:.1f} s)"))
+                a = quant["artifact"]
+                rows += [("artifact + code bytes",
+                          f"{a['artifact_bytes']:,} + {a['code_bytes']:,} = {a['total_bytes']:,} "
+                          f"(code brotli'd {a['code_bytes_brotli']:,}; budget {a['budget']:,}: "
+                          f"{'fits' if a['fits'] else 'OVER'}; {a['pruned']:,} ±1 codes pruned)"),
+                         ("quantisation time (Hessians + GPTQ)", f"{a['quantize_total_seconds']:.1f} s"),
+                         ("int6 val_bpb: plain", _fmt(a["quant_val_bpb"]))]
+                if "sliding_val_bpb" in report:
+                    rows.append((f"int6 val_bpb: sliding window, stride {args.eval_stride}",
+                                 f"{_fmt(report['sliding_val_bpb'])} ({report['sliding_seconds']:.0f} s)"))
+                if "ttt_val_bpb" in report:
+                    reduced = " (reduced from 3 on CPU)" if device == "cpu" and args.ttt_epochs is None else ""
+                    rows.append((f"int6 val_bpb: legal TTT, {report['ttt_epochs']} epoch(s){reduced}",
+                                 f"{_fmt(report['ttt_val_bpb'])} ({report['ttt_seconds']:.0f} s)"))
+                rows.append(("artifact", str(out_dir / ARTIFACT_NAME)))
+            rows.append(("out dir", str(out_dir)))
             print_summary_table(rows)
             write_summary(out_dir / "summary.json", summary)
         return summary
