@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 
 from .artifact import model_from_artifact
+from .inference import load_int6_model
 from .data import build_builtin_corpus, load_validation_tokens
 from .model import OPS_CHOICES, CastedLinear
 from .tokenizer import byte_luts, check_vocab, load_tokenizer
@@ -425,6 +426,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--max-val-tokens", type=int, help="score only the first N validation tokens")
     p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available; torchrun: cuda:LOCAL_RANK)")
     p.add_argument("--ops", choices=OPS_CHOICES, default="auto", help="model ops (default auto)")
+    p.add_argument("--dequantized", action="store_true",
+                   help="score a dequantised float copy instead of computing on the packed int6 weights "
+                        "(plain/sliding; TTT always trains the dequantised model)")
     p.add_argument("--ttt-epochs", type=int, default=d.epochs, help=f"TTT epochs per chunk (default {d.epochs})")
     p.add_argument("--ttt-chunk-tokens", type=int, default=d.chunk_tokens,
                    help=f"TTT chunk size in targets (default {d.chunk_tokens})")
@@ -459,7 +463,11 @@ def main(argv: list[str] | None = None) -> int:
             print(msg, flush=True)
 
     try:
-        model = model_from_artifact(args.artifact, device=device, ops=args.ops)
+        # Scoring runs on the packed int6 weights (crawler.inference); TTT trains, so it needs the
+        # dequantised float model.
+        int6 = args.mode != "ttt" and not args.dequantized
+        load = load_int6_model if int6 else model_from_artifact
+        model = load(args.artifact, device=device, ops=args.ops)
         config = model.config
         seq_len = args.seq_len or config.train_seq_len
         tokens, luts = load_eval_data(args.data_dir, args.tokenizer, config.vocab_size,
@@ -482,7 +490,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if own_group:
             dist.destroy_process_group()
-    log(f"mode:{args.mode} val_loss:{loss:.4f} val_bpb:{bpb:.4f} eval_time:{elapsed:.1f}s "
+    log(f"mode:{args.mode} weights:{'int6' if int6 else 'dequantized'} val_loss:{loss:.4f} val_bpb:{bpb:.4f} eval_time:{elapsed:.1f}s "
         f"seq_len:{seq_len} stride:{args.stride} val_tokens:{tokens.numel()}")
     return 0
 

@@ -350,22 +350,7 @@ def _gptq_fixed_scales(weight: torch.Tensor, hessian: torch.Tensor, scales: torc
     then the same walk as kernels.reference.gptq_quantize. Returns int8 codes (N, K)."""
     W, U, _, perm = kernels.reference.gptq_prepare(weight, hessian, bits=bits, clip_sigmas=1.0,
                                                    act_order=True, damp=damp)
-    R = kernels.reference.quant_max(bits)
-    s = scales.to(W.dtype)
-    N, K = W.shape
-    codes = torch.empty((N, K), dtype=torch.int8, device=W.device)
-    for start in range(0, K, block_size):
-        end = min(start + block_size, K)
-        err = torch.empty((N, end - start), dtype=W.dtype, device=W.device)
-        for j in range(start, end):
-            q = torch.clamp(torch.round(W[:, j] / s), -R, R)
-            codes[:, j] = q.to(torch.int8)
-            err[:, j - start] = (W[:, j] - s * q) / U[j, j]
-            W[:, j + 1:end] -= err[:, j - start, None] * U[j, j + 1:end]
-        W[:, end:] -= err @ U[start:end, end:]
-    out = torch.empty_like(codes)
-    out[:, perm] = codes
-    return out
+    return kernels.reference.gptq_column_walk(W, U, scales, perm, bits=bits, block_size=block_size)
 
 
 def quantize_tensor(weight: torch.Tensor, spec: RoleSpec, hessian: torch.Tensor | None = None) -> QuantizedTensor:

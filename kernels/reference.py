@@ -330,9 +330,19 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, *, bits: int = 6,
     check_gptq_inputs(weight, hessian)
     check_gptq_values(weight, hessian)
     check_gptq_args(bits, clip_sigmas, block_size, damp)
-    R = quant_max(bits)
     W, U, scales, perm = gptq_prepare(weight, hessian, bits=bits, clip_sigmas=clip_sigmas,
                                       act_order=act_order, damp=damp)
+    return gptq_column_walk(W, U, scales, perm, bits=bits, block_size=block_size), scales
+
+
+def gptq_column_walk(W: torch.Tensor, U: torch.Tensor, scales: torch.Tensor, perm: torch.Tensor, *,
+                     bits: int, block_size: int = 128) -> torch.Tensor:
+    """GPTQ's sequential part on prepared inputs (`gptq_prepare`): W (N, K) act-order-permuted weight
+    (updated in place), U (K, K) upper inverse-Cholesky factor, scales (N,) per-row scales, perm (K,)
+    the act-order permutation. Per column j of each block: q = clamp(round(w_j/s), -R, R),
+    e = (w_j - s·q)/U_jj, W[:, j+1:end] -= e ⊗ U[j, j+1:end]; after the block
+    W[:, end:] -= E_blk @ U[blk, end:]. Returns the un-permuted int8 codes (N, K) in [-R, R]."""
+    R = quant_max(bits)
     s = scales.to(W.dtype)
     N, K = W.shape
     codes = torch.empty((N, K), dtype=torch.int8, device=W.device)
@@ -349,7 +359,7 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, *, bits: int = 6,
         W[:, end:] -= err @ U[start:end, end:]
     unpermuted = torch.empty_like(codes)
     unpermuted[:, perm] = codes
-    return unpermuted, scales
+    return unpermuted
 
 
 # ----------------------------------------------------------------------------------------------
