@@ -25,7 +25,7 @@ import numpy as np
 import sentencepiece as spm
 import torch
 
-from crawler.fileio import atomic_open
+from crawler.fileio import atomic_open, file_sha256
 from crawler.tokenizer import BOS_ID, train_tokenizer
 
 SHARD_MAGIC = 20240520
@@ -313,14 +313,6 @@ def _sources_sha256() -> str:
     return h.hexdigest()
 
 
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _cache_key(vocab_size: int, max_documents: int | None) -> dict:
     # Everything that determines the cache's bytes: the code's format, the inputs, the tokenizer trainer.
     return {"format_version": CORPUS_FORMAT_VERSION, "python": sys.version, "sentencepiece": spm.__version__,
@@ -339,7 +331,7 @@ def _load_valid_cache(data_dir: Path, key: dict) -> CorpusInfo | None:
         if present != set(files):
             return None
         for name, digest in files.items():
-            if _file_sha256(data_dir / name) != digest:
+            if file_sha256(data_dir / name) != digest:
                 return None
         c = manifest["counts"]
         return CorpusInfo(data_dir=data_dir, tokenizer_path=data_dir / "tokenizer.model",
@@ -377,7 +369,7 @@ def _build(out_dir: Path, key: dict, vocab_size: int, max_documents: int | None,
               "val_tokens": _write_split(out_dir, "val", val, sp),
               "train_bytes": sum(len(d.encode()) for d in train),
               "val_bytes": sum(len(d.encode()) for d in val)}
-    files = {p.name: _file_sha256(p) for p in sorted(out_dir.iterdir())}
+    files = {p.name: file_sha256(p) for p in sorted(out_dir.iterdir())}
     manifest = {"key": key, "corpus_sha256": corpus_hash.hexdigest(), "tokenizer_vocab_size": sp.vocab_size(),
                 "counts": counts, "files": files}
     with atomic_open(out_dir / "manifest.json") as f:

@@ -1,8 +1,10 @@
-"""Atomic file output shared by every writer in the package (shards, tokenizer, manifests): a crash or
-a full disk mid-write leaves the previous file, never a half-written one under the final name."""
+"""File helpers shared across the package: atomic output for every writer (shards, tokenizer, manifests;
+a crash or a full disk mid-write leaves the previous file, never a half-written one under the final
+name) and file hashing (cache validation, the data identity a checkpoint records)."""
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import secrets
 from pathlib import Path
@@ -32,3 +34,12 @@ def atomic_open(path: str | os.PathLike) -> Iterator[BinaryIO]:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """Hex SHA-256 of a file's bytes, read in 1 MiB blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()

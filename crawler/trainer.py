@@ -20,7 +20,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
-import hashlib
 import json
 import os
 import sys
@@ -37,7 +36,7 @@ import torch.nn as nn
 from crawler.config import CrawlerConfig
 from crawler.data import DistributedTokenLoader, list_shards, load_validation_tokens, read_shard
 from crawler.evaluate import val_bpb
-from crawler.fileio import atomic_open
+from crawler.fileio import atomic_open, file_sha256
 from crawler.model import CrawlerGPT
 from crawler.optim import build_optimizers, lr_multiplier, muon_momentum_at, set_lr_multiplier
 from crawler.tokenizer import byte_luts, check_vocab, load_tokenizer
@@ -230,14 +229,6 @@ def _current_context() -> DistContext:
 # --------------------------------------------------------------------------------------------------
 # Data
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 @dataclass
 class TrainData:
     """What training and evaluation read: the shard directory, the tokenizer and its byte LUTs, the
@@ -294,7 +285,7 @@ def prepare_data(data_dir, tokenizer_path, vocab_size: int, *, val_max_tokens: i
         raise SetupError(f"{e}: {hint}") from None
     if val_max_tokens is not None:
         val_tokens = val_tokens[:val_max_tokens]
-    identity = {"tokenizer_sha256": _sha256(tokenizer_path), "tokenizer_vocab_size": sp.vocab_size(),
+    identity = {"tokenizer_sha256": file_sha256(tokenizer_path), "tokenizer_vocab_size": sp.vocab_size(),
                 "train_shards": [[p.name, p.stat().st_size] for p in train_shards],
                 "val_shards": [[p.name, p.stat().st_size] for p in val_shards]}
     return TrainData(data_dir=data_dir, tokenizer_path=tokenizer_path, tokenizer_vocab_size=sp.vocab_size(),
