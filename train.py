@@ -283,6 +283,10 @@ def run(args) -> dict:
         args.compare_quant = builtin
     if args.quant_small_numel is None:
         args.quant_small_numel = 0 if builtin else SMALL_NUMEL
+    if args.quantize and (args.sliding or args.ttt) and not 0 < args.eval_stride <= model_config.train_seq_len:
+        raise SetupError(f"--eval-stride {args.eval_stride} must be in [1, sequence length "
+                         f"{model_config.train_seq_len}]: lower it, or skip the window evaluations with "
+                         f"--no-sliding --no-ttt")
 
     if device == "cpu":
         torch.set_num_threads(args.threads or default_cpu_threads())

@@ -12,7 +12,7 @@ from trainer_fixtures import VOCAB, make_dataset, restore_threads  # noqa: F401
 SMALL_MODEL = ["--vocab-size", str(VOCAB), "--train-seq-len", "16", "--train-batch-tokens", "64",
                "--model-set", "model_dim=32", "--model-set", "bigram_buckets=64", "--model-set", "bigram_dim=8",
                "--model-set", "ve_dim=8"]
-FAST = ["--device", "cpu", "--threads", "1", "--max-wallclock-seconds", "0", "--val-every", "0",
+FAST = ["--device", "cpu", "--threads", "1", "--max-wallclock-seconds", "0", "--val-every", "0", "--eval-stride", "8",
         "--val-max-tokens", "129", "--log-every", "1", "--muon-dtype", "float32", "--grad-accum-steps", "1"]
 
 
@@ -111,12 +111,27 @@ def test_run_then_resume_after_a_kill(dataset, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(trainer_mod._Trainer, "train_step", original)
     assert (out / "checkpoint.pt").is_file() and not (out / "summary.json").exists()
 
-    code, stdout, _ = run_cli([*base, "--iterations", "5", "--resume", out / "checkpoint.pt"], capsys)
+    # The resumed run goes on through every later stage: quantise (all four plans) -> artifact -> evaluate.
+    post = ["--quant-small-numel", "0", "--compare-quant", "--ttt-chunk-tokens", "64"]
+    code, stdout, _ = run_cli([*base, *post, "--iterations", "5", "--resume", out / "checkpoint.pt"], capsys)
     assert code == 0
     assert "resume: continuing" in stdout and "step:5/5 val_loss:" in stdout
-    for row in ("unigram baseline val_bpb", "untrained val_bpb", "pre-quant val_bpb", "tokens/s", "step_avg"):
-        assert row in stdout
+    for row in ("unigram baseline val_bpb", "untrained val_bpb", "pre-quant val_bpb", "tokens/s", "step_avg",
+                "int6 round trip (a)", "int6 round trip (b)", "int6 round trip (c)", "int6 round trip (d)",
+                "artifact + code bytes", "int6 val_bpb: plain", "int6 val_bpb: sliding window, stride 8",
+                "int6 val_bpb: legal TTT, 1 epoch(s) (reduced from 3 on CPU)"):
+        assert row in stdout, row
+    assert (out / "model.int6.ptz").is_file()
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == 5 and summary["resumed_from_step"] == 2
     assert summary["unigram_val_bpb"] > 0 and summary["initial_val_bpb"] > summary["final_val_bpb"]
     assert (out / "final_model.pt").is_file()
+    assert [q["plan"] for q in summary["quantization"]] == ["rtn_seed_floor", "seed", "default", "default"]
+    assert summary["sliding_val_bpb"] > 0 and summary["ttt_val_bpb"] > 0
+
+
+def test_eval_stride_longer_than_the_sequence_is_refused_before_training(dataset, capsys):
+    data_dir, tok = dataset
+    code, _, err = run_cli(["--data-dir", data_dir, "--tokenizer", tok, *SMALL_MODEL, *FAST, "--eval-stride", "64"],
+                           capsys)
+    assert code == 2 and "--eval-stride 64" in err and "sequence length 16" in err
