@@ -56,7 +56,7 @@ CPU_TTT_EPOCHS = 1
 # The quantisation comparison of the demo: (label, plan, loop-aware), all measured in the same run.
 QUANT_COMPARISON = (("(a) round-to-nearest, seed's 1/31 floor", "rtn_seed_floor", False),
                     ("(b) the seed's plan (GPTQ, 1/31 floor, RTN embeddings)", "seed", False),
-                    ("(c) ours: GPTQ + SDClip, GPTQ'd embedding", "default", False),
+                    ("(c) ours: GPTQ + SDClip, GPTQ'd embedding at int8 if it fits", "default", False),
                     ("(d) ours + loop-aware GPTQ", "default", True))
 
 
@@ -342,7 +342,7 @@ def run(args) -> dict:
                 for label, r in quant["comparison"]:
                     rows.append((f"int6 round trip {label}",
                                  f"{_fmt(r['quant_val_bpb'])} (gap {r['quant_gap_bpb']:+.4f}, "
-                                 f"{r['quantize_total_seconds']:.1f} s)"))
+                                 f"{r['quantize_total_seconds']:.1f} s; tok_emb {r['tok_emb_scheme']})"))
                 a = quant["artifact"]
                 rows += [("artifact + code bytes",
                           f"{a['artifact_bytes']:,} + {a['code_bytes']:,} = {a['total_bytes']:,} "

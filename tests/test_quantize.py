@@ -11,7 +11,7 @@ from crawler.artifact import QuantizedTensor, decode_artifact, encode_artifact, 
 from crawler.config import CrawlerConfig
 from crawler.data import write_shard
 from crawler.model import CrawlerGPT
-from crawler.quantize import (PLANS, QuantPlan, RoleSpec, _gptq_fixed_scales, calibration_tokens,
+from crawler.quantize import (PLANS, QuantPlan, RoleSpec, _gptq_fixed_scales, build_artifact, calibration_tokens,
                               collect_hessians, main, plan_schemes, prune_to_fit, quantize_and_evaluate,
                               quantize_model, quantize_state_dict, quantize_tensor, tensor_role)
 from conftest import rel_err
@@ -272,6 +272,21 @@ def test_quantize_and_evaluate_round_trip(data_dir, tmp_path):
     assert 0 < abs(summary["quant_gap_bpb"]) < 0.2
     assert summary["quantize_total_seconds"] >= summary["hessian_seconds"] > 0
     assert load_artifact(out).schemes()["crawler_blocks.1.attn.c_v.weight"] == "int6_gptq"
+
+
+def test_tied_embedding_upgrade_only_where_the_budget_allows(data_dir):
+    model = small_model()
+    calib = calibration_tokens(data_dir, n_seqs=4, seq_len=16, seed=0)
+    plan = all_quantised("default")
+    artifact, roomy = build_artifact(model, calib, plan=plan, log=None)
+    assert roomy["tok_emb_scheme"] == "int8 gptq k=20" and artifact.tensors["tok_emb.weight"].bits == 8
+    # With room for the int6 artifact only, the embedding stays int6 and nothing is pruned.
+    base = build_artifact(model, calib, plan=dataclasses.replace(plan, tok_emb_upgrades=()), log=None)[1]
+    tight = build_artifact(model, calib, plan=plan, target_bytes=base["total_bytes"], log=None)[1]
+    assert tight["tok_emb_scheme"] == "int6 gptq k=12.85" and tight["pruned"] == 0
+    assert tight["artifact_bytes"] == base["artifact_bytes"] < roomy["artifact_bytes"]
+    # A scheme given explicitly for the embedding is the one used.
+    assert plan.with_role("tok_emb", RoleSpec("gptq", 7, 15.0)).tok_emb_upgrades == ()
 
 
 def test_cli_quantises_a_trainer_checkpoint_and_a_plain_state_dict(data_dir, tmp_path, capsys):
