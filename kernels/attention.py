@@ -138,6 +138,20 @@ def _fwd_steps(acc, m_i, l_i, q, K, V, stride_kt, stride_kd, stride_vt, stride_v
     return acc, m_i, l_i
 
 
+@triton.jit
+def _query_block(H, G, BLOCK_M: tl.constexpr):
+    """The (query block, batch·query head) a program of the forward / dQ grid owns: (bh, batch b, query
+    head h, KV head h // G, first row, row offsets). Heaviest causal blocks (last rows) launch first so
+    the short ones fill the tail of the grid."""
+    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = bh % H
+    kvh = (h // G).to(tl.int64)
+    start_m = pid_m * BLOCK_M
+    return bh, b, h.to(tl.int64), kvh, start_m, start_m + tl.arange(0, BLOCK_M)
+
+
 @triton.autotune(configs=_FWD_CONFIGS, key=["T", "HEAD_DIM", "CAUSAL"])
 @triton.jit
 def _attn_fwd(Q, K, V, O, LSE, C,
@@ -147,15 +161,7 @@ def _attn_fwd(Q, K, V, O, LSE, C,
               CAUSAL: tl.constexpr, XSA: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
               DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    # Heaviest causal blocks (last rows) launch first so the short ones fill the tail of the grid.
-    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
-    bh = tl.program_id(1)
-    b = (bh // H).to(tl.int64)
-    h = bh % H
-    kvh = (h // G).to(tl.int64)
-    h = h.to(tl.int64)
-    start_m = pid_m * BLOCK_M
-    offs_m = start_m + tl.arange(0, BLOCK_M)
+    bh, b, h, kvh, start_m, offs_m = _query_block(H, G, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
 
     Qb = Q + b * stride_qb + h * stride_qh
@@ -345,14 +351,7 @@ def _attn_bwd_dq(Q, K, V, DY, LSE, DELTA, DQ,
                  DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """One program per (query block, batch·query head): dQ = scale · Σ_j dS K."""
-    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
-    bh = tl.program_id(1)
-    b = (bh // H).to(tl.int64)
-    h = bh % H
-    kvh = (h // G).to(tl.int64)
-    h = h.to(tl.int64)
-    start_m = pid_m * BLOCK_M
-    offs_m = start_m + tl.arange(0, BLOCK_M)
+    bh, b, h, kvh, start_m, offs_m = _query_block(H, G, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     row_ok = offs_m < T
     q = _load_rows(Q + b * stride_qb + h * stride_qh, offs_m, stride_qt, offs_d, stride_qd, T, HEAD_DIM,

@@ -38,3 +38,23 @@ def correlated_hessian(K: int, n: int = 1024, seed: int = 0, dtype=torch.float32
     mix = torch.randn(K, K, generator=g, dtype=torch.float64) * torch.logspace(0, -2, K, dtype=torch.float64)[:, None]
     x = torch.randn(n, K, generator=g, dtype=torch.float64).to(device) @ mix.to(device)
     return (x.T @ x / n).to(dtype)
+
+
+SMALL_CRAWLER = dict(vocab_size=64, model_dim=32, num_heads=2, num_kv_heads=1, bigram_buckets=32, bigram_dim=8,
+                     ve_dim=8, train_seq_len=16)
+
+
+def filled_crawler(seed: int = 0, **overrides):
+    """A small CrawlerGPT (reference ops) with every parameter random and non-degenerate (zero-init
+    projections and control vectors filled), standing in for a trained model. `overrides` are
+    CrawlerConfig fields on top of SMALL_CRAWLER."""
+    from crawler import CrawlerConfig, CrawlerGPT
+    torch.manual_seed(seed)
+    model = CrawlerGPT(CrawlerConfig.preset("tiny", **{**SMALL_CRAWLER, **overrides}), ops="reference")
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 2 and not p.any():
+                p.normal_(0, 0.05)
+            elif p.dim() <= 1 or name in ("attn_scales", "mlp_scales"):
+                p.add_(torch.randn_like(p) * 0.1)
+    return model

@@ -18,10 +18,8 @@ from crawler.inference import (Int6Embedding, Int6Linear, Int6MLP, QuantMatrix, 
 from crawler.model import CrawlerGPT, KVCache
 from crawler.artifact import model_from_artifact
 from crawler.quantize import PLANS, RoleSpec, quantize_state_dict
-from conftest import rel_err
+from conftest import SMALL_CRAWLER as SMALL, filled_crawler, rel_err
 
-SMALL = dict(vocab_size=64, model_dim=32, num_heads=2, num_kv_heads=1, bigram_buckets=32, bigram_dim=8,
-             ve_dim=8, train_seq_len=16)
 RTN = RoleSpec("rtn")
 # Round to nearest (no Hessians: fast), small-tensor passthrough off so every matrix is quantised.
 PLAN_ALL_INT6 = dataclasses.replace(PLANS["rtn_seed_floor"], name="all_int6", block=RTN, tok_emb=RTN,
@@ -31,17 +29,11 @@ PLAN_PASSTHROUGH = dataclasses.replace(PLAN_ALL_INT6, name="small_fp16", small_n
 
 
 def random_model(seed=0, **overrides) -> CrawlerGPT:
-    """A small crawler with every parameter random and non-degenerate (zero-init projections and control
-    vectors filled), standing in for a trained one."""
-    torch.manual_seed(seed)
-    model = CrawlerGPT(CrawlerConfig.preset("tiny", **{**SMALL, **overrides}), ops="reference")
+    """A small random crawler standing in for a trained one, with logits large enough that the softcap
+    matters."""
+    model = filled_crawler(seed, **overrides)
     with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.dim() == 2 and not p.any():
-                p.normal_(0, 0.05)
-            elif p.dim() <= 1 or name in ("attn_scales", "mlp_scales"):
-                p.add_(torch.randn_like(p) * 0.1)
-        model.tok_emb.weight.mul_(400)      # logits of a few units up to ~30: the softcap matters
+        model.tok_emb.weight.mul_(400)      # logits of a few units up to ~30
     return model
 
 

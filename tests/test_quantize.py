@@ -14,25 +14,14 @@ from crawler.model import CrawlerGPT
 from crawler.quantize import (PLANS, QuantPlan, RoleSpec, _gptq_fixed_scales, build_artifact, calibration_tokens,
                               collect_hessians, main, plan_schemes, prune_to_fit, quantize_and_evaluate,
                               quantize_model, quantize_state_dict, quantize_tensor, tensor_role)
-from conftest import rel_err
+from conftest import SMALL_CRAWLER as SMALL, filled_crawler, rel_err
 from test_model import pr1579_state_dict_shapes
 
-SMALL = dict(vocab_size=64, model_dim=32, num_heads=2, num_kv_heads=1, bigram_buckets=32, bigram_dim=8,
-             ve_dim=8, train_seq_len=16)
 
 
 def small_model(seed=0) -> CrawlerGPT:
-    """A small crawler whose every parameter is random and non-degenerate (zero-init projections and
-    control vectors filled), standing in for a trained model."""
-    torch.manual_seed(seed)
-    model = CrawlerGPT(CrawlerConfig.preset("tiny", **SMALL), ops="reference")
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.dim() == 2 and not p.any():
-                p.normal_(0, 0.05)
-            elif p.dim() <= 1 or name in ("attn_scales", "mlp_scales"):
-                p.add_(torch.randn_like(p) * 0.1)
-    return model
+    """A small random crawler standing in for a trained model."""
+    return filled_crawler(seed)
 
 
 def all_quantised(name: str) -> QuantPlan:
