@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.installed
 venv: $(STAMP)
 
 # Re-install only when the package metadata or pins change.
-$(STAMP): setup.py requirements-cpu.txt
+$(STAMP): pyproject.toml requirements-cpu.txt
 	test -x $(VPY) || $(PYTHON) -m venv $(VENV)
 	$(VPY) -m pip install -q --upgrade pip
 	$(VPY) -m pip install -q -c requirements-cpu.txt -r requirements-cpu.txt

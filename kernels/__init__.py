@@ -1,5 +1,6 @@
 """Fused Triton ops for crawler transformers. Each public op here has an identically named plain-PyTorch
 reference in `kernels.reference` (the spec in code), which the tests compare against."""
+__version__ = "0.2.0"   # the package version's one source (pyproject.toml reads it)
 from . import reference
 from .attention import attention
 from .cross_entropy import softcapped_cross_entropy
