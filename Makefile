@@ -4,7 +4,7 @@ VENV   := .venv
 VPY    := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: train test bench venv clean
+.PHONY: train test lint bench venv clean
 
 venv: $(STAMP)
 
@@ -21,6 +21,10 @@ train: $(STAMP)
 
 test: $(STAMP)
 	$(VPY) -m pytest -q tests
+
+# ruff (from the `test` extra) with the repository's ruff.toml.
+lint: $(STAMP)
+	$(VPY) -m ruff check .
 
 bench: $(STAMP)
 	for f in bench/*.py; do $(VPY) $$f || exit 1; done
