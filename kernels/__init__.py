@@ -1,5 +1,6 @@
 """Fused Triton ops for crawler transformers. Each public op here has an identically named plain-PyTorch
-reference in `kernels.reference` (the spec in code), which the tests compare against."""
+reference in `kernels.reference` (the spec in code), which the tests compare against; `kernels.modules`
+wraps them as nn.Modules."""
 from . import reference
 from .attention import attention
 from .cross_entropy import softcapped_cross_entropy
@@ -7,6 +8,8 @@ from .embedding import embed
 from .gptq import gptq_quantize, gptq_quantize_batched
 from .int6 import int6_linear, pack_int6, unpack_int6
 from .mlp import relu2_mlp
+from .modules import Attention, FusedEmbedding, Int6Linear, ReLU2MLP, SoftcappedCrossEntropyLoss, XSAAttention
 
 __all__ = ["reference", "attention", "embed", "gptq_quantize", "gptq_quantize_batched", "int6_linear",
-           "pack_int6", "relu2_mlp", "softcapped_cross_entropy", "unpack_int6"]
+           "pack_int6", "relu2_mlp", "softcapped_cross_entropy", "unpack_int6",
+           "Attention", "FusedEmbedding", "Int6Linear", "ReLU2MLP", "SoftcappedCrossEntropyLoss", "XSAAttention"]

@@ -150,15 +150,26 @@ def _sequence(CU, seq, T, T_K, VARLEN: tl.constexpr):
 
 
 @triton.jit
-def _query_program(CU, T, T_K, H, G, VARLEN: tl.constexpr):
-    """What a program of the forward / dQ grid owns: (query head h, KV head h // G, batch, first row,
-    query rows, key rows of its sequence, its first query block). Heaviest causal blocks (last rows)
-    launch first so the short ones fill the tail of the grid."""
+def _head_rows(X, b, start, head, stride_b, stride_t, stride_h):
+    """Pointer to row `start` of batch b, head `head` of a (B, rows, heads, D) strided tensor."""
+    return X + b * stride_b + start * stride_t + head * stride_h
+
+
+@triton.jit
+def _query_program(Q, K, V, CU, stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh,
+                   stride_vb, stride_vt, stride_vh, T, T_K, H, G, VARLEN: tl.constexpr):
+    """What a program of the forward / dQ grid owns: pointers to its sequence's first q row (query head
+    h) and k, v rows (KV head h // G), its (B, H, T) row index for lse-like buffers, (batch, first row,
+    h) for the other tensors, the sequence's query and key rows, and its first query block. Heaviest
+    causal blocks (last rows) launch first so the short ones fill the tail of the grid."""
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
     sh = tl.program_id(1)
-    h = sh % H
+    h = (sh % H).to(tl.int64)
     b, start, len_q, len_k = _sequence(CU, sh // H, T, T_K, VARLEN)
-    return h.to(tl.int64), (h // G).to(tl.int64), b, start, len_q, len_k, pid_m
+    Qs = _head_rows(Q, b, start, h, stride_qb, stride_qt, stride_qh)
+    Ks = _head_rows(K, b, start, h // G, stride_kb, stride_kt, stride_kh)
+    Vs = _head_rows(V, b, start, h // G, stride_vb, stride_vt, stride_vh)
+    return Qs, Ks, Vs, (b * H + h) * T + start, b, start, h, len_q, len_k, pid_m
 
 
 @triton.jit
@@ -252,12 +263,10 @@ def _attn_fwd(Q, K, V, O, LSE, C, CU,
               BLOCK_D: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """T: query rows per batch row (varlen: total), T_K: key rows. LSE and C are (B, H, T)."""
-    h, kvh, b, start, len_q, len_k, pid_m = _query_program(CU, T, T_K, H, G, VARLEN)
-    Qs = Q + b * stride_qb + start * stride_qt + h * stride_qh
-    Ks = K + b * stride_kb + start * stride_kt + kvh * stride_kh
-    Vs = V + b * stride_vb + start * stride_vt + kvh * stride_vh
-    Os = O + b * stride_ob + start * stride_ot + h * stride_oh
-    row0 = (b * H + h) * T + start
+    Qs, Ks, Vs, row0, b, start, h, len_q, len_k, pid_m = _query_program(
+        Q, K, V, CU, stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt,
+        stride_vh, T, T_K, H, G, VARLEN)
+    Os = _head_rows(O, b, start, h, stride_ob, stride_ot, stride_oh)
     if VARLEN:
         for start_m in range(pid_m * BLOCK_M, len_q, tl.num_programs(0) * BLOCK_M):
             _fwd_block(Qs, Ks, Vs, Os, LSE + row0, C + row0, stride_qt, stride_qd, stride_kt, stride_kd,
@@ -403,10 +412,10 @@ def _attn_bwd_dkdv(Q, K, V, DY, LSE, DELTA, DVX, DK, DV, CU,
     skv = tl.program_id(1)
     kvh = (skv % Hkv).to(tl.int64)
     b, start, len_q, len_k = _sequence(CU, skv // Hkv, T, T_K, VARLEN)
-    Qs = Q + b * stride_qb + start * stride_qt
-    Ks = K + b * stride_kb + start * stride_kt + kvh * stride_kh
-    Vs = V + b * stride_vb + start * stride_vt + kvh * stride_vh
-    DYs = DY + b * stride_yb + start * stride_yt
+    Qs = _head_rows(Q, b, start, 0, stride_qb, stride_qt, stride_qh)
+    Ks = _head_rows(K, b, start, kvh, stride_kb, stride_kt, stride_kh)
+    Vs = _head_rows(V, b, start, kvh, stride_vb, stride_vt, stride_vh)
+    DYs = _head_rows(DY, b, start, 0, stride_yb, stride_yt, stride_yh)
     G_base = b * stride_gb + start * stride_gt + kvh * stride_gh
     row0 = b * H * T + start
     if VARLEN:
@@ -479,13 +488,11 @@ def _attn_bwd_dq(Q, K, V, DY, LSE, DELTA, DQ, CU,
                  DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """One program per (query block, sequence·query head)."""
-    h, kvh, b, start, len_q, len_k, pid_m = _query_program(CU, T, T_K, H, G, VARLEN)
-    Qs = Q + b * stride_qb + start * stride_qt + h * stride_qh
-    Ks = K + b * stride_kb + start * stride_kt + kvh * stride_kh
-    Vs = V + b * stride_vb + start * stride_vt + kvh * stride_vh
-    DYs = DY + b * stride_yb + start * stride_yt + h * stride_yh
-    DQs = DQ + b * stride_gb + start * stride_gt + h * stride_gh
-    row0 = (b * H + h) * T + start
+    Qs, Ks, Vs, row0, b, start, h, len_q, len_k, pid_m = _query_program(
+        Q, K, V, CU, stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt,
+        stride_vh, T, T_K, H, G, VARLEN)
+    DYs = _head_rows(DY, b, start, h, stride_yb, stride_yt, stride_yh)
+    DQs = _head_rows(DQ, b, start, h, stride_gb, stride_gt, stride_gh)
     if VARLEN:
         for start_m in range(pid_m * BLOCK_M, len_q, tl.num_programs(0) * BLOCK_M):
             _dq_block(Qs, Ks, Vs, DYs, DQs, LSE + row0, DELTA + row0, stride_qt, stride_qd, stride_kt, stride_kd,
