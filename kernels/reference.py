@@ -1,4 +1,4 @@
-"""Plain-PyTorch reference of every op: the spec (SPEC.md) in code.
+"""Plain-PyTorch reference of every op: the spec (docs/math.md) in code.
 
 Readability first: these functions are what the Triton kernels are tested against (in float64) and what
 the model runs on a CPU. Each public op validates its inputs exactly like its fast counterpart.
@@ -36,7 +36,7 @@ def rms_norm(x: torch.Tensor) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------------------------
-# RoPE (SPEC §1.8): the seed's partial layout
+# RoPE (docs/math.md §1.8): the seed's partial layout
 # ----------------------------------------------------------------------------------------------
 
 def rope_rotary_dims(head_dim: int) -> int:
@@ -59,7 +59,7 @@ def rope(x: torch.Tensor, base: float = 10000.0, offset: int = 0) -> torch.Tenso
     """Rotary embedding on x (B, T, H, D): dims [:R] rotate in rotate-half layout, dims [R:] pass through.
 
     x1 = x[..., :R/2], x2 = x[..., R/2:R] -> cat(x1*cos + x2*sin, -x1*sin + x2*cos). cos/sin are computed
-    in float32 and cast to x.dtype (SPEC §1.8). Row t sits at position offset + t (offset > 0: the new
+    in float32 and cast to x.dtype (docs/math.md §1.8). Row t sits at position offset + t (offset > 0: the new
     tokens of an incremental decoding step). Returns a tensor of x's shape and dtype.
     """
     B, T, H, D = x.shape
@@ -219,7 +219,7 @@ def softcapped_logits(hidden: torch.Tensor, weight: torch.Tensor, softcap: float
 
 def softcapped_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                              softcap: float) -> torch.Tensor:
-    """Mean cross-entropy of the softcapped tied head, computed on float32 logits (SPEC §1.3, §1.12;
+    """Mean cross-entropy of the softcapped tied head, computed on float32 logits (docs/math.md §1.3, §1.12;
     float64 logits for float64 inputs).
 
     hidden (N, d), weight (V, d), targets (N,) int64. Returns a 0-d float32 tensor.
@@ -229,7 +229,7 @@ def softcapped_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets
 
 
 # ----------------------------------------------------------------------------------------------
-# Quantisation: SDClip scales, round-to-nearest, GPTQ (SPEC §3)
+# Quantisation: SDClip scales, round-to-nearest, GPTQ (docs/math.md §3)
 # ----------------------------------------------------------------------------------------------
 
 SDCLIP_SCALE_FLOOR = 1e-10
@@ -295,7 +295,7 @@ def dequantize(codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
 
 def quantization_proxy_loss(weight: torch.Tensor, hessian: torch.Tensor, codes: torch.Tensor,
                             scales: torch.Tensor) -> torch.Tensor:
-    """GPTQ's quality measure tr((W - Ŵ) H (W - Ŵ)ᵀ) in float64 (SPEC §3), Ŵ = dequantize(codes, scales).
+    """GPTQ's quality measure tr((W - Ŵ) H (W - Ŵ)ᵀ) in float64 (docs/math.md §3), Ŵ = dequantize(codes, scales).
 
     weight (N, K), hessian (K, K) (the undamped one), codes (N, K) int8, scales (N,). Returns a 0-d
     float64 tensor.
@@ -326,7 +326,7 @@ def inverse_cholesky_upper(hessian: torch.Tensor) -> torch.Tensor:
 
 def gptq_prepare(weight: torch.Tensor, hessian: torch.Tensor, *, bits: int, clip_sigmas: float,
                  act_order: bool, damp: float):
-    """Everything GPTQ does before its column walk (SPEC §3), for (..., N, K) weights and (..., K, K)
+    """Everything GPTQ does before its column walk (docs/math.md §3), for (..., N, K) weights and (..., K, K)
     Hessians (a leading batch of matrices is allowed; the Triton version batches same-shape matrices).
 
     1. SDClip scales from the weight as given (fp16).
@@ -359,7 +359,7 @@ def gptq_prepare(weight: torch.Tensor, hessian: torch.Tensor, *, bits: int, clip
 
 def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, *, bits: int = 6, clip_sigmas: float = 12.85,
                   block_size: int = 128, act_order: bool = True, damp: float = 0.01):
-    """GPTQ (Frantar et al. 2022) with SDClip per-row scales, one column at a time (SPEC §3).
+    """GPTQ (Frantar et al. 2022) with SDClip per-row scales, one column at a time (docs/math.md §3).
 
     weight (N, K) float, hessian (K, K) float (XᵀX/n of the layer's inputs), same device, finite.
     After `gptq_prepare`, for each block of block_size columns and each column j in it:
@@ -405,7 +405,7 @@ def gptq_column_walk(W: torch.Tensor, U: torch.Tensor, scales: torch.Tensor, per
 
 
 # ----------------------------------------------------------------------------------------------
-# Int6 weights at inference (SPEC §5): packing and the weight-only matmul
+# Int6 weights at inference (docs/math.md §5): packing and the weight-only matmul
 # ----------------------------------------------------------------------------------------------
 
 INT6_MIN, INT6_MAX = -32, 31
