@@ -13,7 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import kernels
-from kernels.reference import exclusive_self_attention, rms_norm, rope
+from kernels.reference import rms_norm, rope
 
 from .config import CrawlerConfig
 
@@ -138,25 +138,6 @@ class KVCache:
         self.context = ids[:, -2:]
 
 
-def attention_after_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, v_self: torch.Tensor,
-                          xsa: bool) -> torch.Tensor:
-    """Causal GQA attention of new queries over cached + new keys (incremental decoding), math as
-    `kernels.reference.attention`: q (B, Tq, H, D) are the last Tq of the Tk positions of k, v
-    (B, Tk, Hkv, D); v_self (B, Tq, Hkv, D) the queries' own values, for XSA. Returns (B, Tq, H, D)."""
-    Tq, H, D = q.shape[1:]
-    Tk, Hkv = k.shape[1:3]
-    cd = torch.float64 if q.dtype == torch.float64 else torch.float32
-    qf, kf, vf = (t.to(cd).transpose(1, 2) for t in (q, k, v))
-    kf, vf = kf.repeat_interleave(H // Hkv, dim=1), vf.repeat_interleave(H // Hkv, dim=1)
-    scores = (qf @ kf.transpose(-1, -2)) / math.sqrt(D)
-    # query i sits at position Tk - Tq + i: it may see keys 0 .. Tk - Tq + i
-    future = torch.ones(Tq, Tk, dtype=torch.bool, device=q.device).triu(Tk - Tq + 1)
-    y = (scores.masked_fill(future, float("-inf")).softmax(dim=-1) @ vf).transpose(1, 2)
-    if xsa:
-        y = exclusive_self_attention(y, v_self.to(cd))
-    return y.to(q.dtype)
-
-
 class CausalSelfAttention(nn.Module):
     """q/k/v projections, per-head q/k rms_norm, partial RoPE, q_gain, GQA attention (+ XSA), out proj."""
 
@@ -188,9 +169,9 @@ class CausalSelfAttention(nn.Module):
         q = (rope(rms_norm(q), self.rope_base, offset) * self.q_gain.to(q.dtype)[:, None]).to(v.dtype)
         k = rope(rms_norm(k), self.rope_base, offset).to(v.dtype)
         if cache is not None:
-            k_all, v_all = cache.append(position, k, v)
-            if offset:
-                return self.proj(attention_after_cache(q, k_all, v_all, v, use_xsa).reshape(B, T, d))
+            # Every key and value cached so far at this position, this step's last: the attention op
+            # places the T queries at the last T key positions (causal bottom-right, XSA on their own v).
+            k, v = cache.append(position, k, v)
         y = select_op(ops, "attention")(q, k, v, causal=True, xsa=use_xsa)
         return self.proj(y.reshape(B, T, d))
 

@@ -1,5 +1,6 @@
 """Fused Triton ops for crawler transformers. Each public op here has an identically named plain-PyTorch
-reference in `kernels.reference` (the spec in code), which the tests compare against."""
+reference in `kernels.reference` (the spec in code), which the tests compare against; `kernels.modules`
+wraps them as nn.Modules."""
 __version__ = "0.2.0"   # the package version's one source (pyproject.toml reads it)
 from . import reference
 from .attention import attention
@@ -8,6 +9,8 @@ from .embedding import embed
 from .gptq import gptq_quantize, gptq_quantize_batched
 from .int6 import int6_linear, pack_int6, unpack_int6
 from .mlp import relu2_mlp
+from .modules import Attention, FusedEmbedding, Int6Linear, ReLU2MLP, SoftcappedCrossEntropyLoss, XSAAttention
 
 __all__ = ["reference", "attention", "embed", "gptq_quantize", "gptq_quantize_batched", "int6_linear",
-           "pack_int6", "relu2_mlp", "softcapped_cross_entropy", "unpack_int6"]
+           "pack_int6", "relu2_mlp", "softcapped_cross_entropy", "unpack_int6",
+           "Attention", "FusedEmbedding", "Int6Linear", "ReLU2MLP", "SoftcappedCrossEntropyLoss", "XSAAttention"]

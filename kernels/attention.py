@@ -1,6 +1,23 @@
-"""Fused causal GQA attention with Exclusive Self Attention (XSA), forward + backward (SPEC §1.9, §7.1-7.2).
+"""Fused causal GQA attention with Exclusive Self Attention (XSA), forward + backward (docs/math.md §1.9,
+§7.1-7.2), dense or varlen (packed documents), with queries that may trail a longer key sequence.
 
-Forward (one program per (query block, batch·query head)): online softmax in the exp2 domain over the
+Sequences. A program works on one *sequence* of query rows and the key rows they attend to:
+  * dense: batch row b of q (B, Tq, H, D) over k/v (B, Tk, Hkv, D), Tq <= Tk. The queries sit at the last
+    Tq key positions (query i at position Tk - Tq + i: the new tokens after a KV cache), so causal masking
+    is aligned bottom-right; XSA uses the values at the queries' own positions.
+  * varlen: segment s = the packed rows [cu_seqlens[s], cu_seqlens[s+1]) of q (1, total, H, D) and k/v
+    (1, total, Hkv, D) (FA3's convention); a segment attends to itself only. The grid covers
+    (query block < max_seqlen, segment·head); each program walks its segment's query blocks in a
+    grid-stride loop (blocks pid, pid + grid, ...), so a program whose first block starts past its
+    segment's end does no work, and a document of n rows costs ~n²/2 (not total²/2) whatever the other
+    segments are. The loop also makes max_seqlen a grid size only, never a correctness condition: an
+    under-estimate serialises the longer segments' blocks instead of leaving rows unwritten. Empty
+    segments (trailing repeated ends: fixed-capacity cu_seqlens) cost one load each.
+    Why a grid with early exit rather than a precomputed block schedule: the grid needs no extra kernel
+    and no data-dependent size (so no host sync and nothing to recompile when cu_seqlens changes), and
+    its empty programs cost two loads each.
+
+Forward (one program per (query block, sequence·query head)): online softmax in the exp2 domain over the
 key blocks the query block can see (causal blocks above the diagonal are never visited), query head h
 reads KV head h // G in place (no expanded K/V). Epilogue: y = acc / l, lse = m + log l; with XSA it
 loads the value rows at the query positions, v̂ = v / max(‖v‖, 1e-12), c = y·v̂, z = y − c v̂. It stores
@@ -9,10 +26,11 @@ z (in q's dtype), lse and c (fp32).
 Backward, three kernels, no float atomics (deterministic):
 1. preprocess, one program per (row block, batch·KV head), looping over the G query heads of the group:
    Δ = dz·z (= dy·y), and with XSA dy = dz − (dz·v̂) v̂ and XSA's own gradient into v, summed over the
-   group: dv_xsa = P⊥(Σ_g −(c·dz + (dz·v̂) y)) / max(‖v‖, 1e-12) with y = z + c v̂.
-2. dK/dV, one program per (key block, batch·KV head), looping over the G query heads and (causal) the
-   query blocks at or after the key block; adds dv_xsa before the store.
-3. dQ, one program per (query block, batch·query head), looping over the visible key blocks.
+   group: dv_xsa = P⊥(Σ_g −(c·dz + (dz·v̂) y)) / max(‖v‖, 1e-12) with y = z + c v̂. It is row-wise, so
+   it needs no sequence bounds: a varlen batch is one row of `total` rows to it.
+2. dK/dV, one program per (key block, sequence·KV head), looping over the G query heads and (causal) the
+   query blocks that can see the key block; adds dv_xsa before the store.
+3. dQ, one program per (query block, sequence·query head), looping over the visible key blocks.
 
 Inputs may be any strided view (the model passes views of linear outputs): kernels take every stride,
 so q/k/v/dz are never copied. Head dims that are not powers of two run in the next power-of-two tile
@@ -32,7 +50,7 @@ from .utils import check_attention_inputs, empty_output, interpreting
 
 LOG2E = math.log2(math.e)   # softmax runs on exp2 with the scale folded into one multiply
 _LOG2E = tl.constexpr(LOG2E)
-_V_NORM_EPS = tl.constexpr(1e-12)   # F.normalize's eps for v̂ (SPEC §1.9)
+_V_NORM_EPS = tl.constexpr(1e-12)   # F.normalize's eps for v̂ (docs/math.md §1.9)
 
 _TORCH_TO_TL = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 
@@ -109,93 +127,155 @@ def _unit_value(V, offs_t, stride_t, offs_d, stride_d, T, HEAD_DIM: tl.constexpr
 
 
 # ----------------------------------------------------------------------------------------------
+# Sequences: which rows a program works on (dense batch row or varlen segment)
+# ----------------------------------------------------------------------------------------------
+
+@triton.jit
+def _sequence(CU, seq, T, T_K, VARLEN: tl.constexpr):
+    """(batch index, first row, query rows, key rows) of sequence `seq`. Dense: batch row `seq` of the
+    (B, T, ·, D) queries and (B, T_K, ·, D) keys, from row 0. Varlen: segment `seq`, the packed rows
+    [cu[seq], cu[seq + 1]) of batch 0, for queries and keys alike."""
+    if VARLEN:
+        b = seq.to(tl.int64) * 0
+        first = tl.load(CU + seq)
+        len_q = tl.load(CU + seq + 1) - first
+        len_k = len_q
+        start = first.to(tl.int64)
+    else:
+        b = seq.to(tl.int64)
+        start = b * 0
+        len_q = T
+        len_k = T_K
+    return b, start, len_q, len_k
+
+
+@triton.jit
+def _head_rows(X, b, start, head, stride_b, stride_t, stride_h):
+    """Pointer to row `start` of batch b, head `head` of a (B, rows, heads, D) strided tensor."""
+    return X + b * stride_b + start * stride_t + head * stride_h
+
+
+@triton.jit
+def _query_program(Q, K, V, CU, stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh,
+                   stride_vb, stride_vt, stride_vh, T, T_K, H, G, VARLEN: tl.constexpr):
+    """What a program of the forward / dQ grid owns: pointers to its sequence's first q row (query head
+    h) and k, v rows (KV head h // G), its (B, H, T) row index for lse-like buffers, (batch, first row,
+    h) for the other tensors, the sequence's query and key rows, and its first query block. Heaviest
+    causal blocks (last rows) launch first so the short ones fill the tail of the grid."""
+    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
+    sh = tl.program_id(1)
+    h = (sh % H).to(tl.int64)
+    b, start, len_q, len_k = _sequence(CU, sh // H, T, T_K, VARLEN)
+    Qs = _head_rows(Q, b, start, h, stride_qb, stride_qt, stride_qh)
+    Ks = _head_rows(K, b, start, h // G, stride_kb, stride_kt, stride_kh)
+    Vs = _head_rows(V, b, start, h // G, stride_vb, stride_vt, stride_vh)
+    return Qs, Ks, Vs, (b * H + h) * T + start, b, start, h, len_q, len_k, pid_m
+
+
+@triton.jit
+def _visible_keys(start_m, len_q, len_k, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Key range of query block [start_m, start_m + BLOCK_M): keys [0, full_hi) are seen by every row of
+    the block (no mask), keys [full_hi, hi) need the causal / sequence-end mask. Query i sits at key
+    position i + len_k - len_q and causally sees the keys up to there. full_hi is a whole number of
+    BLOCK_N steps."""
+    if CAUSAL:
+        first_pos = start_m + len_k - len_q          # key position of the block's first row
+        full_hi = (first_pos // BLOCK_N) * BLOCK_N
+        hi = tl.minimum(first_pos + BLOCK_M, len_k)
+    else:
+        full_hi = (len_k // BLOCK_N) * BLOCK_N
+        hi = len_k
+    return full_hi, hi
+
+
+# ----------------------------------------------------------------------------------------------
 # Forward
 # ----------------------------------------------------------------------------------------------
 
 @triton.jit
-def _fwd_steps(acc, m_i, l_i, q, K, V, stride_kt, stride_kd, stride_vt, stride_vd, offs_m, offs_d,
-               lo, hi, T, qk_scale, CAUSAL: tl.constexpr, MASKED: tl.constexpr, HEAD_DIM: tl.constexpr,
+def _fwd_steps(acc, m_i, l_i, q, K, V, stride_kt, stride_kd, stride_vt, stride_vd, q_pos, offs_d,
+               lo, hi, len_k, qk_scale, CAUSAL: tl.constexpr, MASKED: tl.constexpr, HEAD_DIM: tl.constexpr,
                BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, DOT_DTYPE: tl.constexpr,
                PRECISION: tl.constexpr):
-    """Online-softmax steps over key blocks [lo, hi). MASKED steps apply the causal / sequence-end mask;
-    unmasked steps are the ones every query row of the block fully sees. m_i is in log2 units."""
+    """Online-softmax steps over key blocks [lo, hi). MASKED steps apply the causal / sequence-end mask
+    (q_pos: the query rows' key positions); unmasked steps are the ones every query row of the block
+    fully sees. m_i is in log2 units."""
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        k = _load_rows(K, offs_n, stride_kt, offs_d, stride_kd, T, HEAD_DIM, BLOCK_D, MASKED)
+        k = _load_rows(K, offs_n, stride_kt, offs_d, stride_kd, len_k, HEAD_DIM, BLOCK_D, MASKED)
         s = tl.dot(q, tl.trans(k.to(DOT_DTYPE)), input_precision=PRECISION)
         if MASKED:
-            keep = offs_n[None, :] < T
+            keep = offs_n[None, :] < len_k
             if CAUSAL:
-                keep = keep & (offs_n[None, :] <= offs_m[:, None])
+                keep = keep & (offs_n[None, :] <= q_pos[:, None])
             s = tl.where(keep, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1) * qk_scale)
         p = tl.exp2(s * qk_scale - m_new[:, None])
         alpha = tl.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        v = _load_rows(V, offs_n, stride_vt, offs_d, stride_vd, T, HEAD_DIM, BLOCK_D, MASKED)
+        v = _load_rows(V, offs_n, stride_vt, offs_d, stride_vd, len_k, HEAD_DIM, BLOCK_D, MASKED)
         acc = tl.dot(p.to(DOT_DTYPE), v.to(DOT_DTYPE), acc * alpha[:, None], input_precision=PRECISION)
         m_i = m_new
     return acc, m_i, l_i
 
 
 @triton.jit
-def _query_block(H, G, BLOCK_M: tl.constexpr):
-    """The (query block, batch·query head) a program of the forward / dQ grid owns: (bh, batch b, query
-    head h, KV head h // G, first row, row offsets). Heaviest causal blocks (last rows) launch first so
-    the short ones fill the tail of the grid."""
-    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
-    bh = tl.program_id(1)
-    b = (bh // H).to(tl.int64)
-    h = bh % H
-    kvh = (h // G).to(tl.int64)
-    start_m = pid_m * BLOCK_M
-    return bh, b, h.to(tl.int64), kvh, start_m, start_m + tl.arange(0, BLOCK_M)
+def _fwd_block(Qs, Ks, Vs, Os, LSEs, Cs, stride_qt, stride_qd, stride_kt, stride_kd, stride_vt, stride_vd,
+               stride_ot, stride_od, start_m, len_q, len_k, qk_scale,
+               CAUSAL: tl.constexpr, XSA: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+               DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """One query block of one sequence and head (pointers at the sequence's first row): z, lse, c."""
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    q = _load_rows(Qs, offs_m, stride_qt, offs_d, stride_qd, len_q, HEAD_DIM, BLOCK_D, True).to(DOT_DTYPE)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    full_hi, hi = _visible_keys(start_m, len_q, len_k, CAUSAL, BLOCK_M, BLOCK_N)
+    q_pos = offs_m + (len_k - len_q)
+    acc, m_i, l_i = _fwd_steps(acc, m_i, l_i, q, Ks, Vs, stride_kt, stride_kd, stride_vt, stride_vd,
+                               q_pos, offs_d, 0, full_hi, len_k, qk_scale, CAUSAL, False, HEAD_DIM, BLOCK_D,
+                               BLOCK_N, DOT_DTYPE, PRECISION)
+    acc, m_i, l_i = _fwd_steps(acc, m_i, l_i, q, Ks, Vs, stride_kt, stride_kd, stride_vt, stride_vd,
+                               q_pos, offs_d, full_hi, hi, len_k, qk_scale, CAUSAL, True, HEAD_DIM, BLOCK_D,
+                               BLOCK_N, DOT_DTYPE, PRECISION)
+
+    y = acc / l_i[:, None]
+    row_ok = offs_m < len_q
+    tl.store(LSEs + offs_m, (m_i + tl.log2(l_i)) / _LOG2E, mask=row_ok)
+    if XSA:
+        # The queries' own values: key rows len_k - len_q + i.
+        v_hat, _inv, _big = _unit_value(Vs + (len_k - len_q) * stride_vt, offs_m, stride_vt, offs_d,
+                                        stride_vd, len_q, HEAD_DIM, BLOCK_D)
+        c = tl.sum(y * v_hat, axis=1)
+        y = y - c[:, None] * v_hat
+        tl.store(Cs + offs_m, c, mask=row_ok)
+    _store_rows(Os, y, offs_m, stride_ot, offs_d, stride_od, len_q, HEAD_DIM)
 
 
 @triton.autotune(configs=_FWD_CONFIGS, key=["T", "HEAD_DIM", "CAUSAL"])
 @triton.jit
-def _attn_fwd(Q, K, V, O, LSE, C,
+def _attn_fwd(Q, K, V, O, LSE, C, CU,
               stride_qb, stride_qt, stride_qh, stride_qd, stride_kb, stride_kt, stride_kh, stride_kd,
               stride_vb, stride_vt, stride_vh, stride_vd, stride_ob, stride_ot, stride_oh, stride_od,
-              T, H, G, qk_scale,
-              CAUSAL: tl.constexpr, XSA: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-              DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+              T, T_K, H, G, qk_scale,
+              CAUSAL: tl.constexpr, XSA: tl.constexpr, VARLEN: tl.constexpr, HEAD_DIM: tl.constexpr,
+              BLOCK_D: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    bh, b, h, kvh, start_m, offs_m = _query_block(H, G, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-
-    Qb = Q + b * stride_qb + h * stride_qh
-    Kb = K + b * stride_kb + kvh * stride_kh
-    Vb = V + b * stride_vb + kvh * stride_vh
-    q = _load_rows(Qb, offs_m, stride_qt, offs_d, stride_qd, T, HEAD_DIM, BLOCK_D, True).to(DOT_DTYPE)
-
-    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    if CAUSAL:
-        # Keys before start_m are visible to every row of the block; the diagonal block needs the mask.
-        full_hi = start_m
-        hi = tl.minimum(start_m + BLOCK_M, T)
+    """T: query rows per batch row (varlen: total), T_K: key rows. LSE and C are (B, H, T)."""
+    Qs, Ks, Vs, row0, b, start, h, len_q, len_k, pid_m = _query_program(
+        Q, K, V, CU, stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt,
+        stride_vh, T, T_K, H, G, VARLEN)
+    Os = _head_rows(O, b, start, h, stride_ob, stride_ot, stride_oh)
+    if VARLEN:
+        for start_m in range(pid_m * BLOCK_M, len_q, tl.num_programs(0) * BLOCK_M):
+            _fwd_block(Qs, Ks, Vs, Os, LSE + row0, C + row0, stride_qt, stride_qd, stride_kt, stride_kd,
+                       stride_vt, stride_vd, stride_ot, stride_od, start_m, len_q, len_k, qk_scale, CAUSAL, XSA,
+                       HEAD_DIM, BLOCK_D, DOT_DTYPE, PRECISION, BLOCK_M, BLOCK_N)
     else:
-        full_hi = (T // BLOCK_N) * BLOCK_N
-        hi = T
-    acc, m_i, l_i = _fwd_steps(acc, m_i, l_i, q, Kb, Vb, stride_kt, stride_kd, stride_vt, stride_vd,
-                               offs_m, offs_d, 0, full_hi, T, qk_scale, CAUSAL, False, HEAD_DIM, BLOCK_D,
-                               BLOCK_N, DOT_DTYPE, PRECISION)
-    acc, m_i, l_i = _fwd_steps(acc, m_i, l_i, q, Kb, Vb, stride_kt, stride_kd, stride_vt, stride_vd,
-                               offs_m, offs_d, full_hi, hi, T, qk_scale, CAUSAL, True, HEAD_DIM, BLOCK_D,
-                               BLOCK_N, DOT_DTYPE, PRECISION)
-
-    y = acc / l_i[:, None]
-    row_ok = offs_m < T
-    bh_row = bh.to(tl.int64) * T + offs_m
-    tl.store(LSE + bh_row, (m_i + tl.log2(l_i)) / _LOG2E, mask=row_ok)
-    if XSA:
-        v_hat, _inv, _big = _unit_value(Vb, offs_m, stride_vt, offs_d, stride_vd, T, HEAD_DIM, BLOCK_D)
-        c = tl.sum(y * v_hat, axis=1)
-        y = y - c[:, None] * v_hat
-        tl.store(C + bh_row, c, mask=row_ok)
-    _store_rows(O + b * stride_ob + h * stride_oh, y, offs_m, stride_ot, offs_d, stride_od, T, HEAD_DIM)
+        _fwd_block(Qs, Ks, Vs, Os, LSE + row0, C + row0, stride_qt, stride_qd, stride_kt, stride_kd,
+                   stride_vt, stride_vd, stride_ot, stride_od, pid_m * BLOCK_M, len_q, len_k, qk_scale, CAUSAL,
+                   XSA, HEAD_DIM, BLOCK_D, DOT_DTYPE, PRECISION, BLOCK_M, BLOCK_N)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -246,21 +326,23 @@ def _bwd_preprocess(O, DZ, V, C, DY, DELTA, DVX,
 
 
 @triton.jit
-def _dkdv_steps(dk, dv, k, v, Q, DY, LSE, DELTA, stride_qt, stride_qd, stride_yt, stride_yd, offs_n, offs_d,
-                lo, hi, T, qk_scale, MASKED: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+def _dkdv_steps(dk, dv, k, v, Q, DY, LSE, DELTA, stride_qt, stride_qd, stride_yt, stride_yd, key_row, offs_d,
+                lo, hi, len_q, qk_scale, MASKED: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                 BLOCK_M: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
-    """Accumulate dK, dV of one key block over query blocks [lo, hi) of one query head (transposed
-    formulation: pᵀ is (keys, queries)). Rows past T load q = dy = 0 and lse = +inf, so p = 0 there."""
+    """Accumulate dK, dV of one key block over query rows [lo, hi) of one query head (transposed
+    formulation: pᵀ is (keys, queries)). MASKED steps keep query i for key j only if i >= key_row_j
+    (key_row: the keys' positions in query rows, j - (len_k - len_q)). Rows past len_q load q = dy = 0
+    and lse = +inf, so p = 0 there."""
     for start_m in range(lo, hi, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
-        row_ok = offs_m < T
-        q = _load_rows(Q, offs_m, stride_qt, offs_d, stride_qd, T, HEAD_DIM, BLOCK_D, True).to(DOT_DTYPE)
+        row_ok = offs_m < len_q
+        q = _load_rows(Q, offs_m, stride_qt, offs_d, stride_qd, len_q, HEAD_DIM, BLOCK_D, True).to(DOT_DTYPE)
         lse2 = tl.load(LSE + offs_m, mask=row_ok, other=float("inf")) * _LOG2E
         s_t = tl.dot(k, tl.trans(q), input_precision=PRECISION)
         p_t = tl.exp2(s_t * qk_scale - lse2[None, :])
         if MASKED:
-            p_t = tl.where(offs_m[None, :] >= offs_n[:, None], p_t, 0.0)
-        dy = _load_rows(DY, offs_m, stride_yt, offs_d, stride_yd, T, HEAD_DIM, BLOCK_D, True).to(DOT_DTYPE)
+            p_t = tl.where(offs_m[None, :] >= key_row[:, None], p_t, 0.0)
+        dy = _load_rows(DY, offs_m, stride_yt, offs_d, stride_yd, len_q, HEAD_DIM, BLOCK_D, True).to(DOT_DTYPE)
         dv = tl.dot(p_t.to(DOT_DTYPE), dy, dv, input_precision=PRECISION)
         delta = tl.load(DELTA + offs_m, mask=row_ok, other=0.0)
         dp_t = tl.dot(v, tl.trans(dy), input_precision=PRECISION)
@@ -269,70 +351,102 @@ def _dkdv_steps(dk, dv, k, v, Q, DY, LSE, DELTA, stride_qt, stride_qd, stride_yt
     return dk, dv
 
 
+@triton.jit
+def _dkdv_block(Qs, Ks, Vs, DYs, DVXs, DKs, DVs, LSE, DELTA, stride_qt, stride_qd, stride_qh, stride_kt, stride_kd,
+                stride_vt, stride_vd, stride_yt, stride_yd, stride_yh, stride_gt, stride_gd, row0, row_stride_h,
+                kvh, start_n, len_q, len_k, G, qk_scale, sm_scale,
+                CAUSAL: tl.constexpr, XSA: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr):
+    """dK, dV of one key block of one sequence and KV head, summed over the G query heads of the group in
+    registers (no expanded copies, no atomics). Qs/DYs point at query head 0 of the sequence's first row;
+    LSE/DELTA at (head 0, that row), row_stride_h apart per head."""
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    k = _load_rows(Ks, offs_n, stride_kt, offs_d, stride_kd, len_k, HEAD_DIM, BLOCK_D, True).to(DOT_DTYPE)
+    v = _load_rows(Vs, offs_n, stride_vt, offs_d, stride_vd, len_k, HEAD_DIM, BLOCK_D, True).to(DOT_DTYPE)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    key_row = offs_n - (len_k - len_q)               # each key's position in query rows
+    # Causal: query rows [lo, full_lo) straddle the block's diagonal (masked steps, rounded up to whole
+    # BLOCK_M steps so the two loops never overlap); later rows see every key of the block; earlier rows
+    # see none and are skipped. Keys before the first query (a KV cache) are seen by every row.
+    if CAUSAL:
+        lo = tl.maximum(start_n - (len_k - len_q), 0)
+        diag_rows = tl.maximum(start_n + BLOCK_N - (len_k - len_q) - lo, 0)
+        full_lo = tl.minimum(lo + ((diag_rows + BLOCK_M - 1) // BLOCK_M) * BLOCK_M, len_q)
+    else:
+        lo = 0
+        full_lo = 0
+    for g in range(G):
+        h = kvh * G + g
+        Qh = Qs + h * stride_qh
+        DYh = DYs + h * stride_yh
+        row_h = row0 + h * row_stride_h
+        if CAUSAL:
+            dk, dv = _dkdv_steps(dk, dv, k, v, Qh, DYh, LSE + row_h, DELTA + row_h, stride_qt, stride_qd,
+                                 stride_yt, stride_yd, key_row, offs_d, lo, full_lo, len_q, qk_scale, True,
+                                 HEAD_DIM, BLOCK_D, BLOCK_M, DOT_DTYPE, PRECISION)
+        dk, dv = _dkdv_steps(dk, dv, k, v, Qh, DYh, LSE + row_h, DELTA + row_h, stride_qt, stride_qd,
+                             stride_yt, stride_yd, key_row, offs_d, full_lo, len_q, len_q, qk_scale, False,
+                             HEAD_DIM, BLOCK_D, BLOCK_M, DOT_DTYPE, PRECISION)
+    if XSA:
+        dv += _load_rows(DVXs, offs_n, stride_gt, offs_d, stride_gd, len_k, HEAD_DIM, BLOCK_D, True)
+    _store_rows(DKs, dk * sm_scale, offs_n, stride_gt, offs_d, stride_gd, len_k, HEAD_DIM)
+    _store_rows(DVs, dv, offs_n, stride_gt, offs_d, stride_gd, len_k, HEAD_DIM)
+
+
 @triton.autotune(configs=_DKDV_CONFIGS, key=["T", "HEAD_DIM", "CAUSAL", "G"])
 @triton.jit
-def _attn_bwd_dkdv(Q, K, V, DY, LSE, DELTA, DVX, DK, DV,
+def _attn_bwd_dkdv(Q, K, V, DY, LSE, DELTA, DVX, DK, DV, CU,
                    stride_qb, stride_qt, stride_qh, stride_qd, stride_kb, stride_kt, stride_kh, stride_kd,
                    stride_vb, stride_vt, stride_vh, stride_vd, stride_yb, stride_yt, stride_yh, stride_yd,
                    stride_gb, stride_gt, stride_gh, stride_gd,
-                   T, H, G, qk_scale, sm_scale,
-                   CAUSAL: tl.constexpr, XSA: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-                   DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+                   T, T_K, H, G, qk_scale, sm_scale,
+                   CAUSAL: tl.constexpr, XSA: tl.constexpr, VARLEN: tl.constexpr, HEAD_DIM: tl.constexpr,
+                   BLOCK_D: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
                    BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr):
-    """One program per (key block, batch·KV head): dK, dV summed over the G query heads of the group in
-    registers (no expanded copies, no atomics). DK, DV and DVX share the strides stride_g*."""
+    """One program per (key block, sequence·KV head). DK, DV and DVX (B, T_K, Hkv, D) share the strides
+    stride_g*; DVX is 0 at keys no query sits on (a KV cache's rows)."""
     pid_n = tl.program_id(0)
-    bkv = tl.program_id(1)
     Hkv = H // G
-    b = (bkv // Hkv).to(tl.int64)
-    kvh = (bkv % Hkv).to(tl.int64)
-    start_n = pid_n * BLOCK_N
-    offs_n = start_n + tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    k = _load_rows(K + b * stride_kb + kvh * stride_kh, offs_n, stride_kt, offs_d, stride_kd, T, HEAD_DIM,
-                   BLOCK_D, True).to(DOT_DTYPE)
-    v = _load_rows(V + b * stride_vb + kvh * stride_vh, offs_n, stride_vt, offs_d, stride_vd, T, HEAD_DIM,
-                   BLOCK_D, True).to(DOT_DTYPE)
-    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    # Causal: query rows in [start_n, start_n + BLOCK_N) straddle the diagonal (masked steps); later rows
-    # see every key of the block; earlier rows see none and are skipped.
-    full_lo = tl.minimum(start_n + BLOCK_N, T) if CAUSAL else 0
-    for g in range(G):
-        h = kvh * G + g
-        Qh = Q + b * stride_qb + h * stride_qh
-        DYh = DY + b * stride_yb + h * stride_yh
-        row0 = (b * H + h) * T
-        if CAUSAL:
-            dk, dv = _dkdv_steps(dk, dv, k, v, Qh, DYh, LSE + row0, DELTA + row0, stride_qt, stride_qd,
-                                 stride_yt, stride_yd, offs_n, offs_d, start_n, full_lo, T, qk_scale, True,
-                                 HEAD_DIM, BLOCK_D, BLOCK_M, DOT_DTYPE, PRECISION)
-        dk, dv = _dkdv_steps(dk, dv, k, v, Qh, DYh, LSE + row0, DELTA + row0, stride_qt, stride_qd,
-                             stride_yt, stride_yd, offs_n, offs_d, full_lo, T, T, qk_scale, False,
-                             HEAD_DIM, BLOCK_D, BLOCK_M, DOT_DTYPE, PRECISION)
-    G_base = b * stride_gb + kvh * stride_gh
-    if XSA:
-        dv += _load_rows(DVX + G_base, offs_n, stride_gt, offs_d, stride_gd, T, HEAD_DIM, BLOCK_D, True)
-    _store_rows(DK + G_base, dk * sm_scale, offs_n, stride_gt, offs_d, stride_gd, T, HEAD_DIM)
-    _store_rows(DV + G_base, dv, offs_n, stride_gt, offs_d, stride_gd, T, HEAD_DIM)
+    skv = tl.program_id(1)
+    kvh = (skv % Hkv).to(tl.int64)
+    b, start, len_q, len_k = _sequence(CU, skv // Hkv, T, T_K, VARLEN)
+    Qs = _head_rows(Q, b, start, 0, stride_qb, stride_qt, stride_qh)
+    Ks = _head_rows(K, b, start, kvh, stride_kb, stride_kt, stride_kh)
+    Vs = _head_rows(V, b, start, kvh, stride_vb, stride_vt, stride_vh)
+    DYs = _head_rows(DY, b, start, 0, stride_yb, stride_yt, stride_yh)
+    G_base = b * stride_gb + start * stride_gt + kvh * stride_gh
+    row0 = b * H * T + start
+    if VARLEN:
+        for start_n in range(pid_n * BLOCK_N, len_k, tl.num_programs(0) * BLOCK_N):
+            _dkdv_block(Qs, Ks, Vs, DYs, DVX + G_base, DK + G_base, DV + G_base, LSE, DELTA, stride_qt, stride_qd,
+                        stride_qh, stride_kt, stride_kd, stride_vt, stride_vd, stride_yt, stride_yd, stride_yh,
+                        stride_gt, stride_gd, row0, T, kvh, start_n, len_q, len_k, G, qk_scale, sm_scale, CAUSAL,
+                        XSA, HEAD_DIM, BLOCK_D, DOT_DTYPE, PRECISION, BLOCK_N, BLOCK_M)
+    else:
+        _dkdv_block(Qs, Ks, Vs, DYs, DVX + G_base, DK + G_base, DV + G_base, LSE, DELTA, stride_qt, stride_qd,
+                    stride_qh, stride_kt, stride_kd, stride_vt, stride_vd, stride_yt, stride_yd, stride_yh,
+                    stride_gt, stride_gd, row0, T, kvh, pid_n * BLOCK_N, len_q, len_k, G, qk_scale, sm_scale,
+                    CAUSAL, XSA, HEAD_DIM, BLOCK_D, DOT_DTYPE, PRECISION, BLOCK_N, BLOCK_M)
 
 
 @triton.jit
-def _dq_steps(dq, q, dy, lse2, delta, K, V, stride_kt, stride_kd, stride_vt, stride_vd, offs_m, offs_d,
-              lo, hi, T, qk_scale, CAUSAL: tl.constexpr, MASKED: tl.constexpr, HEAD_DIM: tl.constexpr,
+def _dq_steps(dq, q, dy, lse2, delta, K, V, stride_kt, stride_kd, stride_vt, stride_vd, q_pos, offs_d,
+              lo, hi, len_k, qk_scale, CAUSAL: tl.constexpr, MASKED: tl.constexpr, HEAD_DIM: tl.constexpr,
               BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, DOT_DTYPE: tl.constexpr,
               PRECISION: tl.constexpr):
-    """Accumulate dQ of one query block over key blocks [lo, hi)."""
+    """Accumulate dQ of one query block over key blocks [lo, hi) (q_pos: the rows' key positions)."""
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        k = _load_rows(K, offs_n, stride_kt, offs_d, stride_kd, T, HEAD_DIM, BLOCK_D, MASKED).to(DOT_DTYPE)
-        v = _load_rows(V, offs_n, stride_vt, offs_d, stride_vd, T, HEAD_DIM, BLOCK_D, MASKED).to(DOT_DTYPE)
+        k = _load_rows(K, offs_n, stride_kt, offs_d, stride_kd, len_k, HEAD_DIM, BLOCK_D, MASKED).to(DOT_DTYPE)
+        v = _load_rows(V, offs_n, stride_vt, offs_d, stride_vd, len_k, HEAD_DIM, BLOCK_D, MASKED).to(DOT_DTYPE)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
         p = tl.exp2(s * qk_scale - lse2[:, None])
         if MASKED:
-            keep = offs_n[None, :] < T
+            keep = offs_n[None, :] < len_k
             if CAUSAL:
-                keep = keep & (offs_n[None, :] <= offs_m[:, None])
+                keep = keep & (offs_n[None, :] <= q_pos[:, None])
             p = tl.where(keep, p, 0.0)
         dp = tl.dot(dy, tl.trans(v), input_precision=PRECISION)
         ds = p * (dp - delta[:, None])
@@ -340,42 +454,54 @@ def _dq_steps(dq, q, dy, lse2, delta, K, V, stride_kt, stride_kd, stride_vt, str
     return dq
 
 
+@triton.jit
+def _dq_block(Qs, Ks, Vs, DYs, DQs, LSEs, DELTAs, stride_qt, stride_qd, stride_kt, stride_kd, stride_vt, stride_vd,
+              stride_yt, stride_yd, stride_gt, stride_gd, start_m, len_q, len_k, qk_scale, sm_scale,
+              CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, DOT_DTYPE: tl.constexpr,
+              PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """dQ = scale · Σ_j dS K of one query block of one sequence and head."""
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    row_ok = offs_m < len_q
+    q = _load_rows(Qs, offs_m, stride_qt, offs_d, stride_qd, len_q, HEAD_DIM, BLOCK_D, True).to(DOT_DTYPE)
+    dy = _load_rows(DYs, offs_m, stride_yt, offs_d, stride_yd, len_q, HEAD_DIM, BLOCK_D, True).to(DOT_DTYPE)
+    lse2 = tl.load(LSEs + offs_m, mask=row_ok, other=float("inf")) * _LOG2E
+    delta = tl.load(DELTAs + offs_m, mask=row_ok, other=0.0)
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    full_hi, hi = _visible_keys(start_m, len_q, len_k, CAUSAL, BLOCK_M, BLOCK_N)
+    q_pos = offs_m + (len_k - len_q)
+    dq = _dq_steps(dq, q, dy, lse2, delta, Ks, Vs, stride_kt, stride_kd, stride_vt, stride_vd, q_pos, offs_d,
+                   0, full_hi, len_k, qk_scale, CAUSAL, False, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_DTYPE, PRECISION)
+    dq = _dq_steps(dq, q, dy, lse2, delta, Ks, Vs, stride_kt, stride_kd, stride_vt, stride_vd, q_pos, offs_d,
+                   full_hi, hi, len_k, qk_scale, CAUSAL, True, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_DTYPE, PRECISION)
+    _store_rows(DQs, dq * sm_scale, offs_m, stride_gt, offs_d, stride_gd, len_q, HEAD_DIM)
+
+
 @triton.autotune(configs=_DQ_CONFIGS, key=["T", "HEAD_DIM", "CAUSAL"])
 @triton.jit
-def _attn_bwd_dq(Q, K, V, DY, LSE, DELTA, DQ,
+def _attn_bwd_dq(Q, K, V, DY, LSE, DELTA, DQ, CU,
                  stride_qb, stride_qt, stride_qh, stride_qd, stride_kb, stride_kt, stride_kh, stride_kd,
                  stride_vb, stride_vt, stride_vh, stride_vd, stride_yb, stride_yt, stride_yh, stride_yd,
                  stride_gb, stride_gt, stride_gh, stride_gd,
-                 T, H, G, qk_scale, sm_scale,
-                 CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                 T, T_K, H, G, qk_scale, sm_scale,
+                 CAUSAL: tl.constexpr, VARLEN: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                  DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """One program per (query block, batch·query head): dQ = scale · Σ_j dS K."""
-    bh, b, h, kvh, start_m, offs_m = _query_block(H, G, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    row_ok = offs_m < T
-    q = _load_rows(Q + b * stride_qb + h * stride_qh, offs_m, stride_qt, offs_d, stride_qd, T, HEAD_DIM,
-                   BLOCK_D, True).to(DOT_DTYPE)
-    dy = _load_rows(DY + b * stride_yb + h * stride_yh, offs_m, stride_yt, offs_d, stride_yd, T, HEAD_DIM,
-                    BLOCK_D, True).to(DOT_DTYPE)
-    row = bh.to(tl.int64) * T + offs_m
-    lse2 = tl.load(LSE + row, mask=row_ok, other=float("inf")) * _LOG2E
-    delta = tl.load(DELTA + row, mask=row_ok, other=0.0)
-    Kb = K + b * stride_kb + kvh * stride_kh
-    Vb = V + b * stride_vb + kvh * stride_vh
-    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    if CAUSAL:
-        full_hi = start_m
-        hi = tl.minimum(start_m + BLOCK_M, T)
+    """One program per (query block, sequence·query head)."""
+    Qs, Ks, Vs, row0, b, start, h, len_q, len_k, pid_m = _query_program(
+        Q, K, V, CU, stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt,
+        stride_vh, T, T_K, H, G, VARLEN)
+    DYs = _head_rows(DY, b, start, h, stride_yb, stride_yt, stride_yh)
+    DQs = _head_rows(DQ, b, start, h, stride_gb, stride_gt, stride_gh)
+    if VARLEN:
+        for start_m in range(pid_m * BLOCK_M, len_q, tl.num_programs(0) * BLOCK_M):
+            _dq_block(Qs, Ks, Vs, DYs, DQs, LSE + row0, DELTA + row0, stride_qt, stride_qd, stride_kt, stride_kd,
+                      stride_vt, stride_vd, stride_yt, stride_yd, stride_gt, stride_gd, start_m, len_q, len_k,
+                      qk_scale, sm_scale, CAUSAL, HEAD_DIM, BLOCK_D, DOT_DTYPE, PRECISION, BLOCK_M, BLOCK_N)
     else:
-        full_hi = (T // BLOCK_N) * BLOCK_N
-        hi = T
-    dq = _dq_steps(dq, q, dy, lse2, delta, Kb, Vb, stride_kt, stride_kd, stride_vt, stride_vd, offs_m, offs_d,
-                   0, full_hi, T, qk_scale, CAUSAL, False, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_DTYPE, PRECISION)
-    dq = _dq_steps(dq, q, dy, lse2, delta, Kb, Vb, stride_kt, stride_kd, stride_vt, stride_vd, offs_m, offs_d,
-                   full_hi, hi, T, qk_scale, CAUSAL, True, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_DTYPE, PRECISION)
-    _store_rows(DQ + b * stride_gb + h * stride_gh, dq * sm_scale, offs_m, stride_gt, offs_d, stride_gd, T,
-                HEAD_DIM)
+        _dq_block(Qs, Ks, Vs, DYs, DQs, LSE + row0, DELTA + row0, stride_qt, stride_qd, stride_kt, stride_kd,
+                  stride_vt, stride_vd, stride_yt, stride_yd, stride_gt, stride_gd, pid_m * BLOCK_M, len_q, len_k,
+                  qk_scale, sm_scale, CAUSAL, HEAD_DIM, BLOCK_D, DOT_DTYPE, PRECISION, BLOCK_M, BLOCK_N)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -395,56 +521,80 @@ def _block_d(head_dim: int) -> int:
     return max(16, triton.next_power_of_2(head_dim))
 
 
-def _attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, xsa: bool,
+def _sequences(B: int, T: int, T_K: int, cu_seqlens: torch.Tensor | None,
+               max_seqlen: int | None) -> tuple[int, int, int]:
+    """(sequences, query rows, key rows) the grids cover: dense (B, T, T_K); varlen (segments,
+    max_seqlen, max_seqlen), max_seqlen read from cu_seqlens (one host sync) when not given."""
+    if cu_seqlens is None:
+        return B, T, T_K
+    if max_seqlen is None:
+        max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
+    return cu_seqlens.numel() - 1, max_seqlen, max_seqlen
+
+
+def _attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor | None,
+                       max_seqlen: int | None, causal: bool, xsa: bool,
                        softmax_scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Launch the forward kernel: (z, lse, c) as documented on the custom op below."""
     B, T, H, D = q.shape
-    G = H // k.shape[2]
+    T_K, Hkv = k.shape[1], k.shape[2]
     o = empty_output((B, T, H, D), q.dtype, q.device)
     lse = empty_output((B, H, T), torch.float32, q.device)
     c = empty_output((B, H, T) if xsa else (0,), torch.float32, q.device)
     if o.numel() == 0:
         return o, lse, c
-    grid = lambda meta: (triton.cdiv(T, meta["BLOCK_M"]), B * H)  # noqa: E731
-    # Without XSA, C is never touched: pass lse so no kernel argument is an empty (null) pointer.
-    _attn_fwd[grid](q, k, v, o, lse, c if xsa else lse, *q.stride(), *k.stride(), *v.stride(), *o.stride(),
-                    T, H, G, softmax_scale * LOG2E, CAUSAL=causal, XSA=xsa, HEAD_DIM=D,
+    seqs, q_rows, _ = _sequences(B, T, T_K, cu_seqlens, max_seqlen)
+    grid = lambda meta: (max(1, triton.cdiv(q_rows, meta["BLOCK_M"])), seqs * H)  # noqa: E731
+    # Without XSA, C is never touched, nor CU when dense: pass lse so no kernel argument is an empty
+    # (null) pointer.
+    _attn_fwd[grid](q, k, v, o, lse, c if xsa else lse, lse if cu_seqlens is None else cu_seqlens,
+                    *q.stride(), *k.stride(), *v.stride(), *o.stride(), T, T_K, H, H // Hkv,
+                    softmax_scale * LOG2E, CAUSAL=causal, XSA=xsa, VARLEN=cu_seqlens is not None, HEAD_DIM=D,
                     BLOCK_D=_block_d(D), **_dot_args(q.dtype))
     return o, lse, c
 
 
-def _attention_backward(dz, q, k, v, o, lse, c, causal: bool, xsa: bool, softmax_scale: float):
+def _attention_backward(dz, q, k, v, o, lse, c, cu_seqlens, max_seqlen, causal: bool, xsa: bool,
+                        softmax_scale: float):
     """Launch preprocess, dK/dV and dQ kernels for upstream gradient dz (B, T, H, D): (dq, dk, dv)."""
     B, T, H, D = q.shape
-    Hkv = k.shape[2]
+    T_K, Hkv = k.shape[1], k.shape[2]
     G = H // Hkv
     dq = empty_output((B, T, H, D), q.dtype, q.device)
-    dk = empty_output((B, T, Hkv, D), k.dtype, k.device)
-    dv = empty_output((B, T, Hkv, D), v.dtype, v.device)
-    if dq.numel() == 0:
-        return dq, dk, dv
+    dk = empty_output((B, T_K, Hkv, D), k.dtype, k.device)
+    dv = empty_output((B, T_K, Hkv, D), v.dtype, v.device)
+    if dq.numel() == 0:          # no query: keys and values get no gradient
+        return dq, dk.zero_(), dv.zero_()
     block_d = _block_d(D)
     delta = empty_output((B, H, T), torch.float32, q.device)
+    cached = T_K - T             # keys before the first query (dense only): a KV cache
     if xsa:
         # dy = (I − v̂v̂ᵀ) dz feeds the flash backward; stored (B, H, T, D) so each head's rows are dense.
         dy = empty_output((B, H, T, D), q.dtype, q.device)
         dy_strides = (dy.stride(0), dy.stride(2), dy.stride(1), dy.stride(3))
-        dvx = empty_output((B, T, Hkv, D), torch.float32, q.device)
+        # dv_xsa lives on the queries' own key rows; cached rows get none.
+        dvx = (torch.zeros if cached else empty_output)((B, T_K, Hkv, D), dtype=torch.float32, device=q.device)
+        v_own, dvx_own = v[:, cached:], dvx[:, cached:]
     else:
         dy, dy_strides, dvx = dz, dz.stride(), delta      # no XSA: dy is dz itself; c and dvx unused
-        c = delta
-    # dk, dv and dv_xsa are fresh contiguous (B, T, Hkv, D) tensors: one set of strides serves all three.
+        c, v_own, dvx_own = delta, v, delta
+    # dk, dv and dv_xsa are fresh contiguous (B, T_K, Hkv, D) tensors: one set of strides serves all three.
+    # The preprocess is row-wise: it sees a varlen batch as one row of `total` rows.
     _bwd_preprocess[(triton.cdiv(T, _PRE_BLOCK), B * Hkv)](
-        o, dz, v, c, dy, delta, dvx, *o.stride(), *dz.stride(), *v.stride(), *dy_strides, *dk.stride(),
-        T, H, G, XSA=xsa, HEAD_DIM=D, BLOCK_D=block_d, BLOCK=_PRE_BLOCK, num_warps=1 if interpreting() else 4)
-    common = dict(CAUSAL=causal, HEAD_DIM=D, BLOCK_D=block_d, **_dot_args(q.dtype))
+        o, dz, v_own, c, dy, delta, dvx_own, *o.stride(), *dz.stride(), *v_own.stride(), *dy_strides,
+        *dk.stride(), T, H, G, XSA=xsa, HEAD_DIM=D, BLOCK_D=block_d, BLOCK=_PRE_BLOCK,
+        num_warps=1 if interpreting() else 4)
+    seqs, q_rows, k_rows = _sequences(B, T, T_K, cu_seqlens, max_seqlen)
+    cu = lse if cu_seqlens is None else cu_seqlens
+    common = dict(CAUSAL=causal, VARLEN=cu_seqlens is not None, HEAD_DIM=D, BLOCK_D=block_d,
+                  **_dot_args(q.dtype))
     qk_scale = softmax_scale * LOG2E
-    grid_kv = lambda meta: (triton.cdiv(T, meta["BLOCK_N"]), B * Hkv)  # noqa: E731
-    _attn_bwd_dkdv[grid_kv](q, k, v, dy, lse, delta, dvx, dk, dv, *q.stride(), *k.stride(), *v.stride(),
-                            *dy_strides, *dk.stride(), T, H, G, qk_scale, softmax_scale, XSA=xsa, **common)
-    grid_q = lambda meta: (triton.cdiv(T, meta["BLOCK_M"]), B * H)  # noqa: E731
-    _attn_bwd_dq[grid_q](q, k, v, dy, lse, delta, dq, *q.stride(), *k.stride(), *v.stride(), *dy_strides,
-                         *dq.stride(), T, H, G, qk_scale, softmax_scale, **common)
+    grid_kv = lambda meta: (max(1, triton.cdiv(k_rows, meta["BLOCK_N"])), seqs * Hkv)  # noqa: E731
+    _attn_bwd_dkdv[grid_kv](q, k, v, dy, lse, delta, dvx, dk, dv, cu, *q.stride(), *k.stride(), *v.stride(),
+                            *dy_strides, *dk.stride(), T, T_K, H, G, qk_scale, softmax_scale, XSA=xsa, **common)
+    grid_q = lambda meta: (max(1, triton.cdiv(q_rows, meta["BLOCK_M"])), seqs * H)  # noqa: E731
+    _attn_bwd_dq[grid_q](q, k, v, dy, lse, delta, dq, cu, *q.stride(), *k.stride(), *v.stride(), *dy_strides,
+                         *dq.stride(), T, T_K, H, G, qk_scale, softmax_scale, **common)
     return dq, dk, dv
 
 
@@ -453,14 +603,17 @@ def _attention_backward(dz, q, k, v, o, lse, c, causal: bool, xsa: bool, softmax
 # ----------------------------------------------------------------------------------------------
 
 @torch.library.custom_op("crawler_kernels::attention_fwd", mutates_args=())
-def _attention_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, xsa: bool,
+def _attention_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor | None,
+                      max_seqlen: int | None, causal: bool, xsa: bool,
                       softmax_scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(z (B,T,H,D) in q.dtype, lse (B,H,T) fp32, c (B,H,T) fp32 with xsa else an empty fp32 tensor)."""
-    return _attention_forward(q, k, v, causal, xsa, softmax_scale)
+    """q (B,T,H,D), k/v (B,T_K,Hkv,D) (varlen: B = 1 and cu_seqlens int32) -> (z (B,T,H,D) in q.dtype,
+    lse (B,H,T) fp32, c (B,H,T) fp32 with xsa else an empty fp32 tensor). Output shapes never depend on
+    cu_seqlens' values or max_seqlen, so new values of either need no new graph."""
+    return _attention_forward(q, k, v, cu_seqlens, max_seqlen, causal, xsa, softmax_scale)
 
 
 @_attention_fwd_op.register_fake
-def _(q, k, v, causal, xsa, softmax_scale):
+def _(q, k, v, cu_seqlens, max_seqlen, causal, xsa, softmax_scale):
     B, T, H, D = q.shape
     return (q.new_empty((B, T, H, D)), q.new_empty((B, H, T), dtype=torch.float32),
             q.new_empty((B, H, T) if xsa else (0,), dtype=torch.float32))
@@ -468,51 +621,68 @@ def _(q, k, v, causal, xsa, softmax_scale):
 
 @torch.library.custom_op("crawler_kernels::attention_bwd", mutates_args=())
 def _attention_bwd_op(dz: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
-                      lse: torch.Tensor, c: torch.Tensor, causal: bool, xsa: bool,
-                      softmax_scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                      lse: torch.Tensor, c: torch.Tensor, cu_seqlens: torch.Tensor | None, max_seqlen: int | None,
+                      causal: bool, xsa: bool, softmax_scale: float
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv), contiguous, in the dtypes of q, k, v."""
-    return _attention_backward(dz, q, k, v, o, lse, c, causal, xsa, softmax_scale)
+    return _attention_backward(dz, q, k, v, o, lse, c, cu_seqlens, max_seqlen, causal, xsa, softmax_scale)
 
 
 @_attention_bwd_op.register_fake
-def _(dz, q, k, v, o, lse, c, causal, xsa, softmax_scale):
+def _(dz, q, k, v, o, lse, c, cu_seqlens, max_seqlen, causal, xsa, softmax_scale):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, causal, xsa, softmax_scale = inputs
+    q, k, v, cu_seqlens, max_seqlen, causal, xsa, softmax_scale = inputs
     o, lse, c = output
-    ctx.save_for_backward(q, k, v, o, lse, c)
-    ctx.causal, ctx.xsa, ctx.softmax_scale = causal, xsa, softmax_scale
+    ctx.save_for_backward(q, k, v, o, lse, c, cu_seqlens)
+    ctx.max_seqlen, ctx.causal, ctx.xsa, ctx.softmax_scale = max_seqlen, causal, xsa, softmax_scale
     ctx.mark_non_differentiable(lse, c)
 
 
 def _backward(ctx, dz, _dlse, _dc):
-    q, k, v, o, lse, c = ctx.saved_tensors
-    dq, dk, dv = _attention_bwd_op(dz, q, k, v, o, lse, c, ctx.causal, ctx.xsa, ctx.softmax_scale)
-    return dq, dk, dv, None, None, None
+    q, k, v, o, lse, c, cu_seqlens = ctx.saved_tensors
+    dq, dk, dv = _attention_bwd_op(dz, q, k, v, o, lse, c, cu_seqlens, ctx.max_seqlen, ctx.causal, ctx.xsa,
+                                   ctx.softmax_scale)
+    return dq, dk, dv, None, None, None, None, None
 
 
 _attention_fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = True, xsa: bool = False,
-              softmax_scale: float | None = None) -> torch.Tensor:
-    """Fused softmax attention with grouped KV heads and optional XSA (Triton; same math as
-    `kernels.reference.attention`).
+              softmax_scale: float | None = None, cu_seqlens: torch.Tensor | None = None,
+              max_seqlen: int | None = None) -> torch.Tensor:
+    """Fused softmax attention with grouped KV heads and optional XSA (Triton; same math and contract as
+    `kernels.reference.attention`, see docs/ops.md).
 
-    q (B, T, H, D), k/v (B, T, Hkv, D) with H % Hkv == 0, D even and <= 128; float32, float16 or
-    bfloat16, one dtype, one device (CUDA, or CPU under TRITON_INTERPRET=1). Any strides are accepted
-    (views are read in place, never copied). Query head h attends with KV head h // (H/Hkv); scores are
-    scaled by softmax_scale (> 0, default 1/sqrt(D)) and masked causally when `causal`; with `xsa` the
-    output is projected off its own normalised value (SPEC §1.9). Returns a contiguous (B, T, H, D)
-    tensor in q.dtype; differentiable in q, k, v (deterministic backward).
+    Dense: q (B, Tq, H, D), k/v (B, Tk, Hkv, D) with Tq <= Tk; the queries are the last Tq positions
+    (Tq < Tk: new tokens after a KV cache; causal masking is aligned bottom-right and XSA uses
+    v[:, Tk - Tq:]). Varlen (`cu_seqlens` given): q (total, H, D), k/v (total, Hkv, D), or the same with a
+    leading 1; cu_seqlens int32 (num_docs + 1,) on q's device, 0 = cu[0] <= ... <= cu[-1] = total (trailing
+    repeated ends = empty segments, for fixed-capacity padding); each segment attends to itself only.
+    `max_seqlen` (varlen only) sizes the grid: at least the longest segment for full parallelism (a
+    smaller value is still correct, only slower); when absent it is read from cu_seqlens with one host
+    sync. Under torch.compile pass it (e.g. the training sequence length) to avoid that sync.
+    H % Hkv == 0, D even and <= 128; float32, float16 or bfloat16, one dtype, one device (CUDA, or CPU
+    under TRITON_INTERPRET=1). Any strides are accepted (views are read in place, never copied). Query
+    head h attends with KV head h // (H/Hkv); scores are scaled by softmax_scale (> 0, default
+    1/sqrt(D)) and masked causally when `causal`; with `xsa` the output is projected off its own
+    normalised value (docs/math.md §1.9). Returns a contiguous tensor of q's shape in q.dtype;
+    differentiable in q, k, v (deterministic backward, no float atomics).
     """
-    check_attention_inputs(q, k, v)
+    longest = check_attention_inputs(q, k, v, softmax_scale=softmax_scale, cu_seqlens=cu_seqlens,
+                                     max_seqlen=max_seqlen)
     if q.dtype not in _TORCH_TO_TL:
         raise TypeError(f"q: the Triton attention takes float32, float16 or bfloat16, got {q.dtype} "
                         f"(kernels.reference.attention handles float64)")
     scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else float(softmax_scale)
-    if not scale > 0.0 or math.isinf(scale):
-        raise ValueError(f"softmax_scale: expected a finite positive number, got {softmax_scale}")
-    return _attention_fwd_op(q, k, v, bool(causal), bool(xsa), scale)[0]
+    if cu_seqlens is None:
+        return _attention_fwd_op(q, k, v, None, None, bool(causal), bool(xsa), scale)[0]
+    packed = q.dim() == 3
+    if packed:
+        q, k, v = q[None], k[None], v[None]
+    out = _attention_fwd_op(q, k, v, cu_seqlens.contiguous(), longest if max_seqlen is None else max_seqlen,
+                            bool(causal), bool(xsa), scale)[0]
+    return out[0] if packed else out

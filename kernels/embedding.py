@@ -1,11 +1,13 @@
-"""Fused input embedding: token + BigramHash + rms_norm + SmearGate, forward and backward (SPEC §1.5,
-§1.6, §7.3). `embed` is a drop-in for `kernels.reference.embed`.
+"""Fused input embedding: token + BigramHash + rms_norm + SmearGate, forward and backward (docs/math.md
+§1.5, §1.6, §7.3). `embed` is a drop-in for `kernels.reference.embed`.
 
 Forward, one program per block of tokens, fp32 math throughout:
-    h_t  = (ids_{t-1} * 92821 + ids_t) mod NB        int64; ids_{-1} = 0 at the start of every row
+    h_t  = (prev_t * 92821 + ids_t) mod NB           int64; prev_t = ids_{t-1}, 0 at a document start
     x_t  = tok_emb[ids_t] + bigram_table[h_t] @ bigram_proj.T      (tl.dot: projected rows never hit memory)
     xn_t = x_t * rstd_t,  rstd_t = rsqrt(mean(x_t²) + eps),  eps = finfo(float32).eps (F.rms_norm)
-    y_t  = (1 - σ(gate)) * xn_t + σ(gate) * xn_{t-1}                xn_{-1} = 0 in every row
+    y_t  = (1 - σ(gate)) * xn_t + σ(gate) * xn_prev_t              xn_prev_t = xn_{t-1}, 0 at a document start
+A document starts at the first position of every row and, with `bos_id`, at every position whose id is
+bos_id (packed `[BOS] + document` streams), so nothing of one document reaches the next one.
 The model dim is walked in column chunks (the d×k projection is streamed chunk by chunk through shared
 memory; at d = 736, k = 128 it is too big to hold whole), so a row's rms needs two passes: pass 1 sums
 x² over the chunks, pass 2 recomputes x and writes the output. The smear needs xn of the previous token:
@@ -27,7 +29,8 @@ exact fp32 dots ("ieee"). The interpreter always computes in fp32.
 
 Backward (given dy), deterministic, no float atomics:
   1. a row kernel recomputes xn, forms dxn_t = (1-σ) dy_t + σ dy_{t+1} (dy_{t+1} read from memory, so no
-     tile shift), per-program partial sums of the gate gradient Σ_t xn_t (dy_{t+1} - dy_t) σ(1-σ), and
+     tile shift; 0 when t+1 starts a document, whose smear did not read xn_t), per-program partial sums
+     of the gate gradient Σ_t xn_t (dy_{t+1} - dy_t) σ(1-σ) (the same masked dy_{t+1}), and
      da_t = (dxn_t - xn_t mean(dxn_t xn_t)) rstd_t, which it writes (in tok_emb's dtype) together with
      g_t = da_t @ bigram_proj (fp32, k wide: the table gradient before its scatter). x is rebuilt in
      both passes (the row reduction needs all chunks before da), so 3 dots per chunk here too;
@@ -55,6 +58,7 @@ KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 BLOCK_T = 16 if interpreting() else 64
 SEGMENT_ROWS = 16 if interpreting() else 32      # rows summed per step by the segment-sum kernel
 MAX_PROJ_SPLITS = 16                             # token splits of the projection-gradient matmul
+NO_BOS = -1                                      # the kernels' bos_id=None: no id equals it
 _HASH_MULTIPLIER = tl.constexpr(BIGRAM_HASH_MULTIPLIER)
 
 
@@ -74,13 +78,14 @@ _ROW_CONFIGS = _configs(
 # ----------------------------------------------------------------------------------------------
 
 @triton.jit
-def _bucket(ids_ptr, tok, valid, T, NB):
+def _bucket(ids_ptr, tok, valid, T, NB, bos):
     """(BigramHash bucket, id) of flat token indices `tok` (int64) where `valid`, both int64.
 
-    The previous id is 0 at the first position of each row; int64 because prev * 92821 overflows
-    int32 for ids >= 23,136. Operands are non-negative, so Triton's truncating % is torch's floor-mod."""
+    The previous id is 0 at a document start (the first position of each row, or an id equal to `bos`;
+    bos = -1 matches no id); int64 because prev * 92821 overflows int32 for ids >= 23,136. Operands are
+    non-negative, so Triton's truncating % is torch's floor-mod."""
     cur = tl.load(ids_ptr + tok, mask=valid, other=0).to(tl.int64)
-    prev = tl.load(ids_ptr + tok - 1, mask=valid & (tok % T != 0), other=0).to(tl.int64)
+    prev = tl.load(ids_ptr + tok - 1, mask=valid & (tok % T != 0) & (cur != bos), other=0).to(tl.int64)
     return (prev * _HASH_MULTIPLIER + cur) % NB, cur
 
 
@@ -119,7 +124,7 @@ def _pre_norm(tok_ptr, ids, valid, cols, col_ok, D, bigram_rows, proj_t, PRECISI
 @triton.autotune(configs=_ROW_CONFIGS, key=["D", "K"])
 @triton.jit
 def _embed_fwd_kernel(ids_ptr, tok_ptr, table_ptr, proj_ptr, gate_ptr, out_ptr, rstd_ptr, bucket_ptr,
-                      N, T, D, K, NB, eps,
+                      N, T, D, K, NB, eps, bos,
                       BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
                       DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
     rows = tl.arange(0, BLOCK_T)
@@ -130,9 +135,9 @@ def _embed_fwd_kernel(ids_ptr, tok_ptr, table_ptr, proj_ptr, gate_ptr, out_ptr, 
     tok = tl.program_id(0).to(tl.int64) * (BLOCK_T - 1) - 1 + rows
     valid = (tok >= 0) & (tok < N)
     owned = valid & (rows > 0)
-    has_prev = valid & (tok % T != 0)
-    h, cur = _bucket(ids_ptr, tok, valid, T, NB)
-    h_prev, prev = _bucket(ids_ptr, tok - 1, has_prev, T, NB)
+    h, cur = _bucket(ids_ptr, tok, valid, T, NB, bos)
+    has_prev = valid & (tok % T != 0) & (cur != bos)         # not a document start: smear the previous
+    h_prev, prev = _bucket(ids_ptr, tok - 1, has_prev, T, NB, bos)
     b = _load_rows(table_ptr, h, valid, kk, K, k_ok).to(DOT_DTYPE)
 
     # Pass 1: sum of squares per row.
@@ -170,7 +175,7 @@ def _embed_fwd_kernel(ids_ptr, tok_ptr, table_ptr, proj_ptr, gate_ptr, out_ptr, 
 @triton.autotune(configs=_ROW_CONFIGS, key=["D", "K"])
 @triton.jit
 def _embed_bwd_rows_kernel(dy_ptr, ids_ptr, tok_ptr, table_ptr, proj_ptr, gate_ptr, rstd_ptr, bucket_ptr,
-                           da_ptr, g_ptr, dgate_part_ptr, N, T, D, K,
+                           da_ptr, g_ptr, dgate_part_ptr, N, T, D, K, bos,
                            BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
                            DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
     pid = tl.program_id(0)
@@ -179,8 +184,10 @@ def _embed_bwd_rows_kernel(dy_ptr, ids_ptr, tok_ptr, table_ptr, proj_ptr, gate_p
     k_ok = kk < K
     tok = pid.to(tl.int64) * BLOCK_T + rows
     valid = tok < N
-    # dy_{t+1} reaches token t only inside its own row (N = B·T, so this also keeps t + 1 < N).
+    # dy_{t+1} reaches token t only inside its own row (N = B·T, so this also keeps t + 1 < N) and
+    # document: a BOS at t + 1 did not smear token t in.
     has_next = valid & ((tok + 1) % T != 0)
+    has_next = has_next & (tl.load(ids_ptr + tok + 1, mask=has_next, other=0).to(tl.int64) != bos)
     cur = tl.load(ids_ptr + tok, mask=valid, other=0).to(tl.int64)
     h = tl.load(bucket_ptr + tok, mask=valid, other=0).to(tl.int64)
     rstd = tl.load(rstd_ptr + tok, mask=valid, other=0.0)        # 0 zeroes xn and da of masked rows
@@ -287,9 +294,10 @@ def _block_k(k: int) -> int:
 
 @torch.library.custom_op("crawler_kernels::embed_forward", mutates_args=())
 def _embed_forward(ids: torch.Tensor, tok_emb: torch.Tensor, bigram_table: torch.Tensor,
-                   bigram_proj: torch.Tensor, smear_gate: torch.Tensor
+                   bigram_proj: torch.Tensor, smear_gate: torch.Tensor, bos: int = NO_BOS
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(x0 (B,T,d) in tok_emb.dtype, rstd (B·T,) fp32, bucket ids (B·T,) int32). Inputs contiguous."""
+    """(x0 (B,T,d) in tok_emb.dtype, rstd (B·T,) fp32, bucket ids (B·T,) int32). Inputs contiguous; `bos`
+    the BOS id (NO_BOS: documents start at row starts only)."""
     B, T = ids.shape
     N, d, k = B * T, tok_emb.shape[1], bigram_table.shape[1]
     out = empty_output((B, T, d), tok_emb.dtype, ids.device)
@@ -300,13 +308,13 @@ def _embed_forward(ids: torch.Tensor, tok_emb: torch.Tensor, bigram_table: torch
     proj, dot_dtype, precision = _dot_setup(bigram_table, bigram_proj)
     grid = (triton.cdiv(N, BLOCK_T - 1),)
     _embed_fwd_kernel[grid](ids, tok_emb, bigram_table, proj, smear_gate, out, rstd, buckets,
-                            N, T, d, k, bigram_table.shape[0], torch.finfo(torch.float32).eps,
+                            N, T, d, k, bigram_table.shape[0], torch.finfo(torch.float32).eps, bos,
                             BLOCK_T=BLOCK_T, BLOCK_K=_block_k(k), DOT_DTYPE=dot_dtype, PRECISION=precision)
     return out, rstd, buckets
 
 
 @_embed_forward.register_fake
-def _(ids, tok_emb, bigram_table, bigram_proj, smear_gate):
+def _(ids, tok_emb, bigram_table, bigram_proj, smear_gate, bos=NO_BOS):
     N = ids.shape[0] * ids.shape[1]
     return (tok_emb.new_empty((*ids.shape, tok_emb.shape[1])),
             tok_emb.new_empty((N,), dtype=torch.float32),
@@ -336,7 +344,7 @@ def _segment_sum(src: torch.Tensor, keys: torch.Tensor, num_rows: int, dtype: to
 @torch.library.custom_op("crawler_kernels::embed_backward", mutates_args=())
 def _embed_backward(grad_out: torch.Tensor, ids: torch.Tensor, tok_emb: torch.Tensor,
                     bigram_table: torch.Tensor, bigram_proj: torch.Tensor, smear_gate: torch.Tensor,
-                    rstd: torch.Tensor, buckets: torch.Tensor
+                    rstd: torch.Tensor, buckets: torch.Tensor, bos: int
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients (dtok_emb, dbigram_table, dbigram_proj, dsmear_gate), each in its input's dtype."""
     B, T = ids.shape
@@ -352,7 +360,7 @@ def _embed_backward(grad_out: torch.Tensor, ids: torch.Tensor, tok_emb: torch.Te
     g = empty_output((N, k), torch.float32, dev)
     dgate_part = empty_output((n_blocks, d), torch.float32, dev)
     _embed_bwd_rows_kernel[(n_blocks,)](grad_out, ids, tok_emb, bigram_table, proj, smear_gate, rstd, buckets,
-                                        da, g, dgate_part, N, T, d, k, BLOCK_T=BLOCK_T, BLOCK_K=block_k,
+                                        da, g, dgate_part, N, T, d, k, bos, BLOCK_T=BLOCK_T, BLOCK_K=block_k,
                                         DOT_DTYPE=dot_dtype, PRECISION=precision)
     dtok = _segment_sum(da, ids.reshape(-1), tok_emb.shape[0], tok_emb.dtype)
     dtable = _segment_sum(g, buckets, bigram_table.shape[0], bigram_table.dtype)
@@ -369,39 +377,42 @@ def _embed_backward(grad_out: torch.Tensor, ids: torch.Tensor, tok_emb: torch.Te
 
 
 @_embed_backward.register_fake
-def _(grad_out, ids, tok_emb, bigram_table, bigram_proj, smear_gate, rstd, buckets):
+def _(grad_out, ids, tok_emb, bigram_table, bigram_proj, smear_gate, rstd, buckets, bos):
     return (torch.empty_like(tok_emb), torch.empty_like(bigram_table), torch.empty_like(bigram_proj),
             torch.empty_like(smear_gate))
 
 
 def _setup_context(ctx, inputs, output):
-    ids, tok_emb, bigram_table, bigram_proj, smear_gate = inputs
+    ids, tok_emb, bigram_table, bigram_proj, smear_gate, bos = inputs
     _, rstd, buckets = output
     ctx.mark_non_differentiable(rstd, buckets)
     ctx.save_for_backward(ids, tok_emb, bigram_table, bigram_proj, smear_gate, rstd, buckets)
+    ctx.bos = bos
 
 
 def _backward(ctx, grad_out, _grad_rstd, _grad_buckets):
     ids, tok_emb, bigram_table, bigram_proj, smear_gate, rstd, buckets = ctx.saved_tensors
     grads = torch.ops.crawler_kernels.embed_backward(grad_out.contiguous(), ids, tok_emb, bigram_table,
-                                                     bigram_proj, smear_gate, rstd, buckets)
-    return (None, *grads)
+                                                     bigram_proj, smear_gate, rstd, buckets, ctx.bos)
+    return (None, *grads, None)
 
 
 _embed_forward.register_autograd(_backward, setup_context=_setup_context)
 
 
 def embed(ids: torch.Tensor, tok_emb: torch.Tensor, bigram_table: torch.Tensor,
-          bigram_proj: torch.Tensor, smear_gate: torch.Tensor) -> torch.Tensor:
+          bigram_proj: torch.Tensor, smear_gate: torch.Tensor, *, bos_id: int | None = None) -> torch.Tensor:
     """The crawler's input embedding x0 = smear(rms_norm(tok_emb[ids] + bigram_table[h] @ bigram_proj.T)),
-    fused (SPEC §1.5, §1.6); same contract as `kernels.reference.embed`.
+    fused (docs/math.md §1.5, §1.6); same contract as `kernels.reference.embed`.
 
     ids (B, T) int16/uint16/int32/int64 in [0, V); tok_emb (V, d); bigram_table (NB, k); bigram_proj (d, k);
     smear_gate (d,); float tensors float32/float16/bfloat16 (mixed allowed), all on one CUDA device (or the
-    CPU under TRITON_INTERPRET=1). Math in float32; returns (B, T, d) in tok_emb.dtype. Differentiable in
-    tok_emb, bigram_table, bigram_proj and smear_gate; the backward is deterministic (no float atomics).
+    CPU under TRITON_INTERPRET=1). `bos_id` (an id in [0, V)): positions holding it start a document like
+    position 0 does (BigramHash previous id 0, SmearGate previous embedding 0), so packed documents do not
+    see each other. Math in float32; returns (B, T, d) in tok_emb.dtype. Differentiable in tok_emb,
+    bigram_table, bigram_proj and smear_gate; the backward is deterministic (no float atomics).
     """
-    check_embed_inputs(ids, tok_emb, bigram_table, bigram_proj, smear_gate)
+    check_embed_inputs(ids, tok_emb, bigram_table, bigram_proj, smear_gate, bos_id=bos_id)
     for name, t in (("tok_emb", tok_emb), ("bigram_table", bigram_table), ("bigram_proj", bigram_proj),
                     ("smear_gate", smear_gate)):
         check_tensor(name, t, dtypes=KERNEL_DTYPES)
@@ -410,5 +421,6 @@ def embed(ids: torch.Tensor, tok_emb: torch.Tensor, bigram_table: torch.Tensor,
                          f"got tensors on {ids.device}")
     out, _, _ = torch.ops.crawler_kernels.embed_forward(ids.contiguous(), tok_emb.contiguous(),
                                                         bigram_table.contiguous(), bigram_proj.contiguous(),
-                                                        smear_gate.contiguous())
+                                                        smear_gate.contiguous(),
+                                                        NO_BOS if bos_id is None else int(bos_id))
     return out

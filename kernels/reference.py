@@ -1,4 +1,4 @@
-"""Plain-PyTorch reference of every op: the spec (SPEC.md) in code.
+"""Plain-PyTorch reference of every op: the spec (docs/math.md) in code.
 
 Readability first: these functions are what the Triton kernels are tested against (in float64) and what
 the model runs on a CPU. Each public op validates its inputs exactly like its fast counterpart.
@@ -11,8 +11,16 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .utils import (FLOAT_DTYPES, check_attention_inputs, check_embed_inputs, check_gptq_args, check_gptq_inputs,
-                    check_gptq_values, check_int6_linear_inputs, check_tensor)
+from .utils import (
+    FLOAT_DTYPES,
+    check_attention_inputs,
+    check_embed_inputs,
+    check_gptq_args,
+    check_gptq_inputs,
+    check_gptq_values,
+    check_int6_linear_inputs,
+    check_tensor,
+)
 
 BIGRAM_HASH_MULTIPLIER = 92821
 
@@ -28,7 +36,7 @@ def rms_norm(x: torch.Tensor) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------------------------
-# RoPE (SPEC §1.8): the seed's partial layout
+# RoPE (docs/math.md §1.8): the seed's partial layout
 # ----------------------------------------------------------------------------------------------
 
 def rope_rotary_dims(head_dim: int) -> int:
@@ -51,7 +59,7 @@ def rope(x: torch.Tensor, base: float = 10000.0, offset: int = 0) -> torch.Tenso
     """Rotary embedding on x (B, T, H, D): dims [:R] rotate in rotate-half layout, dims [R:] pass through.
 
     x1 = x[..., :R/2], x2 = x[..., R/2:R] -> cat(x1*cos + x2*sin, -x1*sin + x2*cos). cos/sin are computed
-    in float32 and cast to x.dtype (SPEC §1.8). Row t sits at position offset + t (offset > 0: the new
+    in float32 and cast to x.dtype (docs/math.md §1.8). Row t sits at position offset + t (offset > 0: the new
     tokens of an incremental decoding step). Returns a tensor of x's shape and dtype.
     """
     B, T, H, D = x.shape
@@ -65,7 +73,7 @@ def rope(x: torch.Tensor, base: float = 10000.0, offset: int = 0) -> torch.Tenso
 
 
 # ----------------------------------------------------------------------------------------------
-# Attention with XSA (SPEC §1.4, §1.9)
+# Attention with XSA (docs/math.md §1.4, §1.9): dense, with a KV-cache query offset, and varlen
 # ----------------------------------------------------------------------------------------------
 
 def exclusive_self_attention(y: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -79,70 +87,104 @@ def exclusive_self_attention(y: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     return y - (y * v_hat).sum(-1, keepdim=True) * v_hat
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = True,
-              xsa: bool = False, softmax_scale: float | None = None) -> torch.Tensor:
-    """Softmax attention with grouped KV heads and optional XSA.
-
-    q (B, T, H, D), k/v (B, T, Hkv, D) with H % Hkv == 0, D even and <= 128; float32/16/bf16/64.
-    Query head h attends with KV head h // (H/Hkv). Scores are scaled by softmax_scale (default 1/sqrt(D)),
-    masked causally when `causal`; with `xsa` the output is projected off its own normalised value
-    (see `exclusive_self_attention`). Returns (B, T, H, D) in q.dtype; differentiable in q, k, v.
-    """
-    check_attention_inputs(q, k, v)
-    B, T, H, D = q.shape
-    G = H // k.shape[2]
-    scale = 1.0 / math.sqrt(D) if softmax_scale is None else softmax_scale
+def _dense_attention(q, k, v, causal: bool, xsa: bool, scale: float) -> torch.Tensor:
+    """q (B, Tq, H, D) at the last Tq of the Tk positions of k, v (B, Tk, Hkv, D): query i sits at
+    position Tk - Tq + i and (causal) sees keys 0 .. Tk - Tq + i; XSA uses the queries' own values."""
+    Tq, H = q.shape[1:3]
+    Tk, Hkv = k.shape[1:3]
     cd = _compute_dtype(q)
     qf, kf, vf = (t.to(cd).transpose(1, 2) for t in (q, k, v))        # (B, heads, T, D)
-    kf, vf = kf.repeat_interleave(G, dim=1), vf.repeat_interleave(G, dim=1)
-    scores = (qf @ kf.transpose(-1, -2)) * scale                      # (B, H, T, T)
+    kf, vf = kf.repeat_interleave(H // Hkv, dim=1), vf.repeat_interleave(H // Hkv, dim=1)
+    scores = (qf @ kf.transpose(-1, -2)) * scale                      # (B, H, Tq, Tk)
     if causal:
-        future = torch.ones(T, T, dtype=torch.bool, device=q.device).triu(1)
+        future = torch.ones(Tq, Tk, dtype=torch.bool, device=q.device).triu(Tk - Tq + 1)
         scores = scores.masked_fill(future, float("-inf"))
-    y = (scores.softmax(dim=-1) @ vf).transpose(1, 2)                 # (B, T, H, D)
+    y = (scores.softmax(dim=-1) @ vf).transpose(1, 2)                 # (B, Tq, H, D)
     if xsa:
-        y = exclusive_self_attention(y, v.to(cd))
+        y = exclusive_self_attention(y, v[:, Tk - Tq:].to(cd))
     return y.to(q.dtype)
 
 
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = True,
+              xsa: bool = False, softmax_scale: float | None = None, cu_seqlens: torch.Tensor | None = None,
+              max_seqlen: int | None = None) -> torch.Tensor:
+    """Softmax attention with grouped KV heads and optional XSA (the contract of `kernels.attention`).
+
+    Dense: q (B, Tq, H, D), k/v (B, Tk, Hkv, D), Tq <= Tk, the queries being the last Tq positions (a KV
+    cache's new tokens: causal masking aligned bottom-right, XSA with v[:, Tk - Tq:]). Varlen
+    (`cu_seqlens` int32 (num_docs + 1,), 0 = cu[0] <= ... <= cu[-1] = total): q (total, H, D), k/v
+    (total, Hkv, D) (or with a leading 1), each segment [cu[i], cu[i+1]) attending to itself alone;
+    max_seqlen is validated and otherwise unused here. H % Hkv == 0, D even and <= 128;
+    float32/16/bf16/64. Query head h attends with KV head h // (H/Hkv). Scores are scaled by
+    softmax_scale (default 1/sqrt(D)), masked causally when `causal`; with `xsa` the output is projected
+    off its own normalised value (see `exclusive_self_attention`). Returns q's shape in q.dtype;
+    differentiable in q, k, v.
+    """
+    check_attention_inputs(q, k, v, softmax_scale=softmax_scale, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else softmax_scale
+    if cu_seqlens is None:
+        return _dense_attention(q, k, v, causal, xsa, scale)
+    # Varlen: the dense reference on each segment on its own, which is isolation by construction.
+    packed = q.dim() == 3
+    q, k, v = (t[None] if packed else t for t in (q, k, v))
+    bounds = cu_seqlens.tolist()
+    out = torch.cat([_dense_attention(q[:, a:b], k[:, a:b], v[:, a:b], causal, xsa, scale)
+                     for a, b in zip(bounds, bounds[1:])], dim=1)
+    return out[0] if packed else out
+
+
 # ----------------------------------------------------------------------------------------------
-# Embedding: token + BigramHash, rms_norm, SmearGate (SPEC §1.5, §1.6)
+# Embedding: token + BigramHash, rms_norm, SmearGate (docs/math.md §1.5, §1.6)
 # ----------------------------------------------------------------------------------------------
 
-def bigram_hash(ids: torch.Tensor, buckets: int) -> torch.Tensor:
+def document_starts(ids: torch.Tensor, bos_id: int | None = None) -> torch.Tensor:
+    """(B, T) bool, True where a document starts: position 0 of every row and, with `bos_id`, every
+    position holding it (packed `[BOS] + document` streams). ids (B, T) int."""
+    starts = torch.zeros(ids.shape, dtype=torch.bool, device=ids.device)
+    starts[:, :1] = True
+    return starts if bos_id is None else starts | (ids == bos_id)
+
+
+def bigram_hash(ids: torch.Tensor, buckets: int, bos_id: int | None = None) -> torch.Tensor:
     """Bucket of each (previous, current) token pair: (prev * 92821 + id) mod buckets, in int64.
 
-    ids (B, T) int; prev_0 = 0 at the start of every row. int64 because prev * 92821 overflows int32
-    for ids >= 23,136. Returns (B, T) int64 in [0, buckets).
+    ids (B, T) int; prev = 0 at every document start (position 0 of each row, and each `bos_id`
+    position). int64 because prev * 92821 overflows int32 for ids >= 23,136. Returns (B, T) int64 in
+    [0, buckets).
     """
     ids = ids.long()
-    prev = F.pad(ids[:, :-1], (1, 0), value=0)
+    prev = F.pad(ids[:, :-1], (1, 0), value=0).masked_fill(document_starts(ids, bos_id), 0)
     return (prev * BIGRAM_HASH_MULTIPLIER + ids) % buckets
 
 
-def smear(x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
-    """SmearGate v2: (1 - σ(gate)) * x_t + σ(gate) * x_{t-1}, with x_{-1} = 0 in every row.
+def smear(x: torch.Tensor, gate: torch.Tensor, starts: torch.Tensor | None = None) -> torch.Tensor:
+    """SmearGate v2: (1 - σ(gate)) * x_t + σ(gate) * x_prev_t with x_prev_t = x_{t-1}, and 0 at position 0
+    of every row and wherever `starts` (B, T) bool marks a document start (see `document_starts`).
 
     x (B, T, d), gate (d,). Returns (B, T, d) in x's dtype.
     """
     g = torch.sigmoid(gate.to(x.dtype))
     x_prev = F.pad(x[:, :-1], (0, 0, 1, 0))
+    if starts is not None:
+        x_prev = x_prev.masked_fill(starts[..., None], 0.0)
     return (1 - g) * x + g * x_prev
 
 
 def embed(ids: torch.Tensor, tok_emb: torch.Tensor, bigram_table: torch.Tensor,
-          bigram_proj: torch.Tensor, smear_gate: torch.Tensor) -> torch.Tensor:
+          bigram_proj: torch.Tensor, smear_gate: torch.Tensor, *, bos_id: int | None = None) -> torch.Tensor:
     """The crawler's input embedding x0 = smear(rms_norm(tok_emb[ids] + bigram_table[h] @ bigram_proj.T)).
 
-    ids (B, T) int; tok_emb (V, d); bigram_table (NB, k); bigram_proj (d, k); smear_gate (d,).
-    Math in float32 (float64 for float64 inputs); returns (B, T, d) in tok_emb.dtype. Differentiable
-    in every float input.
+    ids (B, T) int; tok_emb (V, d); bigram_table (NB, k); bigram_proj (d, k); smear_gate (d,); bos_id
+    None or an id in [0, V) whose positions start a document like position 0 does (BigramHash previous
+    id 0, SmearGate previous embedding 0): nothing crosses a BOS. Math in float32 (float64 for float64
+    inputs); returns (B, T, d) in tok_emb.dtype. Differentiable in every float input.
     """
-    check_embed_inputs(ids, tok_emb, bigram_table, bigram_proj, smear_gate)
+    check_embed_inputs(ids, tok_emb, bigram_table, bigram_proj, smear_gate, bos_id=bos_id)
     cd = _compute_dtype(tok_emb)
-    h = bigram_hash(ids, bigram_table.shape[0])
+    h = bigram_hash(ids, bigram_table.shape[0], bos_id)
     x = tok_emb.to(cd)[ids.long()] + bigram_table.to(cd)[h] @ bigram_proj.to(cd).T
-    return smear(rms_norm(x), smear_gate.to(cd)).to(tok_emb.dtype)
+    starts = None if bos_id is None else document_starts(ids, bos_id)
+    return smear(rms_norm(x), smear_gate.to(cd), starts).to(tok_emb.dtype)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -177,7 +219,7 @@ def softcapped_logits(hidden: torch.Tensor, weight: torch.Tensor, softcap: float
 
 def softcapped_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                              softcap: float) -> torch.Tensor:
-    """Mean cross-entropy of the softcapped tied head, computed on float32 logits (SPEC §1.3, §1.12;
+    """Mean cross-entropy of the softcapped tied head, computed on float32 logits (docs/math.md §1.3, §1.12;
     float64 logits for float64 inputs).
 
     hidden (N, d), weight (V, d), targets (N,) int64. Returns a 0-d float32 tensor.
@@ -187,7 +229,7 @@ def softcapped_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets
 
 
 # ----------------------------------------------------------------------------------------------
-# Quantisation: SDClip scales, round-to-nearest, GPTQ (SPEC §3)
+# Quantisation: SDClip scales, round-to-nearest, GPTQ (docs/math.md §3)
 # ----------------------------------------------------------------------------------------------
 
 SDCLIP_SCALE_FLOOR = 1e-10
@@ -253,7 +295,7 @@ def dequantize(codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
 
 def quantization_proxy_loss(weight: torch.Tensor, hessian: torch.Tensor, codes: torch.Tensor,
                             scales: torch.Tensor) -> torch.Tensor:
-    """GPTQ's quality measure tr((W - Ŵ) H (W - Ŵ)ᵀ) in float64 (SPEC §3), Ŵ = dequantize(codes, scales).
+    """GPTQ's quality measure tr((W - Ŵ) H (W - Ŵ)ᵀ) in float64 (docs/math.md §3), Ŵ = dequantize(codes, scales).
 
     weight (N, K), hessian (K, K) (the undamped one), codes (N, K) int8, scales (N,). Returns a 0-d
     float64 tensor.
@@ -284,7 +326,7 @@ def inverse_cholesky_upper(hessian: torch.Tensor) -> torch.Tensor:
 
 def gptq_prepare(weight: torch.Tensor, hessian: torch.Tensor, *, bits: int, clip_sigmas: float,
                  act_order: bool, damp: float):
-    """Everything GPTQ does before its column walk (SPEC §3), for (..., N, K) weights and (..., K, K)
+    """Everything GPTQ does before its column walk (docs/math.md §3), for (..., N, K) weights and (..., K, K)
     Hessians (a leading batch of matrices is allowed; the Triton version batches same-shape matrices).
 
     1. SDClip scales from the weight as given (fp16).
@@ -317,7 +359,7 @@ def gptq_prepare(weight: torch.Tensor, hessian: torch.Tensor, *, bits: int, clip
 
 def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, *, bits: int = 6, clip_sigmas: float = 12.85,
                   block_size: int = 128, act_order: bool = True, damp: float = 0.01):
-    """GPTQ (Frantar et al. 2022) with SDClip per-row scales, one column at a time (SPEC §3).
+    """GPTQ (Frantar et al. 2022) with SDClip per-row scales, one column at a time (docs/math.md §3).
 
     weight (N, K) float, hessian (K, K) float (XᵀX/n of the layer's inputs), same device, finite.
     After `gptq_prepare`, for each block of block_size columns and each column j in it:
@@ -363,7 +405,7 @@ def gptq_column_walk(W: torch.Tensor, U: torch.Tensor, scales: torch.Tensor, per
 
 
 # ----------------------------------------------------------------------------------------------
-# Int6 weights at inference (SPEC §5): packing and the weight-only matmul
+# Int6 weights at inference (docs/math.md §5): packing and the weight-only matmul
 # ----------------------------------------------------------------------------------------------
 
 INT6_MIN, INT6_MAX = -32, 31

@@ -46,27 +46,75 @@ def check_tensor(name: str, t, *, ndim: int | None = None, dtypes=None, device=N
         raise ValueError(f"{name}: expected a contiguous tensor (call .contiguous() first)")
 
 
-def check_attention_inputs(q, k, v) -> None:
-    """Validate the `attention` contract: q (B,T,H,D), k/v (B,T,Hkv,D), H % Hkv == 0, D even <= 128."""
+def check_attention_inputs(q, k, v, *, softmax_scale=None, cu_seqlens=None, max_seqlen=None) -> int | None:
+    """Validate the `attention` contract (docs/ops.md).
+
+    Dense: q (B, Tq, H, D), k/v (B, Tk, Hkv, D) with Tq <= Tk. Varlen (cu_seqlens given): q (total, H, D)
+    or (1, total, H, D), k/v of q's rank with total rows and Hkv heads; cu_seqlens int32 (num_docs + 1,)
+    on q's device with 0 = cu[0] <= cu[1] <= ... <= cu[-1] = total; max_seqlen None or an int >= 1
+    (varlen only). Always: H % Hkv == 0, D even and <= 128, one float dtype, softmax_scale None or a
+    finite number > 0. Returns the longest segment when it read cu_seqlens' values (one host sync), else
+    None: the values are not checked while torch.compile traces, where reading them would break the graph.
+    """
+    varlen = cu_seqlens is not None
     for name, t in (("q", q), ("k", k), ("v", v)):
-        check_tensor(name, t, ndim=4, dtypes=FLOAT_DTYPES, device=q.device if name != "q" else None)
-    B, T, H, D = q.shape
+        check_tensor(name, t, ndim=None if varlen else 4, dtypes=FLOAT_DTYPES,
+                     device=q.device if name != "q" else None)
     if k.shape != v.shape:
         raise ValueError(f"k and v: expected equal shapes, got k {tuple(k.shape)} and v {tuple(v.shape)}")
-    if k.shape[0] != B or k.shape[1] != T or k.shape[3] != D:
-        raise ValueError(f"k: expected shape ({B}, {T}, Hkv, {D}) to match q {tuple(q.shape)}, "
-                         f"got {tuple(k.shape)}")
-    if H % k.shape[2] != 0:
-        raise ValueError(f"q/k: number of query heads {H} must be a multiple of KV heads {k.shape[2]}")
+    H, D = q.shape[-2:]
+    if varlen:
+        if q.dim() not in (3, 4) or (q.dim() == 4 and q.shape[0] != 1):
+            raise ValueError(f"q: with cu_seqlens, expected packed rows (total, H, D) or (1, total, H, D), "
+                             f"got shape {tuple(q.shape)}")
+        if k.dim() != q.dim() or k.shape[:-2] != q.shape[:-2] or k.shape[-1] != D:
+            raise ValueError(f"k: expected shape ({', '.join(map(str, q.shape[:-2]))}, Hkv, {D}) to match q "
+                             f"{tuple(q.shape)} (one packed row per query row), got {tuple(k.shape)}")
+    else:
+        B, Tq = q.shape[:2]
+        if k.shape[0] != B or k.shape[1] < Tq or k.shape[3] != D:
+            raise ValueError(f"k: expected shape ({B}, Tk, Hkv, {D}) with Tk >= {Tq} to match q {tuple(q.shape)} "
+                             f"(Tk > Tq: the queries are the last Tq positions), got {tuple(k.shape)}")
+        if max_seqlen is not None:
+            raise ValueError("max_seqlen: only meaningful with cu_seqlens (varlen attention)")
+    if H % k.shape[-2] != 0:
+        raise ValueError(f"q/k: number of query heads {H} must be a multiple of KV heads {k.shape[-2]}")
     if D % 2 != 0 or D > 128:
         raise ValueError(f"q: head dim must be even and <= 128, got {D}")
     if not (q.dtype == k.dtype == v.dtype):
         raise TypeError(f"q, k, v: expected one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if softmax_scale is not None and not (isinstance(softmax_scale, (int, float)) and not
+                                          isinstance(softmax_scale, bool) and 0 < softmax_scale < math.inf):
+        raise ValueError(f"softmax_scale: expected a finite positive number, got {softmax_scale!r}")
+    if not varlen:
+        return None
+    check_tensor("cu_seqlens", cu_seqlens, ndim=1, dtypes=(torch.int32,), device=q.device)
+    if cu_seqlens.numel() < 2:
+        raise ValueError(f"cu_seqlens: expected num_docs + 1 >= 2 offsets, got {cu_seqlens.numel()}")
+    if max_seqlen is not None and (isinstance(max_seqlen, bool) or not isinstance(max_seqlen, (int, torch.SymInt))
+                                   or max_seqlen < 1):
+        raise ValueError(f"max_seqlen: expected an int >= 1 (the longest segment), got {max_seqlen!r}")
+    if torch.compiler.is_compiling():
+        return None
+    bounds = cu_seqlens.tolist()
+    total = q.shape[-3]
+    if min(bounds) < 0:
+        raise ValueError(f"cu_seqlens: expected non-negative offsets, got {min(bounds)}")
+    if bounds[0] != 0:
+        raise ValueError(f"cu_seqlens: expected to start at 0, got {bounds[0]}")
+    steps = [b - a for a, b in zip(bounds, bounds[1:])]
+    if min(steps) < 0:
+        i = steps.index(min(steps))
+        raise ValueError(f"cu_seqlens: expected non-decreasing offsets, got {bounds[i]} then {bounds[i + 1]} "
+                         f"at index {i}")
+    if bounds[-1] != total:
+        raise ValueError(f"cu_seqlens: expected to end at the number of packed rows {total}, got {bounds[-1]}")
+    return max(steps)
 
 
-def check_embed_inputs(ids, tok_emb, bigram_table, bigram_proj, smear_gate) -> None:
+def check_embed_inputs(ids, tok_emb, bigram_table, bigram_proj, smear_gate, *, bos_id=None) -> None:
     """Validate the `embed` contract: ids (B,T) int, tok_emb (V,d), bigram_table (NB,k), bigram_proj
-    (d,k), smear_gate (d,), all on one device."""
+    (d,k), smear_gate (d,), all on one device; bos_id None or an int id in [0, V)."""
     check_tensor("ids", ids, ndim=2, dtypes=(torch.int32, torch.int64, torch.int16, torch.uint16))
     dev = ids.device
     check_tensor("tok_emb", tok_emb, ndim=2, dtypes=FLOAT_DTYPES, device=dev)
@@ -79,6 +127,9 @@ def check_embed_inputs(ids, tok_emb, bigram_table, bigram_proj, smear_gate) -> N
                          f"(model dim, bigram dim), got {tuple(bigram_proj.shape)}")
     if smear_gate.shape != (d,):
         raise ValueError(f"smear_gate: expected shape ({d},), got {tuple(smear_gate.shape)}")
+    if bos_id is not None and (isinstance(bos_id, bool) or not isinstance(bos_id, int)
+                               or not 0 <= bos_id < tok_emb.shape[0]):
+        raise ValueError(f"bos_id: expected None or a token id in [0, {tok_emb.shape[0]}), got {bos_id!r}")
     # The id range is a data-dependent check (a host sync): skipped while torch.compile traces, where it
     # would break the graph. uint16 has no min/max kernels, hence the widening.
     if ids.numel() and not torch.compiler.is_compiling():

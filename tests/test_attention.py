@@ -1,12 +1,15 @@
-"""kernels.attention (Triton, SPEC §1.9, §7.1-7.2) against kernels.reference.attention in float64:
+"""kernels.attention (Triton, docs/math.md §1.9, §7.1-7.2) against kernels.reference.attention in float64:
 forward and dq/dk/dv, on CPU under the Triton interpreter at small shapes and in bf16 at real shapes on a
-GPU. Outputs are NaN-poisoned (conftest), so an element a kernel forgets to write fails."""
+GPU; queries trailing a longer key sequence (KV-cache decoding) and the model's cached decoding through
+the op. Outputs are NaN-poisoned (conftest), so an element a kernel forgets to write fails. Varlen
+(cu_seqlens) has its own file, test_varlen_attention.py."""
 import pytest
 import torch
+from conftest import filled_crawler, rel_err
 
 import kernels
-from conftest import rel_err
 from crawler import CrawlerConfig, CrawlerGPT
+from crawler.model import KVCache
 from kernels import reference
 from kernels.attention import attention
 
@@ -20,6 +23,14 @@ def _inputs(B, T, H, Hkv, D, dtype, device="cpu"):
     qkv = torch.randn(B, T, H + 2 * Hkv, D, device=device, dtype=torch.float32)
     q, k, v = qkv.to(dtype).split([H, Hkv, Hkv], dim=2)
     return q, k, v
+
+
+def _cached_inputs(B, Tq, Tk, H, Hkv, D, dtype):
+    """q (B, Tq, H, D) for the last Tq of Tk positions; k, v (B, Tk, Hkv, D) strided views of a cache
+    buffer longer than Tk, the way the model's KVCache hands them over."""
+    q = torch.randn(B, Tq, H, D, dtype=dtype)
+    kv = torch.randn(B, Tk + 7, 2, Hkv, D, dtype=dtype)[:, :Tk]
+    return q, kv[:, :, 0], kv[:, :, 1]
 
 
 def _check(q, k, v, *, causal=True, xsa=False, softmax_scale=None, dz=None):
@@ -59,6 +70,61 @@ CASES = [
 def test_matches_reference(B, T, H, Hkv, D, dtype, causal, xsa):
     torch.manual_seed(T * 131 + D)
     _check(*_inputs(B, T, H, Hkv, D, dtype), causal=causal, xsa=xsa)
+
+
+# Tq < Tk: one new token after a cache, a chunk whose rows straddle the interpreter's 32/16 blocks and
+# whose offset is not a multiple of them, non-causal, D = 46.
+OFFSET_CASES = [
+    # B, Tq, Tk, H, Hkv, D, causal, xsa
+    (2, 1, 37, 4, 2, 16, True, True),
+    (1, 20, 45, 4, 2, 16, True, True),
+    (2, 5, 41, 4, 2, 16, False, False),
+    (1, 9, 30, 4, 1, 46, True, True),
+]
+
+
+@pytest.mark.parametrize("B,Tq,Tk,H,Hkv,D,causal,xsa", OFFSET_CASES)
+def test_queries_after_a_kv_cache_match_reference(B, Tq, Tk, H, Hkv, D, causal, xsa):
+    """Query i at key position Tk - Tq + i (causal aligned bottom-right), XSA on v[:, Tk - Tq:]: forward
+    and dq/dk/dv (cached keys get gradient through the queries that see them, cached values no XSA term)."""
+    torch.manual_seed(Tq * 17 + Tk)
+    _check(*_cached_inputs(B, Tq, Tk, H, Hkv, D, torch.float32), causal=causal, xsa=xsa)
+
+
+def test_queries_after_a_cache_equal_the_last_rows_of_full_attention():
+    """Attending the last Tq queries over all Tk keys gives the last Tq rows of full causal attention."""
+    torch.manual_seed(6)
+    q, k, v = _inputs(2, 40, 4, 2, 16, torch.float32)
+    full = attention(q, k, v, xsa=True)
+    assert torch.allclose(attention(q[:, 29:], k, v, xsa=True), full[:, 29:], rtol=1e-5, atol=1e-6)
+
+
+def test_model_kv_cache_decoding_runs_the_op(monkeypatch):
+    """CrawlerGPT decoding with a KVCache and ops="triton": chunked and one-token steps give the logits of
+    one full forward, and those of the reference model."""
+    for name in ("embed", "relu2_mlp", "softcapped_cross_entropy"):    # attention alone is under test
+        monkeypatch.setattr(kernels, name, getattr(reference, name), raising=False)
+    after_cache = []        # (Tq, Tk) of each Triton call whose queries trail cached keys
+
+    def spy(q, k, v, **kw):
+        if q.shape[1] < k.shape[1]:
+            after_cache.append((q.shape[1], k.shape[1]))
+        return attention(q, k, v, **kw)
+
+    monkeypatch.setattr(kernels, "attention", spy)
+    model = filled_crawler(seed=3)
+    ids = torch.randint(0, model.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        ref = model.forward_logits(ids)
+        model.ops = "triton"
+        full = model.forward_logits(ids)
+        cache, steps, start = KVCache(model.config, ids.shape[1]), [], 0
+        for n in (5, 1, 6):
+            steps.append(model.forward_logits(ids[:, start:start + n], cache))
+            start += n
+    assert rel_err(full, ref) < 1e-5
+    assert rel_err(torch.cat(steps, dim=1), full) < 1e-5
+    assert set(after_cache) == {(1, 6), (6, 12)}        # every schedule position of steps 2 and 3
 
 
 def test_xsa_value_norm_at_and_below_eps():
@@ -109,7 +175,8 @@ def test_single_token(xsa):
     (lambda q, k, v: (q.double(), k.double(), v.double()), TypeError, "float64"),
     (lambda q, k, v: (q.int(), k, v), TypeError, "q: expected dtype"),
     (lambda q, k, v: (q, k.to("meta"), v), ValueError, "k: expected a tensor on"),
-    (lambda q, k, v: (q, k[:, :5], v[:, :5]), ValueError, "k: expected shape"),
+    (lambda q, k, v: (q, k[:, :5], v[:, :5]), ValueError, "k: expected shape .* Tk >= 8"),
+    (lambda q, k, v: (q, torch.cat((k, k)), torch.cat((v, v))), ValueError, r"k: expected shape \(1, Tk"),
 ])
 def test_bad_inputs(make, exc, match):
     q, k, v = _inputs(1, 8, 4, 2, 46, torch.float32)

@@ -1,8 +1,8 @@
 """kernels.embed (fused token + BigramHash + rms_norm + SmearGate) against kernels.reference.embed.
 
 CPU: the Triton kernels run under the interpreter at small shapes and are compared with the reference
-evaluated in float64 (forward and the gradients of all four float inputs). GPU (`-m gpu`): bf16 at the
-pr1579 shape and bitwise run-to-run determinism.
+evaluated in float64 (forward and the gradients of all four float inputs), with and without `bos_id`
+document starts. GPU (`-m gpu`): bf16 at the pr1579 shape and bitwise run-to-run determinism.
 """
 import pytest
 import torch
@@ -31,20 +31,20 @@ def make_inputs(B, T, V, d, NB, k, *, ids=None, table_dtype=torch.float32, scale
     return ids.to(device), {n: p.to(device).requires_grad_() for n, p in params.items()}
 
 
-def run(fn, ids, params, grad_out, cast=None):
+def run(fn, ids, params, grad_out, cast=None, **kw):
     """fn's output and the gradients of its four float inputs for the upstream gradient grad_out."""
     leaves = {n: (p.detach().to(cast) if cast else p.detach()).requires_grad_() for n, p in params.items()}
-    out = fn(ids, *(leaves[n] for n in FLOAT_INPUTS))
+    out = fn(ids, *(leaves[n] for n in FLOAT_INPUTS), **kw)
     grads = torch.autograd.grad(out, [leaves[n] for n in FLOAT_INPUTS], grad_out.to(out.dtype))
     return out, dict(zip(FLOAT_INPUTS, grads))
 
 
-def check_against_reference(ids, params, *, tol=2e-6, grad_tol=None):
+def check_against_reference(ids, params, *, tol=2e-6, grad_tol=None, **kw):
     """Forward and all four gradients of kernels.embed within `tol` of the float64 reference."""
     g = torch.Generator().manual_seed(1)
     grad_out = torch.randn(*ids.shape, params["tok_emb"].shape[1], generator=g).to(ids.device)
-    out, grads = run(kernels.embed, ids, params, grad_out)
-    ref, ref_grads = run(reference.embed, ids, params, grad_out.double(), cast=torch.float64)
+    out, grads = run(kernels.embed, ids, params, grad_out, **kw)
+    ref, ref_grads = run(reference.embed, ids, params, grad_out.double(), cast=torch.float64, **kw)
     assert out.dtype == params["tok_emb"].dtype and out.shape == ref.shape
     assert rel_err(out, ref) < tol, f"forward rel err {rel_err(out, ref):.3g}"
     for name in FLOAT_INPUTS:
@@ -97,6 +97,54 @@ def test_no_leakage_across_rows():
         assert torch.allclose(batched[b:b + 1], alone, rtol=1e-6, atol=1e-6)
 
 
+BOS = 0
+
+
+def bos_ids(B, T, V, positions, seed=6):
+    """Random ids in [1, V) with BOS (id 0) at the given (row, position) pairs."""
+    ids = torch.randint(1, V, (B, T), generator=torch.Generator().manual_seed(seed))
+    for b, t in positions:
+        ids[b, t] = BOS
+    return ids
+
+
+def test_bos_document_starts_match_reference():
+    """BOS at position 0, twice in a row, on the interpreter's block edges (15 outputs per forward
+    program, 16 rows per backward program: tokens 15, 16, 30, 32), at the last position, and a row
+    without one."""
+    positions = [(0, 0), (0, 5), (0, 6), (0, 15), (0, 30), (0, 39), (1, 16), (1, 32)]
+    ids, params = make_inputs(3, 40, 30, 24, 17, 16, ids=bos_ids(3, 40, 30, positions))
+    check_against_reference(ids, params, bos_id=BOS)
+
+
+def test_bos_isolates_documents():
+    """Changing the tokens before a BOS leaves every output from the BOS on unchanged (forward), and an
+    upstream gradient on the BOS's document alone reaches no token before it (backward: the smear's
+    dx0_{t+1} term stops at the BOS)."""
+    ids = bos_ids(2, 30, 20, [(0, 11), (1, 7)])
+    ids, params = make_inputs(2, 30, 40, 24, 17, 16, ids=ids)
+    tables = [params[n].detach() for n in FLOAT_INPUTS]
+    changed = ids.clone()
+    changed[0, :11], changed[1, :7] = ids[0, :11] + 20, ids[1, :7] + 20      # ids 21..39: unseen after
+    for fn in (kernels.embed, reference.embed):
+        out, out_changed = fn(ids, *tables, bos_id=BOS), fn(changed, *tables, bos_id=BOS)
+        assert torch.equal(out[0, 11:], out_changed[0, 11:]) and torch.equal(out[1, 7:], out_changed[1, 7:])
+        assert not torch.equal(out[0, :11], out_changed[0, :11])
+    grad_out = torch.randn(2, 30, 24)
+    grad_out[0, :11], grad_out[1, :7] = 0.0, 0.0
+    _, grads = run(kernels.embed, changed, params, grad_out, bos_id=BOS)
+    assert not grads["tok_emb"][21:].any() and grads["tok_emb"][1:20].any()
+    _, leaky = run(kernels.embed, changed, params, grad_out)        # without bos_id the smear leaks back
+    assert leaky["tok_emb"][21:].any()
+
+
+def test_bos_id_absent_from_ids_changes_nothing():
+    ids, params = make_inputs(2, 20, 40, 24, 29, 16)
+    tables = [params[n].detach() for n in FLOAT_INPUTS]
+    ids = ids.clamp_min(1)
+    assert torch.equal(kernels.embed(ids, *tables, bos_id=0), kernels.embed(ids, *tables))
+
+
 def test_bf16_tables_with_fp32_proj_and_gate():
     """The model's dtypes: bf16 tables, fp32 projection and gate; output and table grads in bf16.
     The bound is loose because the interpreter truncates fp32 -> bf16 (the GPU rounds to nearest)."""
@@ -130,12 +178,14 @@ def test_gradients_identical_run_to_run():
         assert torch.equal(first[1][name], second[1][name]), name
 
 
-def test_compiles_fullgraph_without_graph_breaks():
+@pytest.mark.parametrize("bos_id", [None, 3])
+def test_compiles_fullgraph_without_graph_breaks(bos_id):
     ids, params = make_inputs(2, 20, 40, 24, 29, 16)
+    ids[:, 7] = 3
     grad_out = torch.randn(2, 20, 24)
     compiled = torch.compile(kernels.embed, fullgraph=True, backend="aot_eager")
-    out, grads = run(compiled, ids, params, grad_out)
-    eager_out, eager_grads = run(kernels.embed, ids, params, grad_out)
+    out, grads = run(compiled, ids, params, grad_out, bos_id=bos_id)
+    eager_out, eager_grads = run(kernels.embed, ids, params, grad_out, bos_id=bos_id)
     assert torch.equal(out, eager_out)
     for name in FLOAT_INPUTS:
         assert torch.equal(grads[name], eager_grads[name]), name
@@ -144,7 +194,8 @@ def test_compiles_fullgraph_without_graph_breaks():
 def test_op_registration():
     """torch.library's own checks of the forward op: schema, fake tensor, autograd registration."""
     ids, params = make_inputs(2, 10, 20, 16, 13, 16)
-    args = (ids, *(params[n] for n in FLOAT_INPUTS))
+    ids[0, 4] = 2
+    args = (ids, *(params[n] for n in FLOAT_INPUTS), 2)
     torch.library.opcheck(torch.ops.crawler_kernels.embed_forward.default, args,
                           test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
 
@@ -157,6 +208,10 @@ def test_op_registration():
     (lambda a: a.update(smear_gate=a["smear_gate"][:5]), ValueError, "smear_gate"),
     (lambda a: a.update(tok_emb=a["tok_emb"].double()), TypeError, "tok_emb"),
     (lambda a: a.update(bigram_table=[[1.0]]), TypeError, "bigram_table"),
+    (lambda a: a.update(bos_id=40), ValueError, r"bos_id: expected None or a token id in \[0, 40\)"),
+    (lambda a: a.update(bos_id=-1), ValueError, "bos_id"),
+    (lambda a: a.update(bos_id=True), ValueError, "bos_id"),
+    (lambda a: a.update(bos_id=1.0), ValueError, "bos_id"),
 ])
 def test_bad_inputs_raise_clear_errors(change, error, match):
     ids, params = make_inputs(2, 8, 40, 16, 13, 16)

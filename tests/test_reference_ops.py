@@ -3,8 +3,8 @@ import math
 
 import pytest
 import torch
-
 from conftest import rel_err
+
 from kernels import reference as ref
 
 
@@ -55,26 +55,29 @@ def test_rope_against_direct_rotation(D):
             c, s = math.cos(theta), math.sin(theta)
             expect[:, t, :, i] = a * c + b * s
             expect[:, t, :, half + i] = -a * s + b * c
-    # cos/sin come from float32 tables (SPEC §1.8), hence the float32-level bound.
+    # cos/sin come from float32 tables (docs/math.md §1.8), hence the float32-level bound.
     assert rel_err(out, expect) < 1e-6
     assert torch.equal(out[..., R:], x[..., R:])
     assert R == {46: 22, 64: 32}[D]
 
 
 def naive_attention(q, k, v, xsa, causal=True):
+    """Loops over every query: query t of Tq sits at key position Tk - Tq + t."""
     B, T, H, D = q.shape
+    Tk = k.shape[1]
     G = H // k.shape[2]
     out = torch.empty_like(q)
     for b in range(B):
         for h in range(H):
             g = h // G
             for t in range(T):
-                keys = range(t + 1) if causal else range(T)
+                pos = Tk - T + t
+                keys = range(pos + 1) if causal else range(Tk)
                 s = torch.stack([q[b, t, h] @ k[b, j, g] for j in keys]) / math.sqrt(D)
                 p = torch.softmax(s, 0)
                 y = sum(p[i] * v[b, j, g] for i, j in enumerate(keys))
                 if xsa:
-                    vh = v[b, t, g] / v[b, t, g].norm()
+                    vh = v[b, pos, g] / v[b, pos, g].norm()
                     y = y - (y @ vh) * vh
                 out[b, t, h] = y
     return out
@@ -93,6 +96,65 @@ def test_attention_against_naive_loop(H, Hkv, xsa):
         assert (out * own_v).sum(-1).abs().max() < 1e-10
     assert rel_err(ref.attention(q, k, v, causal=False, xsa=xsa),
                    naive_attention(q, k, v, xsa, causal=False)) < 1e-12
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_attention_with_queries_after_a_cache_against_naive_loop(causal):
+    torch.manual_seed(4)
+    q = torch.randn(2, 3, 4, 6, dtype=torch.float64)
+    k, v = torch.randn(2, 7, 2, 6, dtype=torch.float64), torch.randn(2, 7, 2, 6, dtype=torch.float64)
+    assert rel_err(ref.attention(q, k, v, xsa=True, causal=causal), naive_attention(q, k, v, True, causal)) < 1e-12
+
+
+@pytest.mark.parametrize("xsa", [False, True])
+def test_varlen_attention_is_block_diagonal_attention(xsa):
+    """The per-segment reference against one masked attention over all packed rows: query i sees key j
+    iff both are in one segment (and j <= i); empty segments are allowed."""
+    torch.manual_seed(5)
+    lengths = [3, 0, 5, 1, 4, 0]
+    total, H, Hkv, D = sum(lengths), 4, 2, 6
+    q = torch.randn(total, H, D, dtype=torch.float64)
+    k, v = torch.randn(total, Hkv, D, dtype=torch.float64), torch.randn(total, Hkv, D, dtype=torch.float64)
+    cu_seqlens = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+    doc = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))
+    pos = torch.arange(total)
+    visible = (doc[:, None] == doc[None, :]) & (pos[None, :] <= pos[:, None])
+    kf, vf = k.repeat_interleave(2, dim=1), v.repeat_interleave(2, dim=1)
+    scores = torch.einsum("ihd,jhd->hij", q, kf) / math.sqrt(D)
+    y = torch.einsum("hij,jhd->ihd", scores.masked_fill(~visible, float("-inf")).softmax(-1), vf)
+    if xsa:
+        vh = torch.nn.functional.normalize(vf, dim=-1)
+        y = y - (y * vh).sum(-1, keepdim=True) * vh
+    out = ref.attention(q, k, v, xsa=xsa, cu_seqlens=cu_seqlens)
+    assert out.shape == q.shape and rel_err(out, y) < 1e-12
+    assert rel_err(ref.attention(q[None], k[None], v[None], xsa=xsa, cu_seqlens=cu_seqlens)[0], y) < 1e-12
+
+
+def test_document_starts_bigram_hash_and_smear_with_bos_hand_computed():
+    ids = torch.tensor([[1, 5, 0, 7, 0, 0, 9]])
+    starts = ref.document_starts(ids, bos_id=0)
+    assert starts.tolist() == [[True, False, True, False, True, True, False]]
+    assert ref.document_starts(ids).tolist() == [[True] + [False] * 6]
+    prev = [0, 1, 0, 0, 0, 0, 0]          # the previous id, 0 at every start (the BOS positions)
+    expect = [(p * 92821 + i) % 1000 for p, i in zip(prev, ids[0].tolist())]
+    assert ref.bigram_hash(ids, 1000, bos_id=0)[0].tolist() == expect
+    x = torch.tensor([[[1.0], [2.0], [3.0], [4.0], [5.0], [6.0], [7.0]]])
+    out = ref.smear(x, torch.zeros(1), starts)       # σ(0) = 0.5: the mean with the previous row, or half
+    assert out[0, :, 0].tolist() == [0.5, 1.5, 1.5, 3.5, 2.5, 3.0, 6.5]
+
+
+def test_embed_with_bos_matches_composition():
+    torch.manual_seed(6)
+    ids = torch.randint(1, 50, (2, 9))
+    ids[0, 4], ids[1, 0], ids[1, 5] = 0, 0, 0
+    tok, table = torch.randn(50, 16, dtype=torch.float64), torch.randn(13, 4, dtype=torch.float64)
+    proj, gate = torch.randn(16, 4, dtype=torch.float64), torch.randn(16, dtype=torch.float64)
+    starts = ref.document_starts(ids, bos_id=0)
+    x = tok[ids] + table[ref.bigram_hash(ids, 13, bos_id=0)] @ proj.T
+    x = x / x.pow(2).mean(-1, keepdim=True).add(torch.finfo(torch.float64).eps).sqrt()
+    g = torch.sigmoid(gate)
+    x_prev = torch.cat((torch.zeros_like(x[:, :1]), x[:, :-1]), 1) * ~starts[..., None]
+    assert rel_err(ref.embed(ids, tok, table, proj, gate, bos_id=0), (1 - g) * x + g * x_prev) < 1e-12
 
 
 def test_attention_and_embed_validate_inputs():
