@@ -60,7 +60,7 @@ def text_table(records: list[dict]) -> list[str]:
         lines.append(f"{benchmark}: {group}  [{rs[0]['device']}]")
         for r in rs:
             s = ratio[(benchmark, group, r["impl"])]
-            vs = "" if r["role"] == "ours" or s is None else f"  speed-up of ours {s:.2f}x"
+            vs = "" if r["role"] == "ours" or s is None else f"  speed-up of ours {s:.3g}x"
             lines.append(f"    {r['impl']:<48} {r['median_ms']:>10.4f} ms{vs}  {format_metrics(r['metrics'])}")
             for name, entries in r["metrics"].items():
                 if isinstance(entries, list):
@@ -76,7 +76,7 @@ def summary_lines(records: list[dict]) -> list[str]:
     for (benchmark, group), rs in grouped(records).items():
         ours = [r for r in rs if r["role"] == "ours"]
         head = f"{benchmark}: {group}: " + (f"ours {format_number(ours[0]['median_ms'])} ms" if ours else "no ours")
-        parts = [f"{r['impl']} {ratio[(benchmark, group, r['impl'])]:.2f}x" for r in rs
+        parts = [f"{r['impl']} {ratio[(benchmark, group, r['impl'])]:.3g}x" for r in rs
                  if r["role"] == "baseline" and ratio[(benchmark, group, r["impl"])] is not None]
         lines.append(head + ("; vs " + ", ".join(parts) if parts else ""))
     return lines
