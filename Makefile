@@ -4,7 +4,7 @@ VENV   := .venv
 VPY    := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: train test lint bench venv clean
+.PHONY: train test lint bench gpu-check venv clean
 
 venv: $(STAMP)
 
@@ -26,8 +26,16 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(VPY) -m ruff check .
 
+# Every benchmark through pytest-benchmark (each skips without a GPU); ARGS go to pytest, e.g.
+# ARGS="--benchmark-json=bench.json" (then `python -m bench.results --json bench.json`). docs/benchmarks.md.
 bench: $(STAMP)
-	for f in bench/*.py; do $(VPY) $$f || exit 1; done
+	$(VPY) -m pytest bench $(ARGS)
+
+# The whole GPU validation as one command inside a time budget (bench/gpu_check.py). It never builds the
+# venv (the GPU machine has no network): there it runs with that machine's python, `make gpu-check PY=python3`.
+PY ?= $(if $(wildcard $(VPY)),$(VPY),python3)
+gpu-check:
+	PYTHONPATH=.$${PYTHONPATH:+:$$PYTHONPATH} $(PY) -m bench.gpu_check $(ARGS)
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache
