@@ -151,7 +151,8 @@ def build_optimizers(model: nn.Module, *, matrix_lr: float = 0.02, tied_embed_lr
                      muon_weight_decay: float = 0.085, adam_weight_decay: float = 0.085,
                      adam_betas: tuple[float, float] = (0.9, 0.95), adam_eps: float = 1e-8,
                      muon_row_normalize: bool = False, muon_polar_express: bool = False,
-                     muon_dtype: torch.dtype = torch.bfloat16, fused: bool | None = None) -> list[torch.optim.Optimizer]:
+                     muon_dtype: torch.dtype = torch.bfloat16,
+                     fused: bool | None = None) -> list[torch.optim.Optimizer]:
     """[Muon, AdamW "token", AdamW "scalar"] over `split_parameters(model)`, with the seed's defaults.
     Every group records its `base_lr`; `set_lr_multiplier` scales from it. `fused` selects torch's fused
     AdamW (default: on CUDA)."""

@@ -7,11 +7,17 @@ import numpy as np
 import pytest
 import torch
 
-from crawler.data import (HEADER_BYTES, DistributedTokenLoader, build_builtin_corpus, default_cache_dir,
-                          list_shards, load_validation_tokens, read_shard, write_shard)
+from crawler.corpus import build_builtin_corpus, default_cache_dir
+from crawler.data import (
+    HEADER_BYTES,
+    DistributedTokenLoader,
+    list_shards,
+    load_validation_tokens,
+    read_shard,
+    write_shard,
+)
 from crawler.fileio import atomic_open
 from crawler.tokenizer import BOS_ID, load_tokenizer
-
 
 # ------------------------------------------------------------------------------------------------
 # Shard format

@@ -4,7 +4,8 @@ import math
 import pytest
 import torch
 
-from crawler.evaluate import target_bytes, val_bpb
+from crawler.bpb import target_bytes
+from crawler.evaluate import val_bpb
 
 
 class ConstantModel(torch.nn.Module):

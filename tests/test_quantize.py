@@ -5,18 +5,32 @@ import dataclasses
 
 import pytest
 import torch
+from conftest import SMALL_CRAWLER as SMALL
+from conftest import filled_crawler, rel_err
+from test_model import pr1579_state_dict_shapes
 
 import kernels
 from crawler.artifact import QuantizedTensor, decode_artifact, encode_artifact, load_artifact
 from crawler.config import CrawlerConfig
 from crawler.data import write_shard
 from crawler.model import CrawlerGPT
-from crawler.quantize import (PLANS, QuantPlan, RoleSpec, _gptq_fixed_scales, build_artifact, calibration_tokens,
-                              collect_hessians, main, plan_schemes, prune_to_fit, quantize_and_evaluate,
-                              quantize_model, quantize_state_dict, quantize_tensor, tensor_role)
-from conftest import SMALL_CRAWLER as SMALL, filled_crawler, rel_err
-from test_model import pr1579_state_dict_shapes
-
+from crawler.quant import (
+    PLANS,
+    QuantPlan,
+    RoleSpec,
+    build_artifact,
+    calibration_tokens,
+    collect_hessians,
+    plan_schemes,
+    prune_to_fit,
+    quantize_and_evaluate,
+    quantize_model,
+    quantize_state_dict,
+    quantize_tensor,
+    tensor_role,
+)
+from crawler.quant.gptq_driver import _gptq_fixed_scales
+from crawler.quantize import main
 
 
 def small_model(seed=0) -> CrawlerGPT:

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from crawler.data import builtin_documents
+from crawler.corpus import builtin_documents
 from crawler.tokenizer import BOS_ID, byte_luts, check_vocab, load_tokenizer, train_tokenizer
 
 VOCAB = 400
