@@ -30,7 +30,7 @@ from crawler.artifact import model_from_artifact  # noqa: E402
 from crawler.config import CrawlerConfig  # noqa: E402
 from crawler.inference import generate, load_int6_model  # noqa: E402
 from crawler.model import CrawlerGPT  # noqa: E402
-from crawler.quantize import quantize_state_dict  # noqa: E402
+from crawler.quant import quantize_state_dict  # noqa: E402
 from kernels import int6_linear, pack_int6  # noqa: E402
 
 PLOTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "plots")

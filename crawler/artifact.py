@@ -1,4 +1,4 @@
-"""The artifact container (SPEC §4): quantised weights in safetensors, byte-shuffled, brotli-11'd, behind
+"""The artifact container (docs/math.md §4): quantised weights in safetensors, byte-shuffled, brotli-11'd, behind
 a small header of our own. No pickle anywhere: loading a hostile file parses bytes and JSON only.
 
 File layout (all integers little-endian; docs/artifact.md has the full description):

@@ -28,7 +28,7 @@ import sentencepiece as spm
 
 from .data import write_shard
 from .fileio import atomic_open, file_sha256
-from .tokenizer import BOS_ID, train_tokenizer
+from .tokenizer import BOS_ID, TOKENIZER_FILE, train_tokenizer
 
 CORPUS_FORMAT_VERSION = 1
 # Every VAL_EVERY-th document goes to val: a quarter of the text, ~220k tokens at vocab 1024, enough
@@ -144,14 +144,14 @@ def _load_valid_cache(data_dir: Path, key: dict) -> CorpusInfo | None:
         if manifest.get("key") != key:
             return None
         files = manifest["files"]
-        present = {p.name for p in data_dir.glob("fineweb_*.bin")} | {"tokenizer.model"}
+        present = {p.name for p in data_dir.glob("fineweb_*.bin")} | {TOKENIZER_FILE}
         if present != set(files):
             return None
         for name, digest in files.items():
             if file_sha256(data_dir / name) != digest:
                 return None
         c = manifest["counts"]
-        return CorpusInfo(data_dir=data_dir, tokenizer_path=data_dir / "tokenizer.model",
+        return CorpusInfo(data_dir=data_dir, tokenizer_path=data_dir / TOKENIZER_FILE,
                           vocab_size=manifest["tokenizer_vocab_size"], built=False, **c)
     except (OSError, ValueError, KeyError, TypeError):
         return None
@@ -176,7 +176,7 @@ def _build(out_dir: Path, key: dict, vocab_size: int, max_documents: int | None,
                          f"(every {VAL_EVERY}th document)")
     log(f"built-in corpus: {len(docs)} documents ({len(train)} train, {len(val)} val); "
         f"training a {vocab_size}-piece BPE tokenizer")
-    sp = train_tokenizer(train, out_dir / "tokenizer.model", vocab_size)
+    sp = train_tokenizer(train, out_dir / TOKENIZER_FILE, vocab_size)
     log("built-in corpus: encoding and writing shards")
     corpus_hash = hashlib.sha256()
     for d in docs:
@@ -191,7 +191,7 @@ def _build(out_dir: Path, key: dict, vocab_size: int, max_documents: int | None,
                 "counts": counts, "files": files}
     with atomic_open(out_dir / "manifest.json") as f:
         f.write(json.dumps(manifest, indent=2, sort_keys=True).encode())
-    return CorpusInfo(data_dir=out_dir, tokenizer_path=out_dir / "tokenizer.model",
+    return CorpusInfo(data_dir=out_dir, tokenizer_path=out_dir / TOKENIZER_FILE,
                       vocab_size=sp.vocab_size(), built=True, **counts)
 
 
@@ -229,7 +229,7 @@ def build_builtin_corpus(cache_dir: str | os.PathLike | None = None, vocab_size:
                     os.rename(target, old)
                 os.rename(tmp, target)
                 shutil.rmtree(old, ignore_errors=True)
-                info = dataclasses.replace(built, data_dir=target, tokenizer_path=target / "tokenizer.model")
+                info = dataclasses.replace(built, data_dir=target, tokenizer_path=target / TOKENIZER_FILE)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         log(f"built-in corpus: built in {time.perf_counter() - t0:.1f}s")

@@ -26,6 +26,7 @@ from tqdm import tqdm
 import kernels
 
 from .errors import SetupError
+from .tokenizer import TOKENIZER_FILE
 
 Log = Callable[[str], None]
 OPS_CHOICES = ("reference", "triton", "auto")
@@ -243,7 +244,7 @@ def resolve_data(data_dir, tokenizer, vocab_size: int, *, cache_dir=None, need_t
         raise SetupError(f"data directory {str(data_dir)!r} does not exist: {DATA_DIR_HINT}")
     if tokenizer is not None or not need_tokenizer:
         return data_dir, Path(tokenizer) if tokenizer is not None else None
-    tokenizer = data_dir / "tokenizer.model"
+    tokenizer = data_dir / TOKENIZER_FILE
     if not tokenizer.is_file():
         raise SetupError(f"no --tokenizer given and {str(tokenizer)!r} does not exist: pass --tokenizer with "
                          f"the SentencePiece .model the shards of {str(data_dir)!r} were encoded with")

@@ -1,4 +1,4 @@
-"""The artifact container (SPEC §4): bit-exact round trip, byte shuffle, the four distinct load errors,
+"""The artifact container (docs/math.md §4): bit-exact round trip, byte shuffle, the four distinct load errors,
 atomic writes, strict dequantisation into a model, and the size budget."""
 import hashlib
 import struct

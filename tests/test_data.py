@@ -1,4 +1,4 @@
-"""Data: shard format and its corrupt-file errors, atomic writes, the SPEC §2 train stream (spans,
+"""Data: shard format and its corrupt-file errors, atomic writes, the docs/math.md §2 train stream (spans,
 wrap-around, ranks, resume), validation tokens, and the cached, deterministic built-in corpus."""
 import dataclasses
 import json

@@ -1,4 +1,4 @@
-"""val_bpb on hand-checkable cases (SPEC §6)."""
+"""val_bpb on hand-checkable cases (docs/math.md §6)."""
 import math
 
 import pytest

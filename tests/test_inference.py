@@ -1,4 +1,4 @@
-"""Int6 inference (SPEC §5): the model built from an artifact computes on codes only, matches the
+"""Int6 inference (docs/math.md §5): the model built from an artifact computes on codes only, matches the
 dequantised CrawlerGPT, decodes incrementally with a KV cache exactly like full recomputation, fails
 clearly on bad artifacts; the generate CLI; the Triton int6_linear path under the interpreter."""
 import dataclasses

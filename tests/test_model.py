@@ -1,4 +1,4 @@
-"""CrawlerGPT and CrawlerConfig against SPEC §1."""
+"""CrawlerGPT and CrawlerConfig against docs/math.md §1."""
 import dataclasses
 
 import pytest
@@ -17,7 +17,7 @@ def small_model(seed=0, **overrides):
 
 
 def pr1579_state_dict_shapes():
-    """Names and shapes of PR #1579's GPT state dict (d=736, SP8192), written out from SPEC §1.11 and
+    """Names and shapes of PR #1579's GPT state dict (d=736, SP8192), written out from docs/math.md §1.11 and
     the seed's hyper-parameters, independently of our model code."""
     d, kv, hid, P = 736, 368, 2944, 7
     shapes = {"tok_emb.weight": (8192, d), "bigram.table.weight": (10240, 128), "bigram.proj.weight": (d, 128),

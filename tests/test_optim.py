@@ -1,4 +1,4 @@
-"""Muon, the parameter groups and the schedules against SPEC §2. (Muon's rank-sharded step is checked
+"""Muon, the parameter groups and the schedules against docs/math.md §2. (Muon's rank-sharded step is checked
 in tests/test_trainer.py, inside the one two-process run of the suite.)"""
 import math
 
@@ -22,7 +22,7 @@ NS = (3.4445, -4.7750, 2.0315)
 
 
 def hand_muon_update(g, buf, mu):
-    """One Muon update written out from SPEC §2 in float64: returns (u, new buf)."""
+    """One Muon update written out from docs/math.md §2 in float64: returns (u, new buf)."""
     g, buf = g.double(), buf.double()
     buf = mu * buf + g
     gp = g + mu * buf

@@ -1,4 +1,4 @@
-"""Sliding-window evaluation and legal score-first TTT (SPEC §6), and the `python -m crawler.evaluate` CLI."""
+"""Sliding-window evaluation and legal score-first TTT (docs/math.md §6), and the `python -m crawler.evaluate` CLI."""
 import copy
 import math
 

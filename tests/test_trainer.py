@@ -1,4 +1,4 @@
-"""The training loop (SPEC §2): QAT on in training and off in evaluation, SWA, the wall-clock stop,
+"""The training loop (docs/math.md §2): QAT on in training and off in evaluation, SWA, the wall-clock stop,
 compile warm-up restore, checkpoints (atomic, weights-only, refusing other configs/data), resume equal to
 an uninterrupted run, and a two-process gloo DDP run equal to one process with the same global batch."""
 import json
