@@ -47,6 +47,9 @@ def _upgrade_tok_emb(model: CrawlerGPT, calib: Calibration | None, result: Quant
         return artifact, "passthrough", None
     weight = model.state_dict()[name].float()
     for spec in result.plan.tok_emb_upgrades:
+        if spec.method == "gptq" and calib is None:
+            raise ValueError(f"plan {result.plan.name!r}: the tied-embedding upgrade {spec.describe()} uses GPTQ: "
+                             f"calibration tokens (calib) are required")
         hessian = calib.hessians()[name] if spec.method == "gptq" else None
         candidate = Artifact(artifact.config, {**artifact.tensors, name: quantize_tensor(weight, spec, hessian)})
         blob = encode_artifact(candidate)
