@@ -8,16 +8,10 @@ import pytest
 import torch
 
 from crawler.corpus import build_builtin_corpus, default_cache_dir
-from crawler.data import (
-    HEADER_BYTES,
-    DistributedTokenLoader,
-    list_shards,
-    load_validation_tokens,
-    read_shard,
-    write_shard,
-)
+from crawler.data import HEADER_BYTES, list_shards, load_validation_tokens, read_shard, write_shard
 from crawler.fileio import atomic_open
 from crawler.tokenizer import BOS_ID, load_tokenizer
+from crawler.training.stream import DistributedTokenLoader
 
 # ------------------------------------------------------------------------------------------------
 # Shard format

@@ -2,6 +2,7 @@
 
     config.py     TrainConfig (the seed's recipe as defaults, one CLI flag per field), batch arithmetic
     data.py       the checked data directory, tokenizer, validation tokens and the data identity
+    stream.py     the rank-aware training stream over the train shards (resumable)
     averaging.py  SWA and EMA of the weights
     log.py        the run log and its parameter-golf line formats
     loop.py       the training loop: train(), resumable, single process or torchrun DDP

@@ -26,7 +26,6 @@ import torch.distributed as dist
 
 from ..checkpoint import TRAINING_FORMAT, TRAINING_VERSION, Checkpoint, read_checkpoint, save_checkpoint, save_model
 from ..config import CrawlerConfig
-from ..data import DistributedTokenLoader
 from ..errors import SetupError
 from ..evaluate import val_bpb
 from ..fileio import write_json
@@ -37,6 +36,7 @@ from .averaging import EMA, WeightAverager
 from .config import TrainConfig, check_batch_shape, resolve_grad_accum
 from .data import TrainData
 from .log import RunLogger, progress_line, step_line
+from .stream import DistributedTokenLoader
 
 # Config fields that describe how a run feeds data, not the model: they may differ on resume.
 _NON_ARCH_FIELDS = ("train_seq_len", "train_batch_tokens")
