@@ -30,8 +30,11 @@ def _parse_role(text: str) -> tuple[str, RoleSpec]:
     try:
         role, rest = text.split("=", 1)
         method, *more = rest.split(":")
-        bits, k, floor = (more + [None] * 3)[:3]
-        spec = RoleSpec(method, int(bits or 6), float(k or 12.85), floor or "eps")
+        casts = {"bits": int, "k": float, "floor": str}
+        if len(more) > len(casts):
+            raise ValueError("too many fields")
+        # the fields left out keep RoleSpec's defaults
+        spec = RoleSpec(method, **{name: casts[name](v) for name, v in zip(casts, more) if v})
     except ValueError as e:
         raise argparse.ArgumentTypeError(f"{text!r}: expected ROLE=METHOD[:BITS[:K[:FLOOR]]] ({e})") from None
     return role, spec
