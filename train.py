@@ -30,16 +30,26 @@ import time
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
-from crawler.artifact import BUDGET_BYTES, model_from_artifact
-from crawler.config import PRESETS, CrawlerConfig
-from crawler.data import build_builtin_corpus
-from crawler.evaluate import TTTConfig, legal_ttt_bpb, sliding_window_bpb, unigram_bpb
-from crawler.quantize import PLANS, SMALL_NUMEL, get_plan, quantize_and_evaluate
-from crawler.model import OPS_CHOICES
-from crawler.trainer import (SetupError, TrainConfig, default_cpu_threads, env_world_size, prepare_data,
-                             resolve_grad_accum, setup_distributed, teardown_distributed, train, write_summary)
+from crawler.artifact import model_from_artifact
+from crawler.budget import BUDGET_BYTES
+from crawler.cli import shared_options
+from crawler.config import PASSTHROUGH_NUMEL, PRESETS, CrawlerConfig
+from crawler.errors import SetupError
+from crawler.evaluate import sliding_window_bpb, unigram_bpb
+from crawler.fileio import write_json
+from crawler.quant import PLANS, Calibration, get_plan, quantize_and_evaluate
+from crawler.report import print_table, summary_rows
+from crawler.runtime import (
+    broadcast_object,
+    default_cpu_threads,
+    distributed,
+    env_world_size,
+    resolve_data,
+    resolve_device,
+)
+from crawler.training import TrainConfig, prepare_data, resolve_grad_accum, train
+from crawler.ttt import TTTConfig, legal_ttt_bpb
 
 # The built-in corpus demo: a few minutes on a CPU. Everything not listed keeps the seed's default.
 # Measured on this demo: twice the seed's learning rates beat 1x by 0.07 bpb and 3-4x by 0.03 bpb (60
@@ -72,6 +82,7 @@ def _as_flags(options: dict) -> str:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="train.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+        parents=[shared_options()],
         epilog=f"Built-in corpus demo defaults (no --data-dir): {_as_flags(DEMO_TRAIN_DEFAULTS)}; on a CPU "
                f"also {_as_flags(CPU_TRAIN_DEFAULTS)}. Explicit options always win.")
     run = p.add_argument_group("run")
@@ -82,17 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
                           "(default: the --resume checkpoint's directory, else runs/<preset>-<time>)")
     run.add_argument("--resume", default=None, metavar="CHECKPOINT",
                      help="continue a run from its checkpoint.pt (same preset, model options and data)")
-    run.add_argument("--ops", choices=OPS_CHOICES, default="auto",
-                     help="model ops: Triton kernels, plain-PyTorch references, or auto (Triton on CUDA)")
-    run.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
-                     help="training device (auto: CUDA when available)")
     run.add_argument("--threads", type=int, default=None,
                      help="CPU intra-op threads (default: the cores not busy by the load average, >= 1)")
-    data = p.add_argument_group("data")
-    data.add_argument("--data-dir", default=None,
-                      help="directory of FineWeb shards fineweb_{train,val}_*.bin (default: the built-in corpus)")
-    data.add_argument("--tokenizer", default=None,
-                      help="SentencePiece .model the shards were encoded with (default: <data-dir>/tokenizer.model)")
+    data = p.add_argument_group("built-in corpus, validation and baselines")
     data.add_argument("--cache-dir", default=None,
                       help="where the built-in corpus is cached (default: $CRAWLER_CACHE or "
                            "~/.cache/crawler-kernels/corpus)")
@@ -126,7 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="also measure the round-trip gap of (a) RTN with the seed's floor, (b) the seed's "
                            "plan, (c) ours, (d) ours loop-aware (default: on for the built-in corpus)")
     post.add_argument("--quant-small-numel", type=int, default=None,
-                      help=f"matrices with at most this many elements stay fp16 (default: {SMALL_NUMEL:,}, the "
+                      help=f"matrices with at most this many elements stay fp16 (default: {PASSTHROUGH_NUMEL:,}, the "
                            f"seed's; 0 for the built-in corpus demo, whose tiny matrices all fall below it)")
     post.add_argument("--target-bytes", type=int, default=BUDGET_BYTES,
                       help=f"artifact + code byte target; ±1 codes are pruned to fit (default: {BUDGET_BYTES:,})")
@@ -161,40 +164,10 @@ def _model_config(args) -> CrawlerConfig:
         raise SetupError(f"{e} (check --preset / --model-set / --vocab-size options)") from None
 
 
-def _rank0_first(ctx, fn):
-    """Run `fn` on rank 0, then on the other ranks (so a cache is built once)."""
-    if ctx.is_main:
-        out = fn()
-    if ctx.distributed:
-        dist.barrier()
-    if not ctx.is_main:
-        out = fn()
-    return out
-
-
-def _broadcast(ctx, value):
-    if not ctx.distributed:
-        return value
-    box = [value]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
-def stage_data(args, ctx, model_config):
-    """The data directory and tokenizer (building the built-in corpus if needed), checked and loaded."""
-    if args.data_dir is None:
-        if args.tokenizer is not None:
-            raise SetupError("--tokenizer without --data-dir: give both (FineWeb shards and their tokenizer), "
-                             "or neither (built-in corpus)")
-        log = print if ctx.is_main else (lambda msg: None)
-        info = _rank0_first(ctx, lambda: build_builtin_corpus(args.cache_dir, model_config.vocab_size, log=log))
-        data_dir, tokenizer = info.data_dir, info.tokenizer_path
-    else:
-        data_dir = Path(args.data_dir)
-        tokenizer = Path(args.tokenizer) if args.tokenizer else data_dir / "tokenizer.model"
-        if args.tokenizer is None and not tokenizer.is_file():
-            raise SetupError(f"no --tokenizer given and {str(tokenizer)!r} does not exist: pass --tokenizer "
-                             f"with the SentencePiece .model the shards of {str(data_dir)!r} were encoded with")
+def stage_data(args, model_config):
+    """The data directory and tokenizer (the built-in corpus if none is given), checked and loaded."""
+    data_dir, tokenizer = resolve_data(args.data_dir, args.tokenizer, model_config.vocab_size,
+                                      cache_dir=args.cache_dir)
     return prepare_data(data_dir, tokenizer, model_config.vocab_size, val_max_tokens=args.val_max_tokens)
 
 
@@ -207,29 +180,32 @@ def stage_baselines(data, model_config) -> dict:
 
 def stage_quantize(args, model, data, train_summary: dict, out_dir: Path, log) -> dict:
     """The int6 artifact of the trained model and its round-trip val_bpb; with --compare-quant, the gaps of
-    the QUANT_COMPARISON plans measured on the same model. Returns {"artifact": summary of the written
-    artifact, "comparison": [(label, summary), ...]}."""
+    the QUANT_COMPARISON plans measured on the same model, all from one Calibration (the Hessians are
+    collected once). Returns {"artifact": summary of the written artifact, "comparison": [(label,
+    summary), ...]}."""
     pre_quant = (train_summary["final_val_loss"], train_summary["final_val_bpb"])
     chosen = (args.quant_plan, args.loop_aware)
     runs = [(label, plan, loop_aware) for label, plan, loop_aware in QUANT_COMPARISON] if args.compare_quant else []
     if chosen not in [(plan, loop_aware) for _, plan, loop_aware in runs]:
         runs.append((f"artifact: {args.quant_plan}{' loop-aware' if args.loop_aware else ''}", *chosen))
+    plans = [dataclasses.replace(get_plan(plan), small_numel=args.quant_small_numel) for _, plan, _ in runs]
+    calibration = (Calibration.from_data(model, data.data_dir, log=log) if any(p.needs_hessians() for p in plans)
+                   else None)
     out = {"comparison": []}
-    for label, plan, loop_aware in runs:
+    for (label, plan, loop_aware), plan_spec in zip(runs, plans):
         log(f"quantise: {label}")
         written = (plan, loop_aware) == chosen
-        plan_spec = dataclasses.replace(get_plan(plan), small_numel=args.quant_small_numel)
         result = quantize_and_evaluate(model, data.data_dir, data.luts, data.val_tokens, plan=plan_spec,
                                        loop_aware=loop_aware, target_bytes=args.target_bytes,
                                        out_path=out_dir / ARTIFACT_NAME if written else None,
-                                       pre_quant=pre_quant, log=log)
+                                       calibration=calibration, pre_quant=pre_quant, log=log)
         out["comparison"].append((label, result))
         if written:
             out["artifact"] = result
     return out
 
 
-def stage_evaluate(args, artifact_path: Path, data, model_config, device: str, log) -> dict:
+def stage_evaluate(args, artifact_path: Path, data, model_config, device: torch.device, log) -> dict:
     """Sliding-window and legal score-first TTT val_bpb of the artifact (dequantised), with timings."""
     model = model_from_artifact(artifact_path, device=device, ops=args.ops)
     T, out = model_config.train_seq_len, {}
@@ -241,7 +217,7 @@ def stage_evaluate(args, artifact_path: Path, data, model_config, device: str, l
         log(f"sliding window (stride {args.eval_stride}): val_bpb {out['sliding_val_bpb']:.4f} "
             f"({out['sliding_seconds']:.0f} s)")
     if args.ttt:
-        epochs = args.ttt_epochs if args.ttt_epochs is not None else (CPU_TTT_EPOCHS if device == "cpu" else 3)
+        epochs = args.ttt_epochs if args.ttt_epochs is not None else (CPU_TTT_EPOCHS if device.type == "cpu" else 3)
         config = TTTConfig(epochs=epochs, chunk_tokens=args.ttt_chunk_tokens)
         t0 = time.perf_counter()
         out["ttt_val_loss"], out["ttt_val_bpb"] = legal_ttt_bpb(
@@ -250,27 +226,14 @@ def stage_evaluate(args, artifact_path: Path, data, model_config, device: str, l
     return out
 
 
-def print_summary_table(rows: list[tuple[str, str]], log=print) -> None:
-    width = max(len(k) for k, _ in rows)
-    log("=" * (width + 30))
-    for key, value in rows:
-        log(f"{key:<{width}}  {value}")
-    log("=" * (width + 30))
-
-
-def _fmt(x, spec=".4f") -> str:
-    return "n/a" if x is None else format(x, spec)
-
-
-def run(args) -> dict:
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-    if device == "cuda" and not torch.cuda.is_available():
-        raise SetupError("--device cuda but no CUDA device is available: use --device cpu (or auto)")
+def resolve_options(args, device: torch.device) -> tuple[CrawlerConfig, TrainConfig]:
+    """The model and training configs of this run, and the defaults that depend on it (preset, demo and
+    CPU training defaults, baselines, the quantisation comparison), checked before anything runs."""
     builtin = args.data_dir is None
     if args.preset is None:
-        args.preset = "pr1579" if device == "cuda" and not builtin else "tiny"
+        args.preset = "pr1579" if device.type == "cuda" and not builtin else "tiny"
     model_config = _model_config(args)
-    defaults = {**(DEMO_TRAIN_DEFAULTS if builtin else {}), **(CPU_TRAIN_DEFAULTS if device == "cpu" else {})}
+    defaults = {**(DEMO_TRAIN_DEFAULTS if builtin else {}), **(CPU_TRAIN_DEFAULTS if device.type == "cpu" else {})}
     try:
         tc = TrainConfig(**{**defaults, **TrainConfig.overrides(args)})
         tc.validate()
@@ -282,19 +245,24 @@ def run(args) -> dict:
     if args.compare_quant is None:
         args.compare_quant = builtin
     if args.quant_small_numel is None:
-        args.quant_small_numel = 0 if builtin else SMALL_NUMEL
+        args.quant_small_numel = 0 if builtin else PASSTHROUGH_NUMEL
     if args.quantize and (args.sliding or args.ttt) and not 0 < args.eval_stride <= model_config.train_seq_len:
         raise SetupError(f"--eval-stride {args.eval_stride} must be in [1, sequence length "
                          f"{model_config.train_seq_len}]: lower it, or skip the window evaluations with "
                          f"--no-sliding --no-ttt")
+    return model_config, tc
 
-    if device == "cpu":
+
+def run(args) -> dict:
+    device = resolve_device(args.device)
+    model_config, tc = resolve_options(args, device)
+    if device.type == "cpu":
         torch.set_num_threads(args.threads or default_cpu_threads())
-    ctx = setup_distributed(device)
-    try:
+    with distributed(device) as ctx:
+        log = print if ctx.is_main else (lambda msg: None)
         t_start = time.perf_counter()
-        data = stage_data(args, ctx, model_config)
-        stamp = _broadcast(ctx, time.strftime("%Y%m%d-%H%M%S"))
+        data = stage_data(args, model_config)
+        stamp = broadcast_object(time.strftime("%Y%m%d-%H%M%S"))
         out_dir = Path(args.out_dir) if args.out_dir else (
             Path(args.resume).parent if args.resume else Path("runs") / f"{args.preset}-{stamp}")
         report = {"stages_s": {"data": time.perf_counter() - t_start}}
@@ -312,7 +280,6 @@ def run(args) -> dict:
                 print(f"\ninterrupted: {hint}", file=sys.stderr)
             raise SystemExit(130) from None
         report["stages_s"]["train"] = time.perf_counter() - t0
-        log = print if ctx.is_main else (lambda msg: None)
         quant = None
         if args.quantize:
             t0 = time.perf_counter()
@@ -326,44 +293,13 @@ def run(args) -> dict:
 
         summary = {**result.summary, **report, "out_dir": str(out_dir)}
         if ctx.is_main:
-            s = result.summary
-            rows = [("preset / parameters", f"{args.preset} / {s['n_params']:,}"),
-                    ("steps", f"{s['steps']} ({s['steps_this_session']} this session)"),
-                    ("train time", f"{s['train_time_ms'] / 1000:.1f} s"),
-                    ("step_avg", f"{_fmt(s['step_avg_ms'], '.2f')} ms"),
-                    ("tokens/s (this session)", _fmt(s["tokens_per_s"], ",.0f")),
-                    ("val tokens scored", f"{s['val_tokens']:,}")]
-            if "unigram_val_bpb" in report:
-                rows.append(("unigram baseline val_bpb", _fmt(report["unigram_val_bpb"])))
-            rows += [("untrained val_bpb", _fmt(s["initial_val_bpb"])),
-                     ("last-step val_bpb", _fmt(s["last_step_val_bpb"])),
-                     (f"pre-quant val_bpb ({s['averaging'] or 'raw weights'})", _fmt(s["final_val_bpb"]))]
-            if quant:
-                for label, r in quant["comparison"]:
-                    rows.append((f"int6 round trip {label}",
-                                 f"{_fmt(r['quant_val_bpb'])} (gap {r['quant_gap_bpb']:+.4f}, "
-                                 f"{r['quantize_total_seconds']:.1f} s; tok_emb {r['tok_emb_scheme']})"))
-                a = quant["artifact"]
-                rows += [("artifact + code bytes",
-                          f"{a['artifact_bytes']:,} + {a['code_bytes']:,} = {a['total_bytes']:,} "
-                          f"(code brotli'd {a['code_bytes_brotli']:,}; budget {a['budget']:,}: "
-                          f"{'fits' if a['fits'] else 'OVER'}; {a['pruned']:,} ±1 codes pruned)"),
-                         ("quantisation time (Hessians + GPTQ)", f"{a['quantize_total_seconds']:.1f} s"),
-                         ("int6 val_bpb: plain", _fmt(a["quant_val_bpb"]))]
-                if "sliding_val_bpb" in report:
-                    rows.append((f"int6 val_bpb: sliding window, stride {args.eval_stride}",
-                                 f"{_fmt(report['sliding_val_bpb'])} ({report['sliding_seconds']:.0f} s)"))
-                if "ttt_val_bpb" in report:
-                    reduced = " (reduced from 3 on CPU)" if device == "cpu" and args.ttt_epochs is None else ""
-                    rows.append((f"int6 val_bpb: legal TTT, {report['ttt_epochs']} epoch(s){reduced}",
-                                 f"{_fmt(report['ttt_val_bpb'])} ({report['ttt_seconds']:.0f} s)"))
-                rows.append(("artifact", str(out_dir / ARTIFACT_NAME)))
-            rows.append(("out dir", str(out_dir)))
-            print_summary_table(rows)
-            write_summary(out_dir / "summary.json", summary)
+            print_table(summary_rows(
+                preset=args.preset, train=result.summary, report=report,
+                quantization=quant["comparison"] if quant else None, artifact=quant["artifact"] if quant else None,
+                eval_stride=args.eval_stride, ttt_reduced=device.type == "cpu" and args.ttt_epochs is None,
+                artifact_path=out_dir / ARTIFACT_NAME if quant else None, out_dir=out_dir))
+            write_json(out_dir / "summary.json", summary)
         return summary
-    finally:
-        teardown_distributed()
 
 
 def main(argv=None) -> int:

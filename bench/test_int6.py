@@ -86,7 +86,7 @@ def decode_models(bench):
     from crawler import CrawlerGPT
     from crawler.artifact import model_from_artifact
     from crawler.inference import load_int6_model
-    from crawler.quantize import quantize_state_dict
+    from crawler.quant import quantize_state_dict
     torch.manual_seed(0)
     config = CrawlerConfig.preset(bench.shapes.preset)
     state = CrawlerGPT(config, ops="reference").state_dict()

@@ -1,4 +1,4 @@
-"""The artifact container (SPEC §4): quantised weights in safetensors, byte-shuffled, brotli-11'd, behind
+"""The artifact container (docs/math.md §4): quantised weights in safetensors, byte-shuffled, brotli-11'd, behind
 a small header of our own. No pickle anywhere: loading a hostile file parses bytes and JSON only.
 
 File layout (all integers little-endian; docs/artifact.md has the full description):
@@ -12,12 +12,12 @@ File layout (all integers little-endian; docs/artifact.md has the full descripti
 
 The safetensors metadata holds one entry, "crawler": a JSON object with `format_version`, `config` (the
 CrawlerConfig dict) and `schemes` (tensor name -> scheme). One entry, because safetensors writes its
-metadata map in hash order: several entries would make the file bytes (and size) vary between runs. A quantised tensor `name` is stored as `name.q` (int8 codes,
-one per byte) and `name.scale` (fp16 per-row scales), scheme "int{bits}_{method}"; a passthrough tensor
-is stored under its own name in the dtype its scheme names ("fp32", "fp16" or "bf16").
+metadata map in hash order: several entries would make the file bytes (and size) vary between runs.
+A quantised tensor `name` is stored as `name.q` (int8 codes, one per byte) and `name.scale` (fp16
+per-row scales), scheme "int{bits}_{method}"; a passthrough tensor is stored under its own name in the
+dtype its scheme names ("fp32", "fp16" or "bf16").
 
-Size accounting: `artifact bytes + code bytes <= 16,000,000` (decimal), where code bytes are the UTF-8
-size of the source files evaluation imports (`code_files()`), also reported brotli-11'd.
+What counts against the 16,000,000-byte budget (artifact bytes + code bytes) is crawler.budget's.
 """
 from __future__ import annotations
 
@@ -35,6 +35,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load as safetensors_load
 from safetensors.torch import save as safetensors_save
 
+import kernels
+
 from .config import CrawlerConfig
 from .fileio import atomic_open
 from .model import CrawlerGPT
@@ -47,7 +49,6 @@ BROTLI_QUALITY = 11
 BROTLI_LGWIN = 24                          # brotli's largest window: the payload is tens of MB
 SHUFFLE_STRIDE = 2
 METADATA_KEY = "crawler"
-BUDGET_BYTES = 16_000_000                  # Parameter Golf's limit, decimal bytes
 
 PASSTHROUGH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 QUANT_METHODS = ("gptq", "rtn")            # how the codes were chosen; decoding is the same for both
@@ -87,7 +88,7 @@ class QuantizedTensor:
 
     @property
     def clip_range(self) -> int:
-        return 2 ** (self.bits - 1) - 1
+        return kernels.reference.quant_max(self.bits)
 
     @property
     def scheme(self) -> str:
@@ -327,65 +328,3 @@ def load_artifact(path: str | os.PathLike) -> Artifact:
     except FileNotFoundError:
         raise FileNotFoundError(f"artifact {str(path)!r} does not exist") from None
     return decode_artifact(blob, where=f"artifact {str(path)!r}")
-
-
-# --------------------------------------------------------------------------------------------------
-# Size accounting
-
-# The source evaluation imports: the model and its config, the container, bpb evaluation, the int6
-# inference path, data and tokenizer readers (val shards, byte LUTs), and `kernels/` entire because
-# `import kernels` imports every op module. Training, quantisation, benchmarks and tests are not needed
-# to score an artifact and are not counted.
-CODE_FILE_PATTERNS = (
-    "crawler/__init__.py", "crawler/config.py", "crawler/model.py", "crawler/artifact.py",
-    "crawler/fileio.py", "crawler/evaluate.py", "crawler/inference.py", "crawler/data.py",
-    "crawler/tokenizer.py", "kernels/*.py",
-)
-REPO_ROOT = Path(__file__).resolve().parent.parent
-
-
-def code_files(root: str | os.PathLike = REPO_ROOT) -> list[Path]:
-    """The existing source files counted as code bytes, sorted (patterns in CODE_FILE_PATTERNS)."""
-    root = Path(root)
-    return sorted({p for pattern in CODE_FILE_PATTERNS for p in root.glob(pattern) if p.is_file()})
-
-
-def code_bytes(root: str | os.PathLike = REPO_ROOT) -> tuple[int, int]:
-    """(raw UTF-8 bytes, brotli-11 bytes) of code_files(root), the latter over their concatenation."""
-    data = b"".join(p.read_bytes() for p in code_files(root))
-    return len(data), len(brotli.compress(data, quality=BROTLI_QUALITY))
-
-
-@dataclasses.dataclass(frozen=True)
-class SizeReport:
-    """Artifact and code bytes against the budget. The budget counts raw code bytes (the conservative
-    rule PR #1579 used); the brotli size is reported for comparison with minified submissions."""
-    artifact_bytes: int
-    code_bytes: int
-    code_bytes_brotli: int
-    budget: int = BUDGET_BYTES
-
-    @property
-    def total(self) -> int:
-        return self.artifact_bytes + self.code_bytes
-
-    @property
-    def fits(self) -> bool:
-        return self.total <= self.budget
-
-    def summary(self) -> str:
-        return (f"artifact {self.artifact_bytes:,} B + code {self.code_bytes:,} B (brotli-11 "
-                f"{self.code_bytes_brotli:,} B) = {self.total:,} B of {self.budget:,} B budget: "
-                f"{'fits' if self.fits else f'OVER by {self.total - self.budget:,} B'}")
-
-    def check(self) -> None:
-        """Raise ValueError with the numbers when artifact + code bytes exceed the budget."""
-        if not self.fits:
-            raise ValueError(f"over the size budget: {self.summary()}; prune (--target-bytes) or lower "
-                             f"the bits/k of a role")
-
-
-def size_report(artifact_bytes: int, root: str | os.PathLike = REPO_ROOT,
-                budget: int = BUDGET_BYTES) -> SizeReport:
-    raw, compressed = code_bytes(root)
-    return SizeReport(artifact_bytes, raw, compressed, budget)

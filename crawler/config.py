@@ -1,4 +1,4 @@
-"""Model configuration: every field of SPEC §1.1, the `pr1579` and `tiny` presets, validation."""
+"""Model configuration: every field of docs/math.md §1.1, the `pr1579` and `tiny` presets, validation."""
 from __future__ import annotations
 
 import dataclasses
@@ -8,6 +8,9 @@ from dataclasses import dataclass
 XSA_COVERAGES = ("all", "pr1579", "none")
 MLP_ACTIVATIONS = ("relu2", "leaky_relu2")
 EMBED_DTYPES = ("float32", "bfloat16")
+# The seed's size rule for weight matrices (docs/math.md §2, §3): one with more elements than this is
+# fake-quantised by QAT in training and quantised in the artifact; a smaller one is neither (fp16).
+PASSTHROUGH_NUMEL = 65_536
 
 
 @dataclass(frozen=True)
@@ -15,7 +18,7 @@ class CrawlerConfig:
     """Shape and behaviour of a crawler transformer (PR #1579's "3f+2cx2" family).
 
     The schedule runs `num_flat_blocks // 2` encoder flat blocks, then `crawler_loops` passes over the
-    `num_crawler_blocks` shared crawler blocks, then the remaining (decoder) flat blocks (SPEC §1.2).
+    `num_crawler_blocks` shared crawler blocks, then the remaining (decoder) flat blocks (docs/math.md §1.2).
     `xsa` picks the schedule positions that use Exclusive Self Attention: "all" (default, the seed's
     stated intent), "pr1579" (what the seed's code really does: encoder flat blocks and crawler blocks
     only), "none", or an explicit tuple of positions.
@@ -141,16 +144,9 @@ class CrawlerConfig:
             need(self.xsa in XSA_COVERAGES,
                  f"xsa must be one of {XSA_COVERAGES} or a tuple of positions, got {self.xsa!r}")
 
-    def check_tokenizer(self, tokenizer_vocab_size: int) -> None:
-        """Raise ValueError unless the model's vocab covers every id of a tokenizer of this size."""
-        if tokenizer_vocab_size > self.vocab_size:
-            raise ValueError(f"CrawlerConfig: tokenizer has {tokenizer_vocab_size} pieces but vocab_size is "
-                             f"{self.vocab_size}; set vocab_size >= {tokenizer_vocab_size} (or use the "
-                             f"tokenizer the model was trained with)")
-
     # -- presets and serialisation -------------------------------------------------------------
     @classmethod
-    def preset(cls, name: str, **overrides) -> "CrawlerConfig":
+    def preset(cls, name: str, **overrides) -> CrawlerConfig:
         """`pr1579`: the seed's submitted run (38,346,836 parameters). `tiny`: a CPU demo size."""
         if name not in PRESETS:
             raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
@@ -166,7 +162,7 @@ class CrawlerConfig:
         return json.dumps(self.to_dict(), sort_keys=True)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "CrawlerConfig":
+    def from_dict(cls, d: dict) -> CrawlerConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - names)
         if unknown:

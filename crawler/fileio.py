@@ -1,14 +1,16 @@
-"""File helpers shared across the package: atomic output for every writer (shards, tokenizer, manifests;
-a crash or a full disk mid-write leaves the previous file, never a half-written one under the final
-name) and file hashing (cache validation, the data identity a checkpoint records)."""
+"""File helpers shared across the package: atomic output for every writer (shards, tokenizer, manifests,
+run summaries; a crash or a full disk mid-write leaves the previous file, never a half-written one under
+the final name) and file hashing (cache validation, the data identity a checkpoint records)."""
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import secrets
+from collections.abc import Iterator
 from pathlib import Path
-from typing import BinaryIO, Iterator
+from typing import BinaryIO
 
 
 @contextlib.contextmanager
@@ -43,3 +45,15 @@ def file_sha256(path: str | os.PathLike) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
+
+
+def write_json(path: str | os.PathLike, obj) -> None:
+    """Write `obj` as indented JSON, atomically; numpy scalars and paths are written as plain values."""
+    def plain(o):
+        if hasattr(o, "item") and callable(o.item):       # numpy / torch scalars
+            return o.item()
+        if isinstance(o, os.PathLike):
+            return os.fspath(o)
+        raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+    with atomic_open(path) as f:
+        f.write(json.dumps(obj, indent=2, default=plain).encode())

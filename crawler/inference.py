@@ -1,4 +1,4 @@
-"""Int6 inference (SPEC §5): a CrawlerGPT that computes on an artifact's codes, and generation.
+"""Int6 inference (docs/math.md §5): a CrawlerGPT that computes on an artifact's codes, and generation.
 
 `load_int6_model(artifact, device, ops)` builds an `Int6CrawlerGPT` straight from an artifact: the model
 is constructed on the meta device, every quantised matrix's module is swapped for a code-holding one, and
@@ -27,7 +27,8 @@ from kernels.reference import bigram_hash, relu2, rms_norm, smear
 
 from .artifact import Artifact, QuantizedTensor, load_artifact, load_state_into
 from .config import CrawlerConfig
-from .model import OPS_CHOICES, CastedLinear, CrawlerGPT, KVCache, select_op
+from .model import CastedLinear, CrawlerGPT, KVCache
+from .runtime import autocast, check_ops, eval_mode, resolve_ops, select_op
 
 INT6_MAX_BITS = 6                                    # codes of up to 6 bits fit the packed int6 layout
 ROW_TILE = kernels.reference.INT6_REF_ROW_TILE       # weight rows dequantised at a time on the int8 path
@@ -46,13 +47,12 @@ class QuantMatrix(nn.Module):
 
     Buffers: `packed` uint8 (N, 3K/4) (kernels.pack_int6 layout) when bits <= 6 and K % 4 == 0, else
     `codes` int8 (N, K); `scales` fp16 (N,). `ops` picks the int6 matmul: "triton" (kernels.int6_linear),
-    "reference" (kernels.reference.int6_linear) or "auto" (Triton on CUDA, the reference elsewhere).
+    "reference" (kernels.reference.int6_linear) or "auto" (crawler.runtime.resolve_ops: Triton on CUDA).
     """
 
     def __init__(self, rows: int, cols: int, bits: int, ops: str = "auto"):
         super().__init__()
-        if ops not in OPS_CHOICES:
-            raise ValueError(f"ops must be one of {OPS_CHOICES}, got {ops!r}")
+        check_ops(ops)
         self.rows, self.cols, self.bits, self.ops = rows, cols, bits, ops
         self.is_packed = bits <= INT6_MAX_BITS and cols % 4 == 0
         if self.is_packed:
@@ -83,8 +83,7 @@ class QuantMatrix(nn.Module):
         """x (..., K) float -> x @ Wᵀ (..., N) in x's dtype (the autocast dtype under autocast)."""
         x = _autocast_input(x)
         if self.is_packed:
-            ops = self.ops if self.ops != "auto" else ("triton" if x.device.type == "cuda" else "reference")
-            return select_op(ops, "int6_linear")(x, self.packed, self.scales)
+            return select_op(resolve_ops(self.ops, x.device), "int6_linear")(x, self.packed, self.scales)
         out = x.new_empty(*x.shape[:-1], self.rows)
         for n0 in range(0, self.rows, ROW_TILE):
             tile = slice(n0, n0 + ROW_TILE)
@@ -242,7 +241,7 @@ def generate(model: CrawlerGPT, prompt_ids, max_new_tokens: int, temperature: fl
     `eos_id`, a sequence that emits it is finished (later positions repeat eos_id) and decoding stops
     once all are. `vocab_limit` masks ids >= it (model rows a tokenizer cannot decode).
     Returns prompt + new ids, (T + n,) or (B, T + n) int64 on the model's device, n <= max_new_tokens.
-    Runs in eval mode (restored afterwards), under bf16 autocast on CUDA like evaluation.
+    Runs in crawler.runtime's eval_mode and autocast (restored afterwards; bf16 on CUDA) like evaluation.
     """
     ids = torch.as_tensor(prompt_ids)
     squeeze = ids.dim() == 1
@@ -262,25 +261,20 @@ def generate(model: CrawlerGPT, prompt_ids, max_new_tokens: int, temperature: fl
     cache = KVCache(model.config, ids.shape[1] + max_new_tokens)
     done = torch.zeros(ids.shape[0], dtype=torch.bool, device=device)
     out = [ids]
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            step_ids = ids
-            for _ in range(max_new_tokens):
-                # the head runs on the last position only: a prompt's other logits are never used
-                logits = model.head_logits(model.forward_hidden(step_ids, cache)[:, -1])
-                if vocab_limit is not None:
-                    logits[:, vocab_limit:] = float("-inf")
-                step_ids = sample_next(logits, temperature, top_k, generator)
-                if eos_id is not None:
-                    step_ids = step_ids.masked_fill(done, eos_id)
-                    done |= step_ids == eos_id
-                step_ids = step_ids[:, None]
-                out.append(step_ids)
-                if bool(done.all()):
-                    break
-    finally:
-        model.train(was_training)
+    with eval_mode(model), autocast(device):
+        step_ids = ids
+        for _ in range(max_new_tokens):
+            # the head runs on the last position only: a prompt's other logits are never used
+            logits = model.head_logits(model.forward_hidden(step_ids, cache)[:, -1])
+            if vocab_limit is not None:
+                logits[:, vocab_limit:] = float("-inf")
+            step_ids = sample_next(logits, temperature, top_k, generator)
+            if eos_id is not None:
+                step_ids = step_ids.masked_fill(done, eos_id)
+                done |= step_ids == eos_id
+            step_ids = step_ids[:, None]
+            out.append(step_ids)
+            if bool(done.all()):
+                break
     result = torch.cat(out, dim=1)
     return result[0] if squeeze else result

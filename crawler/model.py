@@ -1,4 +1,4 @@
-"""CrawlerGPT: the crawler transformer of PR #1579 ("3f+2cx2"), exactly per SPEC §1.
+"""CrawlerGPT: the crawler transformer of PR #1579 ("3f+2cx2"), exactly per docs/math.md §1.
 
 Parameter and module names follow PR #1579 so its `final_model.pt` state dict loads with strict=True.
 The ops (attention, embedding, MLP, head loss) come from `kernels`: the plain-PyTorch references or
@@ -13,34 +13,17 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import kernels
-from kernels.reference import rms_norm, rope
+from kernels.reference import INT6_MAX, INT6_MIN, rms_norm, rope
 
-from .config import CrawlerConfig
-
-OPS_CHOICES = ("reference", "triton", "auto")
-QAT_MIN_NUMEL = 65_536          # QAT fake-quantises every Linear with more elements than this (SPEC §2)
-QAT_LEVELS = (-32, 31)          # int6 grid of the seed's QAT: max-abs scale, [-32, 31]
-
-
-def select_op(ops, name: str):
-    """The implementation of op `name` for an ops kind: "reference", "triton", or an object whose
-    attributes are the ops (e.g. the seed's SDPA-based set in bench/step_time.py)."""
-    if not isinstance(ops, str):
-        return getattr(ops, name)
-    if ops == "reference":
-        return getattr(kernels.reference, name)
-    fn = getattr(kernels, name, None)
-    if fn is None:
-        raise NotImplementedError(f"ops='triton': op {name!r} has no Triton kernel in this version; "
-                                  f"use ops='reference'")
-    return fn
+from .config import PASSTHROUGH_NUMEL, CrawlerConfig
+from .runtime import check_ops, resolve_ops, select_op
 
 
 def fake_quantize_int6(w: torch.Tensor) -> torch.Tensor:
     """QAT straight-through int6: forward sees clamp(round(w/s), -32, 31)·s with the row scale
     s = max(amax_row|w| / 31, 1e-8); the gradient passes to w unchanged. w (out, in), any float dtype."""
-    scale = (w.detach().abs().amax(dim=1, keepdim=True) / 31.0).clamp_min(1e-8)
-    w_q = torch.clamp(torch.round(w.detach() / scale), *QAT_LEVELS) * scale
+    scale = (w.detach().abs().amax(dim=1, keepdim=True) / INT6_MAX).clamp_min(1e-8)
+    w_q = torch.clamp(torch.round(w.detach() / scale), INT6_MIN, INT6_MAX) * scale
     return w + (w_q - w).detach()
 
 
@@ -55,7 +38,7 @@ class CastedLinear(nn.Linear):
 
     def effective_weight(self) -> torch.Tensor:
         """The weight the forward pass multiplies by: fake-quantised under QAT, else the weight."""
-        if self.qat and self.weight.numel() > QAT_MIN_NUMEL:
+        if self.qat and self.weight.numel() > PASSTHROUGH_NUMEL:
             return fake_quantize_int6(self.weight)
         return self.weight
 
@@ -64,7 +47,7 @@ class CastedLinear(nn.Linear):
 
 
 class BigramHash(nn.Module):
-    """BigramHash v1 (SPEC §1.5): `table` (buckets, k) and `proj` k -> d (zero-init)."""
+    """BigramHash v1 (docs/math.md §1.5): `table` (buckets, k) and `proj` k -> d (zero-init)."""
 
     def __init__(self, buckets: int, dim: int, model_dim: int):
         super().__init__()
@@ -73,7 +56,7 @@ class BigramHash(nn.Module):
 
 
 class SmearGate(nn.Module):
-    """SmearGate v2 (SPEC §1.6): one gate per channel, init 0 (σ = 0.5)."""
+    """SmearGate v2 (docs/math.md §1.6): one gate per channel, init 0 (σ = 0.5)."""
 
     def __init__(self, model_dim: int):
         super().__init__()
@@ -81,7 +64,7 @@ class SmearGate(nn.Module):
 
 
 class ValueEmbedding(nn.Module):
-    """Value embedding (SPEC §1.7): `table` (V, ve_dim), `proj` ve_dim -> Hkv·D, one scale per position."""
+    """Value embedding (docs/math.md §1.7): `table` (V, ve_dim), `proj` ve_dim -> Hkv·D, one scale per position."""
 
     def __init__(self, vocab_size: int, ve_dim: int, kv_dim: int, num_positions: int):
         super().__init__()
@@ -191,7 +174,7 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    """One transformer block (SPEC §1.4). Its per-position control vectors live on the model and are
+    """One transformer block (docs/math.md §1.4). Its per-position control vectors live on the model and are
     passed in, because the crawler blocks run at several schedule positions with different vectors."""
 
     def __init__(self, config: CrawlerConfig):
@@ -210,7 +193,7 @@ class Block(nn.Module):
 
 
 class CrawlerGPT(nn.Module):
-    """The crawler transformer (SPEC §1): flat encoder blocks, `crawler_loops` passes over the shared
+    """The crawler transformer (docs/math.md §1): flat encoder blocks, `crawler_loops` passes over the shared
     crawler blocks (loop >= 1 damped by alpha), flat decoder blocks with a U-Net skip, tied softcapped head.
 
     forward(input_ids (B,T) int64, target_ids (B,T) int64) -> 0-d mean loss (float32).
@@ -219,8 +202,7 @@ class CrawlerGPT(nn.Module):
 
     def __init__(self, config: CrawlerConfig, ops: str = "auto"):
         super().__init__()
-        if isinstance(ops, str) and ops not in OPS_CHOICES:
-            raise ValueError(f"ops must be one of {OPS_CHOICES} or an object providing the ops, got {ops!r}")
+        check_ops(ops)
         self.config, self.ops = config, ops
         c = config
         P = c.num_positions
@@ -234,7 +216,7 @@ class CrawlerGPT(nn.Module):
         self.ve = ValueEmbedding(c.vocab_size, c.ve_dim, c.kv_dim, c.ve_last_n) if c.ve_enabled else None
         self.flat_blocks = nn.ModuleList(Block(c) for _ in range(c.num_flat_blocks))
         self.crawler_blocks = nn.ModuleList(Block(c) for _ in range(c.num_crawler_blocks))
-        # alpha (one per loop; alpha[0] unused): frozen while training unless train_alpha (SPEC §1.3).
+        # alpha (one per loop; alpha[0] unused): frozen while training unless train_alpha (docs/math.md §1.3).
         self.crawler_residual_scales = nn.ParameterList(
             nn.Parameter(torch.tensor(c.crawler_alpha_init), requires_grad=c.train_alpha)
             for _ in range(c.crawler_loops))
@@ -245,7 +227,7 @@ class CrawlerGPT(nn.Module):
         self._init_weights()
 
     def _init_weights(self) -> None:
-        """SPEC §1.10: orthogonal Linears (× 1/sqrt(2P) for names ending in .proj), zero-init projections,
+        """docs/math.md §1.10: orthogonal Linears (× 1/sqrt(2P) for names ending in .proj), zero-init projections,
         N(0, 0.005²) token embedding, N(0, 0.01²) bigram/VE tables."""
         nn.init.normal_(self.tok_emb.weight, std=0.005)
         nn.init.normal_(self.bigram.table.weight, std=0.01)
@@ -278,13 +260,11 @@ class CrawlerGPT(nn.Module):
                 module.qat = enabled
 
     def resolve_ops(self, device: torch.device) -> str:
-        """"reference" or "triton" for inputs on `device` ("auto": Triton on CUDA)."""
-        if self.ops != "auto":
-            return self.ops
-        return "triton" if device.type == "cuda" else "reference"
+        """The ops kind this model runs with for inputs on `device` (crawler.runtime.resolve_ops)."""
+        return resolve_ops(self.ops, device)
 
     def embed_input(self, input_ids: torch.Tensor, ops: str) -> torch.Tensor:
-        """x0 (B, T, d) = smear(rms_norm(tok_emb[ids] + bigram(ids))) (SPEC §1.3, §1.5-1.6)."""
+        """x0 (B, T, d) = smear(rms_norm(tok_emb[ids] + bigram(ids))) (docs/math.md §1.3, §1.5-1.6)."""
         return select_op(ops, "embed")(input_ids, self.tok_emb.weight, self.bigram.table.weight,
                                        self.bigram.proj.effective_weight(), self.smear.gate)
 

@@ -1,4 +1,4 @@
-"""Optimisers and schedules of the seed's recipe (SPEC §2): Muon for the block matrices, two AdamW
+"""Optimisers and schedules of the seed's recipe (docs/math.md §2): Muon for the block matrices, two AdamW
 groups (token tables, scalars/vectors), the wall-clock or iteration LR multiplier, Muon momentum warm-up.
 
 Embedding tables stored in bf16 (`embed_dtype="bfloat16"`, the pr1579 preset) are stepped by AdamW as
@@ -12,6 +12,8 @@ import math
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+
+from .runtime import rank_and_world
 
 # Newton-Schulz quintic coefficients: the fixed tuple of the seed (Keller Jordan's Muon) ...
 NS_COEFFS = ((3.4445, -4.7750, 2.0315),) * 5
@@ -49,7 +51,7 @@ def orthogonalize(g: torch.Tensor, steps: int = 5, coeffs=NS_COEFFS, eps: float 
 
 
 class Muon(torch.optim.Optimizer):
-    """MomentUm Orthogonalized by Newton-Schulz (SPEC §2), for 2-D parameters.
+    """MomentUm Orthogonalized by Newton-Schulz (docs/math.md §2), for 2-D parameters.
 
     Per parameter: `buf = μ·buf + g`; `g' = g + μ·buf` (Nesterov) or `buf`; optionally each row of g'
     divided by its L2 norm (`row_normalize`, MuonEq-R); `u = orthogonalize(g') · sqrt(max(1, rows/cols))`;
@@ -61,7 +63,7 @@ class Muon(torch.optim.Optimizer):
     everywhere and rank 0's state_dict is a complete checkpoint. Gradients must already be averaged
     across ranks (DDP does that).
 
-    `compute_dtype` is the Newton-Schulz and update-exchange dtype: bf16 (SPEC §2) by default; float32
+    `compute_dtype` is the Newton-Schulz and update-exchange dtype: bf16 (docs/math.md §2) by default; float32
     is for CPUs, whose bf16 matmuls run ~20x slower than fp32 when they lack bf16 units.
     """
 
@@ -89,8 +91,7 @@ class Muon(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        distributed = dist.is_available() and dist.is_initialized()
-        rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+        rank, world = rank_and_world()
         for group in self.param_groups:
             params = group["params"]
             if not params:
@@ -129,7 +130,7 @@ class Muon(torch.optim.Optimizer):
 
 
 def split_parameters(model: nn.Module) -> dict[str, list[tuple[str, nn.Parameter]]]:
-    """The trainable parameters of a CrawlerGPT in the seed's three groups (SPEC §2), as (name, param):
+    """The trainable parameters of a CrawlerGPT in the seed's three groups (docs/math.md §2), as (name, param):
     "muon": every 2-D matrix of the blocks + bigram.proj + ve.proj; "token": tok_emb, bigram.table,
     ve.table; "scalar": everything else that trains (q_gain, per-position vectors, skip_weights,
     smear.gate, ve.scales; alpha only when config.train_alpha). Frozen parameters are left out."""
@@ -151,7 +152,8 @@ def build_optimizers(model: nn.Module, *, matrix_lr: float = 0.02, tied_embed_lr
                      muon_weight_decay: float = 0.085, adam_weight_decay: float = 0.085,
                      adam_betas: tuple[float, float] = (0.9, 0.95), adam_eps: float = 1e-8,
                      muon_row_normalize: bool = False, muon_polar_express: bool = False,
-                     muon_dtype: torch.dtype = torch.bfloat16, fused: bool | None = None) -> list[torch.optim.Optimizer]:
+                     muon_dtype: torch.dtype = torch.bfloat16,
+                     fused: bool | None = None) -> list[torch.optim.Optimizer]:
     """[Muon, AdamW "token", AdamW "scalar"] over `split_parameters(model)`, with the seed's defaults.
     Every group records its `base_lr`; `set_lr_multiplier` scales from it. `fused` selects torch's fused
     AdamW (default: on CUDA)."""
@@ -173,7 +175,7 @@ def build_optimizers(model: nn.Module, *, matrix_lr: float = 0.02, tied_embed_lr
 
 def lr_multiplier(step: int, elapsed_ms: float, *, iterations: int, max_wallclock_ms: float | None,
                   warmdown_frac: float = 0.6) -> float:
-    """The LR multiplier of SPEC §2: 1 until the last `warmdown_frac` of the budget, then linear to 0.
+    """The LR multiplier of docs/math.md §2: 1 until the last `warmdown_frac` of the budget, then linear to 0.
 
     The budget is the wall clock (`elapsed_ms / max_wallclock_ms`) when `max_wallclock_ms` is set, else
     the iteration count (`step / iterations`, `step` = steps done before this one)."""

@@ -1,11 +1,11 @@
 """SentencePiece tokenizers: loading with clear errors, deterministic BPE training with parameter-golf's
-options, and the byte look-up tables that turn per-token losses into bits per byte (SPEC §6)."""
+options, and the byte look-up tables that turn per-token losses into bits per byte (docs/math.md §6)."""
 from __future__ import annotations
 
 import io
 import os
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Iterable, Iterator
 
 import sentencepiece as spm
 import torch
@@ -13,6 +13,7 @@ import torch
 from crawler.fileio import atomic_open
 
 PAD_ID, BOS_ID, EOS_ID, UNK_ID = 0, 1, 2, 3
+TOKENIZER_FILE = "tokenizer.model"    # a data directory's own tokenizer (parameter-golf's layout, ours too)
 
 # parameter-golf's tokenizer options (pg_spec §1.5). add_dummy_prefix=False: a document's first word
 # gets no invented leading space, so the byte count of the text is not inflated.
@@ -99,7 +100,7 @@ def check_vocab(sp: spm.SentencePieceProcessor, vocab_size: int) -> None:
 
 def byte_luts(sp: spm.SentencePieceProcessor,
               vocab_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Byte look-up tables for bits-per-byte (SPEC §6), each of length L = max(sp.vocab_size(), vocab_size).
+    """Byte look-up tables for bits-per-byte (docs/math.md §6), each of length L = max(sp.vocab_size(), vocab_size).
 
     Returns (base_bytes int16 (L,), has_leading_space bool (L,), is_boundary bool (L,)):
     control / unknown / unused ids and table padding (ids >= sp.vocab_size()) -> 0 bytes, boundary;

@@ -1,17 +1,31 @@
-"""The artifact container (SPEC §4): bit-exact round trip, byte shuffle, the four distinct load errors,
+"""The artifact container (docs/math.md §4): bit-exact round trip, byte shuffle, the four distinct load errors,
 atomic writes, strict dequantisation into a model, and the size budget."""
 import hashlib
 import struct
+import subprocess
+import sys
+from pathlib import Path
 
 import brotli
-
 import pytest
 import torch
 
-from crawler.artifact import (BUDGET_BYTES, FORMAT_VERSION, HEADER_BYTES, MAGIC, Artifact, ArtifactError,
-                              QuantizedTensor, SizeReport, byte_shuffle, byte_unshuffle, code_bytes,
-                              code_files, decode_artifact, dequantize_into, encode_artifact, load_artifact,
-                              save_artifact)
+from crawler.artifact import (
+    FORMAT_VERSION,
+    HEADER_BYTES,
+    MAGIC,
+    Artifact,
+    ArtifactError,
+    QuantizedTensor,
+    byte_shuffle,
+    byte_unshuffle,
+    decode_artifact,
+    dequantize_into,
+    encode_artifact,
+    load_artifact,
+    save_artifact,
+)
+from crawler.budget import BUDGET_BYTES, REPO_ROOT, SizeReport, code_bytes, code_files
 from crawler.config import CrawlerConfig
 from crawler.model import CrawlerGPT
 
@@ -189,3 +203,14 @@ def test_size_report_and_budget():
     assert not over.fits
     with pytest.raises(ValueError, match="over the size budget.*OVER by 1 B"):
         over.check()
+
+
+def test_counted_code_is_exactly_what_evaluation_imports():
+    """The budget counts the repository's source files that `import crawler.evaluate` loads (in a fresh
+    interpreter), no more (training-only code) and no less."""
+    script = "import sys, crawler.evaluate; print('\\n'.join(m.__file__ for m in list(sys.modules.values()) " \
+             "if getattr(m, '__file__', None)))"
+    out = subprocess.run([sys.executable, "-c", script], cwd=REPO_ROOT, capture_output=True, text=True, check=True)
+    packages = [REPO_ROOT / "crawler", REPO_ROOT / "kernels"]
+    loaded = {p for p in map(Path, out.stdout.split()) if any(p.resolve().is_relative_to(d) for d in packages)}
+    assert {p.resolve() for p in loaded} == {p.resolve() for p in code_files()}

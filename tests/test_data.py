@@ -1,4 +1,4 @@
-"""Data: shard format and its corrupt-file errors, atomic writes, the SPEC §2 train stream (spans,
+"""Data: shard format and its corrupt-file errors, atomic writes, the docs/math.md §2 train stream (spans,
 wrap-around, ranks, resume), validation tokens, and the cached, deterministic built-in corpus."""
 import dataclasses
 import json
@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 import torch
 
-from crawler.data import (HEADER_BYTES, DistributedTokenLoader, build_builtin_corpus, default_cache_dir,
-                          list_shards, load_validation_tokens, read_shard, write_shard)
+from crawler.corpus import build_builtin_corpus, default_cache_dir
+from crawler.data import HEADER_BYTES, list_shards, load_validation_tokens, read_shard, write_shard
 from crawler.fileio import atomic_open
 from crawler.tokenizer import BOS_ID, load_tokenizer
-
+from crawler.training.stream import DistributedTokenLoader
 
 # ------------------------------------------------------------------------------------------------
 # Shard format

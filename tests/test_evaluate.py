@@ -1,10 +1,11 @@
-"""val_bpb on hand-checkable cases (SPEC §6)."""
+"""val_bpb on hand-checkable cases (docs/math.md §6)."""
 import math
 
 import pytest
 import torch
 
-from crawler.evaluate import target_bytes, val_bpb
+from crawler.bpb import target_bytes
+from crawler.evaluate import val_bpb
 
 
 class ConstantModel(torch.nn.Module):

@@ -1,24 +1,23 @@
-"""Int6 inference (SPEC §5): the model built from an artifact computes on codes only, matches the
+"""Int6 inference (docs/math.md §5): the model built from an artifact computes on codes only, matches the
 dequantised CrawlerGPT, decodes incrementally with a KV cache exactly like full recomputation, fails
 clearly on bad artifacts; the generate CLI; the Triton int6_linear path under the interpreter."""
 import dataclasses
 
 import pytest
 import torch
+from conftest import SMALL_CRAWLER as SMALL
+from conftest import filled_crawler, rel_err
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 import kernels
-from crawler.artifact import Artifact, ArtifactError, QuantizedTensor, save_artifact
+from crawler.artifact import Artifact, ArtifactError, QuantizedTensor, model_from_artifact, save_artifact
 from crawler.config import CrawlerConfig
 from crawler.evaluate import val_bpb
 from crawler.generate import main as generate_main
-from crawler.inference import (Int6Embedding, Int6Linear, Int6MLP, QuantMatrix, generate,
-                               load_int6_model, sample_next)
+from crawler.inference import Int6Embedding, Int6Linear, Int6MLP, QuantMatrix, generate, load_int6_model, sample_next
 from crawler.model import CrawlerGPT, KVCache
-from crawler.artifact import model_from_artifact
-from crawler.quantize import PLANS, RoleSpec, quantize_state_dict
-from conftest import SMALL_CRAWLER as SMALL, filled_crawler, rel_err
+from crawler.quant import PLANS, RoleSpec, quantize_state_dict
 
 RTN = RoleSpec("rtn")
 # Round to nearest (no Hessians: fast), small-tensor passthrough off so every matrix is quantised.
@@ -275,7 +274,7 @@ def test_triton_int6_linear_path_under_the_interpreter(artifact):
 @pytest.fixture(scope="module")
 def cli_files(tmp_path_factory):
     """A small artifact with a 400-piece vocab and a tokenizer trained on 20 built-in documents."""
-    from crawler.data import builtin_documents
+    from crawler.corpus import builtin_documents
     from crawler.tokenizer import train_tokenizer
     d = tmp_path_factory.mktemp("cli")
     train_tokenizer(builtin_documents(max_documents=20), d / "tok.model", 400)
@@ -312,7 +311,7 @@ def random_pr1579_artifact() -> Artifact:
     with torch.device("meta"):
         state = CrawlerGPT(config, ops="reference").state_dict()
     g = torch.Generator().manual_seed(0)
-    from crawler.quantize import plan_schemes
+    from crawler.quant import plan_schemes
     tensors = {}
     for name, scheme in plan_schemes(state, "default").items():
         shape = state[name].shape

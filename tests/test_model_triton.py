@@ -1,8 +1,8 @@
 """A crawler training step with every Triton op (under the interpreter on CPU) matches the reference ops."""
 import torch
+from conftest import rel_err
 
 import kernels
-from conftest import rel_err
 from crawler import CrawlerConfig, CrawlerGPT
 
 OPS = ("attention", "embed", "relu2_mlp", "softcapped_cross_entropy")

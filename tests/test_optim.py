@@ -1,20 +1,28 @@
-"""Muon, the parameter groups and the schedules against SPEC §2. (Muon's rank-sharded step is checked
+"""Muon, the parameter groups and the schedules against docs/math.md §2. (Muon's rank-sharded step is checked
 in tests/test_trainer.py, inside the one two-process run of the suite.)"""
 import math
 
 import pytest
 import torch
-
-from crawler.optim import (POLAR_EXPRESS_COEFFS, Muon, build_optimizers, lr_multiplier, muon_momentum_at,
-                           orthogonalize, set_lr_multiplier, split_parameters)
-from crawler.model import CrawlerGPT
 from trainer_fixtures import small_config
+
+from crawler.model import CrawlerGPT
+from crawler.optim import (
+    POLAR_EXPRESS_COEFFS,
+    Muon,
+    build_optimizers,
+    lr_multiplier,
+    muon_momentum_at,
+    orthogonalize,
+    set_lr_multiplier,
+    split_parameters,
+)
 
 NS = (3.4445, -4.7750, 2.0315)
 
 
 def hand_muon_update(g, buf, mu):
-    """One Muon update written out from SPEC §2 in float64: returns (u, new buf)."""
+    """One Muon update written out from docs/math.md §2 in float64: returns (u, new buf)."""
     g, buf = g.double(), buf.double()
     buf = mu * buf + g
     gp = g + mu * buf
@@ -83,7 +91,8 @@ def test_orthogonalize_square_is_close_to_orthogonal_and_scaled_rectangular():
     u = -p.detach()
     assert torch.allclose(torch.linalg.svdvals(u) / 2.0, torch.linalg.svdvals(orthogonalize(tall, dtype=torch.float32)),
                           atol=1e-5)
-    assert torch.allclose(orthogonalize(tall.T, dtype=torch.float32), orthogonalize(tall, dtype=torch.float32).T, atol=1e-5)
+    assert torch.allclose(orthogonalize(tall.T, dtype=torch.float32), orthogonalize(tall, dtype=torch.float32).T,
+                          atol=1e-5)
 
 
 def test_muon_row_normalize_ignores_row_scale():

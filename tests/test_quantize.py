@@ -1,22 +1,37 @@
-"""Quantisation (SPEC §3): SDClip floors, the per-role plan on PR #1579's state dict, Hessian collection
+"""Quantisation (docs/math.md §3): SDClip floors, the per-role plan on PR #1579's state dict, Hessian collection
 (both crawler passes, the LM head), calibration windows, GPTQ vs round to nearest through the driver,
 loop-aware GPTQ, ±1 pruning, a PR #1579-shaped state dict, the round trip and the CLI."""
 import dataclasses
 
 import pytest
 import torch
+from conftest import SMALL_CRAWLER as SMALL
+from conftest import filled_crawler, rel_err
+from test_model import pr1579_state_dict_shapes
 
 import kernels
 from crawler.artifact import QuantizedTensor, decode_artifact, encode_artifact, load_artifact
 from crawler.config import CrawlerConfig
 from crawler.data import write_shard
 from crawler.model import CrawlerGPT
-from crawler.quantize import (PLANS, QuantPlan, RoleSpec, _gptq_fixed_scales, build_artifact, calibration_tokens,
-                              collect_hessians, main, plan_schemes, prune_to_fit, quantize_and_evaluate,
-                              quantize_model, quantize_state_dict, quantize_tensor, tensor_role)
-from conftest import SMALL_CRAWLER as SMALL, filled_crawler, rel_err
-from test_model import pr1579_state_dict_shapes
-
+from crawler.quant import (
+    PLANS,
+    Calibration,
+    QuantPlan,
+    RoleSpec,
+    build_artifact,
+    calibration_tokens,
+    collect_hessians,
+    plan_schemes,
+    prune_to_fit,
+    quantize_and_evaluate,
+    quantize_model,
+    quantize_state_dict,
+    quantize_tensor,
+    tensor_role,
+)
+from crawler.quant.gptq_driver import _gptq_fixed_scales
+from crawler.quantize import main
 
 
 def small_model(seed=0) -> CrawlerGPT:
@@ -189,6 +204,30 @@ def test_loop_aware_requantises_only_the_crawler_and_restores_weights():
                if isinstance(t, QuantizedTensor) and not torch.equal(t.codes, aware.artifact.tensors[n].codes)}
     assert differs and all(n.startswith("crawler_blocks.") for n in differs)
     assert list(aware.artifact.tensors) == list(plain.artifact.tensors)
+
+
+def test_one_calibration_collects_the_hessians_once_for_every_plan(monkeypatch):
+    """Plans and the tied-embedding upgrade share one Calibration: one collection in all, and every
+    artifact is bit for bit the one the plan gives with its own freshly collected Hessians."""
+    import crawler.quant.hessians as hessians_mod
+    model = small_model()
+    calib = random_tokens(4 * 17, seed=11).view(4, 17)
+    fresh = {name: build_artifact(model, calib, plan=all_quantised(name), log=None)[0] for name in ("seed", "default")}
+    calls = []
+    original = hessians_mod.collect_hessians
+    monkeypatch.setattr(hessians_mod, "collect_hessians", lambda *a, **k: calls.append(1) or original(*a, **k))
+    shared = Calibration(model, calib)
+    for name in ("rtn_seed_floor", "seed", "default"):
+        artifact, summary = build_artifact(model, shared, plan=all_quantised(name), log=None)
+        assert summary["hessians_reused"] == (name == "default")
+        if name in fresh:
+            for n, t in artifact.tensors.items():
+                u = fresh[name].tensors[n]
+                assert torch.equal(t.codes, u.codes) and torch.equal(t.scales, u.scales) \
+                    if isinstance(t, QuantizedTensor) else torch.equal(t, u)
+    assert len(calls) == 1 and summary["tok_emb_scheme"] == "int8 gptq k=20"
+    with pytest.raises(ValueError, match="another model"):
+        build_artifact(small_model(seed=1), shared, plan=all_quantised("default"), log=None)
 
 
 def test_plans_need_calibration_only_for_gptq():

@@ -1,4 +1,4 @@
-"""Sliding-window evaluation and legal score-first TTT (SPEC §6), and the `python -m crawler.evaluate` CLI."""
+"""Sliding-window evaluation and legal score-first TTT (docs/math.md §6), and the `python -m crawler.evaluate` CLI."""
 import copy
 import math
 
@@ -8,12 +8,14 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from crawler.artifact import Artifact, QuantizedTensor, model_from_artifact, save_artifact
+from crawler.bpb import Window, plan_windows, score_windows
 from crawler.config import CrawlerConfig
-from crawler.data import builtin_documents, read_shard, write_shard
-from crawler.evaluate import (TTTConfig, Window, _score_windows, legal_ttt_bpb, main,
-                              plan_windows, sliding_window_bpb, val_bpb)
+from crawler.corpus import builtin_documents
+from crawler.data import read_shard, write_shard
+from crawler.evaluate import main, sliding_window_bpb, val_bpb
 from crawler.model import CastedLinear, CrawlerGPT
 from crawler.tokenizer import BOS_ID, byte_luts, load_tokenizer, train_tokenizer
+from crawler.ttt import TTTConfig, legal_ttt_bpb
 from kernels.reference import quantize_rtn, sdclip_scales
 
 V = 64          # the synthetic stream uses ids 0..15 of a 64-id vocabulary
@@ -136,7 +138,7 @@ def test_scorer_counts_each_target_once_with_its_context(n, batch_seqs):
             torch.zeros(n + 1, dtype=torch.bool))
     for j in range(n):
         sums = torch.zeros(3, dtype=torch.float64)
-        _score_windows(MarkerSpy(j), tokens, ones, windows, seq_len=T, batch_seqs=batch_seqs, sums=sums)
+        score_windows(MarkerSpy(j), tokens, ones, windows, seq_len=T, batch_seqs=batch_seqs, sums=sums)
         assert sums[1] == n and sums[2] == n
         assert 1000 < sums[0] < 2000, f"target {j} counted {int(sums[0]) // 1000} times"
         assert sums[0] - 1000 == expected_context(j, T, stride)

@@ -1,8 +1,8 @@
-"""Tokenizer: loading errors, deterministic training, the SPEC §6 byte LUT rules, the vocab check."""
+"""Tokenizer: loading errors, deterministic training, the docs/math.md §6 byte LUT rules, the vocab check."""
 import pytest
 import torch
 
-from crawler.data import builtin_documents
+from crawler.corpus import builtin_documents
 from crawler.tokenizer import BOS_ID, byte_luts, check_vocab, load_tokenizer, train_tokenizer
 
 VOCAB = 400
@@ -19,7 +19,7 @@ def sp(docs, tmp_path_factory):
 
 
 def rule_bytes(ids, luts):
-    """SPEC §6: bytes of each target y after previous token x (ids[0] is the context only)."""
+    """docs/math.md §6: bytes of each target y after previous token x (ids[0] is the context only)."""
     base, space, boundary = luts
     x, y = torch.tensor(ids[:-1]), torch.tensor(ids[1:])
     return base[y].long() + (space[y] & ~boundary[x]).long()

@@ -4,10 +4,10 @@ import dataclasses
 import json
 
 import pytest
+from trainer_fixtures import VOCAB, make_dataset, restore_threads  # noqa: F401
 
 import train as train_cli
-from crawler.trainer import TrainConfig
-from trainer_fixtures import VOCAB, make_dataset, restore_threads  # noqa: F401
+from crawler.training import TrainConfig
 
 SMALL_MODEL = ["--vocab-size", str(VOCAB), "--train-seq-len", "16", "--train-batch-tokens", "64",
                "--model-set", "model_dim=32", "--model-set", "bigram_buckets=64", "--model-set", "bigram_dim=8",
@@ -95,7 +95,7 @@ def test_run_then_resume_after_a_kill(dataset, tmp_path, capsys, monkeypatch):
     out = tmp_path / "run"
     base = ["--data-dir", data_dir, "--tokenizer", tok, *SMALL_MODEL, *FAST, "--checkpoint-every", "2",
             "--out-dir", out, "--baselines"]
-    import crawler.trainer as trainer_mod
+    import crawler.training.loop as trainer_mod
     original = trainer_mod._Trainer.train_step
 
     def killed_at_step_3(self, step, multiplier):

@@ -1,4 +1,4 @@
-"""The training loop (SPEC §2): QAT on in training and off in evaluation, SWA, the wall-clock stop,
+"""The training loop (docs/math.md §2): QAT on in training and off in evaluation, SWA, the wall-clock stop,
 compile warm-up restore, checkpoints (atomic, weights-only, refusing other configs/data), resume equal to
 an uninterrupted run, and a two-process gloo DDP run equal to one process with the same global batch."""
 import json
@@ -9,13 +9,16 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from trainer_fixtures import fast_train_config, make_dataset, restore_threads, small_config  # noqa: F401
 
+import crawler.training.loop as trainer_mod
+from crawler.checkpoint import model_from_checkpoint, read_checkpoint
+from crawler.errors import SetupError
 from crawler.model import CastedLinear, CrawlerGPT
 from crawler.optim import Muon
-from crawler.trainer import (DistContext, SetupError, WeightAverager, load_checkpoint, load_final_model,
-                             prepare_data, train)
-import crawler.trainer as trainer_mod
-from trainer_fixtures import fast_train_config, make_dataset, restore_threads, small_config  # noqa: F401
+from crawler.runtime import DistContext
+from crawler.training import prepare_data, train
+from crawler.training.averaging import WeightAverager
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +61,7 @@ def test_training_learns_and_writes_outputs(data, tmp_path):
     log = (tmp_path / "out" / "train.log").read_text()
     assert "step:12/12 val_loss:" in log and "val_bpb:" in log and "progress:" in log
     assert "step:4/12 train_loss:" in log and " step_avg:" in log
-    reloaded = load_final_model(tmp_path / "out" / "final_model.pt", ops="reference")
+    reloaded = model_from_checkpoint(tmp_path / "out" / "final_model.pt", ops="reference")
     assert states_equal(reloaded.state_dict(), res.model.state_dict())
     assert not res.model.training
 
@@ -143,7 +146,7 @@ def test_resume_equals_uninterrupted(data, tmp_path, monkeypatch):
     with pytest.raises(Interrupt):
         run(data, tmp_path / "cut", iterations=7, checkpoint_every=3)
     monkeypatch.setattr(trainer_mod._Trainer, "train_step", original)
-    ckpt = load_checkpoint(tmp_path / "cut" / "checkpoint.pt")
+    ckpt = read_checkpoint(tmp_path / "cut" / "checkpoint.pt", expect="training").contents
     assert ckpt["step"] == 3 and ckpt["swa"]["count"] == 1
     resumed = run(data, tmp_path / "cut", iterations=7, checkpoint_every=3, resume=tmp_path / "cut" / "checkpoint.pt")
     assert resumed.summary["resumed_from_step"] == 3 and resumed.summary["steps"] == 7
@@ -176,12 +179,12 @@ def test_checkpoint_loading_is_weights_only_and_checked(tmp_path):
     with open(evil, "wb") as f:
         pickle.dump({"format": "crawler-train-checkpoint", "x": Payload()}, f, protocol=2)
     with pytest.raises(SetupError, match="cannot be read as a trainer checkpoint"):
-        load_checkpoint(evil)
+        read_checkpoint(evil, expect="training")
     torch.save({"hello": torch.zeros(2)}, tmp_path / "other.pt")
     with pytest.raises(SetupError, match="not a trainer checkpoint"):
-        load_checkpoint(tmp_path / "other.pt")
+        read_checkpoint(tmp_path / "other.pt", expect="training")
     with pytest.raises(SetupError, match="does not exist"):
-        load_checkpoint(tmp_path / "missing.pt")
+        read_checkpoint(tmp_path / "missing.pt", expect="training")
 
 
 def test_truncated_checkpoint_is_refused(data, tmp_path):
@@ -189,7 +192,7 @@ def test_truncated_checkpoint_is_refused(data, tmp_path):
     raw = (tmp_path / "a" / "checkpoint.pt").read_bytes()
     (tmp_path / "cut.pt").write_bytes(raw[: len(raw) // 2])
     with pytest.raises(SetupError, match="truncated"):
-        load_checkpoint(tmp_path / "cut.pt")
+        read_checkpoint(tmp_path / "cut.pt", expect="training")
 
 
 # ---- two processes (gloo) vs one --------------------------------------------------------------------
@@ -230,7 +233,7 @@ def test_two_process_ddp_matches_one_process(dataset, data, tmp_path):
     assert len(ddp_losses) == len(one_losses) == 5
     assert ddp_losses == pytest.approx(one_losses, rel=1e-4, abs=1e-4)
     assert ddp["final_val_bpb"] == pytest.approx(single.summary["final_val_bpb"], rel=1e-4)
-    ddp_model = load_final_model(ddp_dir / "final_model.pt", ops="reference").state_dict()
+    ddp_model = model_from_checkpoint(ddp_dir / "final_model.pt", ops="reference").state_dict()
     for k, v in single.model.state_dict().items():
         assert torch.allclose(ddp_model[k], v, atol=1e-4, rtol=1e-3), k
 

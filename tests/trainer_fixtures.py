@@ -11,7 +11,7 @@ import torch
 from crawler.config import CrawlerConfig
 from crawler.data import write_shard
 from crawler.tokenizer import BOS_ID, train_tokenizer
-from crawler.trainer import TrainConfig
+from crawler.training import TrainConfig
 
 VOCAB = 320
 _WORDS = ("the cat dog bird sat ran flew on under over a mat tree roof quickly slowly red green blue "
