@@ -16,9 +16,9 @@ Backward, three kernels, no float atomics (deterministic):
 
 Inputs may be any strided view (the model passes views of linear outputs): kernels take every stride,
 so q/k/v/dz are never copied. Head dims that are not powers of two run in the next power-of-two tile
-(at least 16, the smallest tl.dot size) with masked loads. Matmuls run in the input dtype on the GPU
-(bf16/fp16 tensor cores, fp32 as IEEE fp32) with fp32 accumulation; under the Triton interpreter
-(no bf16 tl.dot) operands are upcast to fp32.
+(at least 16, the smallest tl.dot size) with masked loads. Matmuls accumulate in fp32; their operand
+dtype and precision follow the one rule of `kernels.utils.dot_args` (bf16/fp16 on tensor cores, fp32 as
+exact as torch's float32 matmul setting, fp32 operands under the interpreter).
 """
 from __future__ import annotations
 
@@ -28,21 +28,26 @@ import torch
 import triton
 import triton.language as tl
 
-from .utils import check_attention_inputs, empty_output, interpreting
+from .utils import (
+    KERNEL_DTYPES,
+    autotune,
+    autotune_configs,
+    check_attention_inputs,
+    check_triton_device,
+    dot_args,
+    empty_output,
+    pow2_tile,
+)
 
 LOG2E = math.log2(math.e)   # softmax runs on exp2 with the scale folded into one multiply
 _LOG2E = tl.constexpr(LOG2E)
 _V_NORM_EPS = tl.constexpr(1e-12)   # F.normalize's eps for v̂ (SPEC §1.9)
 
-_TORCH_TO_TL = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
-
 
 def _configs(gpu, interp_blocks):
-    """Autotune configs: the (block sizes, num_warps, num_stages) list on the GPU, exactly one config under
-    the interpreter so CPU tests compile and run once per shape."""
-    if interpreting():
-        return [triton.Config(interp_blocks, num_warps=1, num_stages=1)]
-    return [triton.Config(blocks, num_warps=w, num_stages=s) for blocks, w, s in gpu]
+    """Autotune configs from (block sizes, num_warps, num_stages) rows, or the interpreter's one config."""
+    return autotune_configs([triton.Config(blocks, num_warps=w, num_stages=s) for blocks, w, s in gpu],
+                            triton.Config(interp_blocks, num_warps=1, num_stages=1))
 
 
 # GPU lists: configs that compile for sm_90 without register spills at D = 46 and 64 (checked with
@@ -65,8 +70,8 @@ _DQ_CONFIGS = _configs([({"BLOCK_M": 128, "BLOCK_N": 32}, 4, 3), ({"BLOCK_M": 12
                         ({"BLOCK_M": 128, "BLOCK_N": 64}, 8, 3), ({"BLOCK_M": 128, "BLOCK_N": 32}, 8, 3),
                         ({"BLOCK_M": 64, "BLOCK_N": 64}, 4, 3), ({"BLOCK_M": 64, "BLOCK_N": 32}, 4, 4)],
                        {"BLOCK_M": 32, "BLOCK_N": 16})
-_PRE_BLOCK = 16 if interpreting() else 32    # rows per preprocess program (elementwise, memory-bound;
-#                                               32 rows x 4 warps stay near 128 registers at D <= 64)
+# Preprocess: BLOCK rows per program (elementwise, memory-bound).
+_PRE_CONFIGS = _configs([({"BLOCK": 32}, 4, 3)], {"BLOCK": 16})
 
 
 # ----------------------------------------------------------------------------------------------
@@ -152,7 +157,7 @@ def _query_block(H, G, BLOCK_M: tl.constexpr):
     return bh, b, h.to(tl.int64), kvh, start_m, start_m + tl.arange(0, BLOCK_M)
 
 
-@triton.autotune(configs=_FWD_CONFIGS, key=["T", "HEAD_DIM", "CAUSAL"])
+@autotune(_FWD_CONFIGS, key=["T", "HEAD_DIM", "CAUSAL", "XSA"])
 @triton.jit
 def _attn_fwd(Q, K, V, O, LSE, C,
               stride_qb, stride_qt, stride_qh, stride_qd, stride_kb, stride_kt, stride_kh, stride_kd,
@@ -202,6 +207,7 @@ def _attn_fwd(Q, K, V, O, LSE, C,
 # Backward
 # ----------------------------------------------------------------------------------------------
 
+@autotune(_PRE_CONFIGS, key=[])
 @triton.jit
 def _bwd_preprocess(O, DZ, V, C, DY, DELTA, DVX,
                     stride_ob, stride_ot, stride_oh, stride_od, stride_zb, stride_zt, stride_zh, stride_zd,
@@ -269,7 +275,7 @@ def _dkdv_steps(dk, dv, k, v, Q, DY, LSE, DELTA, stride_qt, stride_qd, stride_yt
     return dk, dv
 
 
-@triton.autotune(configs=_DKDV_CONFIGS, key=["T", "HEAD_DIM", "CAUSAL", "G"])
+@autotune(_DKDV_CONFIGS, key=["T", "HEAD_DIM", "CAUSAL", "G", "XSA"])
 @triton.jit
 def _attn_bwd_dkdv(Q, K, V, DY, LSE, DELTA, DVX, DK, DV,
                    stride_qb, stride_qt, stride_qh, stride_qd, stride_kb, stride_kt, stride_kh, stride_kd,
@@ -340,7 +346,9 @@ def _dq_steps(dq, q, dy, lse2, delta, K, V, stride_kt, stride_kd, stride_vt, str
     return dq
 
 
-@triton.autotune(configs=_DQ_CONFIGS, key=["T", "HEAD_DIM", "CAUSAL"])
+# dQ has no XSA switch, but with XSA it reads the projected dy from a dense (B, H, T, D) buffer instead of
+# dz's (B, T, H, D) rows: its row stride stride_yt (D vs H·D) keys that case apart.
+@autotune(_DQ_CONFIGS, key=["T", "HEAD_DIM", "CAUSAL", "stride_yt"])
 @triton.jit
 def _attn_bwd_dq(Q, K, V, DY, LSE, DELTA, DQ,
                  stride_qb, stride_qt, stride_qh, stride_qd, stride_kb, stride_kt, stride_kh, stride_kd,
@@ -382,19 +390,6 @@ def _attn_bwd_dq(Q, K, V, DY, LSE, DELTA, DQ,
 # Host side
 # ----------------------------------------------------------------------------------------------
 
-def _dot_args(dtype: torch.dtype) -> dict:
-    """Operand dtype and precision of tl.dot: fp32 under the interpreter (it has no bf16 dot), else the
-    input dtype on tensor cores; fp32 inputs use IEEE fp32, not TF32, so fp32 means fp32."""
-    if interpreting():
-        return {"DOT_DTYPE": tl.float32, "PRECISION": "ieee"}
-    return {"DOT_DTYPE": _TORCH_TO_TL[dtype], "PRECISION": "ieee" if dtype == torch.float32 else "tf32"}
-
-
-def _block_d(head_dim: int) -> int:
-    """Tile width for a head dim: the next power of two, at least 16 (tl.dot's minimum)."""
-    return max(16, triton.next_power_of_2(head_dim))
-
-
 def _attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, xsa: bool,
                        softmax_scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Launch the forward kernel: (z, lse, c) as documented on the custom op below."""
@@ -409,7 +404,7 @@ def _attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal
     # Without XSA, C is never touched: pass lse so no kernel argument is an empty (null) pointer.
     _attn_fwd[grid](q, k, v, o, lse, c if xsa else lse, *q.stride(), *k.stride(), *v.stride(), *o.stride(),
                     T, H, G, softmax_scale * LOG2E, CAUSAL=causal, XSA=xsa, HEAD_DIM=D,
-                    BLOCK_D=_block_d(D), **_dot_args(q.dtype))
+                    BLOCK_D=pow2_tile(D), **dot_args(q.dtype))
     return o, lse, c
 
 
@@ -423,7 +418,7 @@ def _attention_backward(dz, q, k, v, o, lse, c, causal: bool, xsa: bool, softmax
     dv = empty_output((B, T, Hkv, D), v.dtype, v.device)
     if dq.numel() == 0:
         return dq, dk, dv
-    block_d = _block_d(D)
+    block_d = pow2_tile(D)
     delta = empty_output((B, H, T), torch.float32, q.device)
     if xsa:
         # dy = (I − v̂v̂ᵀ) dz feeds the flash backward; stored (B, H, T, D) so each head's rows are dense.
@@ -434,10 +429,10 @@ def _attention_backward(dz, q, k, v, o, lse, c, causal: bool, xsa: bool, softmax
         dy, dy_strides, dvx = dz, dz.stride(), delta      # no XSA: dy is dz itself; c and dvx unused
         c = delta
     # dk, dv and dv_xsa are fresh contiguous (B, T, Hkv, D) tensors: one set of strides serves all three.
-    _bwd_preprocess[(triton.cdiv(T, _PRE_BLOCK), B * Hkv)](
-        o, dz, v, c, dy, delta, dvx, *o.stride(), *dz.stride(), *v.stride(), *dy_strides, *dk.stride(),
-        T, H, G, XSA=xsa, HEAD_DIM=D, BLOCK_D=block_d, BLOCK=_PRE_BLOCK, num_warps=1 if interpreting() else 4)
-    common = dict(CAUSAL=causal, HEAD_DIM=D, BLOCK_D=block_d, **_dot_args(q.dtype))
+    grid_pre = lambda meta: (triton.cdiv(T, meta["BLOCK"]), B * Hkv)  # noqa: E731
+    _bwd_preprocess[grid_pre](o, dz, v, c, dy, delta, dvx, *o.stride(), *dz.stride(), *v.stride(), *dy_strides,
+                              *dk.stride(), T, H, G, XSA=xsa, HEAD_DIM=D, BLOCK_D=block_d)
+    common = dict(CAUSAL=causal, HEAD_DIM=D, BLOCK_D=block_d, **dot_args(q.dtype))
     qk_scale = softmax_scale * LOG2E
     grid_kv = lambda meta: (triton.cdiv(T, meta["BLOCK_N"]), B * Hkv)  # noqa: E731
     _attn_bwd_dkdv[grid_kv](q, k, v, dy, lse, delta, dvx, dk, dv, *q.stride(), *k.stride(), *v.stride(),
@@ -509,7 +504,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
     tensor in q.dtype; differentiable in q, k, v (deterministic backward).
     """
     check_attention_inputs(q, k, v)
-    if q.dtype not in _TORCH_TO_TL:
+    check_triton_device("attention", "q", q)
+    if q.dtype not in KERNEL_DTYPES:
         raise TypeError(f"q: the Triton attention takes float32, float16 or bfloat16, got {q.dtype} "
                         f"(kernels.reference.attention handles float64)")
     scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else float(softmax_scale)
