@@ -110,6 +110,14 @@ def _gptq_walk(weights: torch.Tensor, hessians: torch.Tensor, bits: int, clip_si
     """GPTQ of a batch (M, N, K) with the Triton column walk; inputs already validated."""
     W, U, scales, perm = reference.gptq_prepare(weights.float(), hessians, bits=bits, clip_sigmas=clip_sigmas,
                                                 act_order=act_order, damp=damp)
+    return _column_walk(W, U, scales, perm, bits, block_size), scales
+
+
+def _column_walk(W: torch.Tensor, U: torch.Tensor, scales: torch.Tensor, perm: torch.Tensor, bits: int,
+                 block_size: int) -> torch.Tensor:
+    """The Triton part of GPTQ on `reference.gptq_prepare`'s outputs: W (M, N, K) float32 permuted working
+    weights, U (M, K, K) float32 upper Cholesky factor of H⁻¹, scales (M, N) fp16, perm (M, K) int64.
+    Returns the un-permuted codes int8 (M, N, K)."""
     M, N, K = W.shape
     # The kernel indexes rows with fixed strides (cholesky(upper=True) returns a transposed view).
     W, U, perm = W.contiguous(), U.contiguous(), perm.contiguous()
@@ -125,7 +133,7 @@ def _gptq_walk(weights: torch.Tensor, hessians: torch.Tensor, bits: int, clip_si
                                  R=reference.quant_max(bits), BLOCK_K=block_k)
         if end < K:
             W[:, :, end:].baddbmm_(err[:, :, :end - start], U[:, start:end, end:], alpha=-1.0)
-    return codes, scales
+    return codes
 
 
 @torch.library.custom_op("crawler_kernels::gptq_quantize_batched", mutates_args=())
