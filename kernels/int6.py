@@ -235,7 +235,9 @@ def _gpu_candidates(M: int, N: int, K4: int, device: torch.device) -> list[_Conf
     """The configurations worth timing for this problem on a GPU."""
     if M <= DECODE_MAX_M:
         BM = 1 if M == 1 else 16
-        tiles = [(16, 64, 4), (32, 64, 4), (8, 128, 4)] if M == 1 else [(32, 32, 4), (64, 32, 4), (64, 64, 4)]
+        # (BN, BQ, warps). 2-16 rows: 32 x 32 runs on 2 warps, since on 4 ptxas spilled it at K = 736 without
+        # split-K (16 bytes, 80 registers; build_check, sm_90, Triton 3.9).
+        tiles = [(16, 64, 4), (32, 64, 4), (8, 128, 4)] if M == 1 else [(32, 32, 2), (64, 32, 4), (64, 64, 4)]
         sms = multiprocessor_count(device)
         out = []
         for BN, BQ, warps in tiles:
@@ -245,8 +247,8 @@ def _gpu_candidates(M: int, N: int, K4: int, device: torch.device) -> list[_Conf
             out += [_Config("decode", BM, BN, BQ, SPLIT_K=s, num_warps=warps)
                     for s in sorted({1, triton.cdiv(wave, 2), wave})]
         return out
-    # (ptxas for sm_90, Triton 3.9: none spills with bf16/fp16 x; with fp32 x (3xTF32) the larger tiles
-    # spill, and the timing chooses accordingly)
+    # (`python -m kernels.build_check`, sm_90, Triton 3.9, bf16 x at the model's shapes: 93-156 registers,
+    # no spills)
     cands = [
         _Config("gemm", 128, 128, 16, GROUP_M=8, num_warps=8, num_stages=4),
         _Config("gemm", 128, 128, 16, GROUP_M=8, W_FIRST=True, num_warps=8, num_stages=4),

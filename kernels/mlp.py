@@ -28,16 +28,24 @@ from .utils import (
     token_bucket,
 )
 
-_CONFIGS = autotune_configs([
-    triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64}, num_warps=4, num_stages=4),
+# GPU lists, as `python -m kernels.build_check` measured them (sm_90, Triton 3.9, pr1579: 65,536 tokens,
+# 736 -> 2944, bf16): none spills. The 4-warp 128 x 128 tile needed 192 (up) and 255 (dpre) registers and
+# spilled in dpre for the leaky variant; 256 x 128 spilled in dpre; 128 x 256 needs 252 in dpre, so it
+# stays in the up-projection only (183 / 215 registers with SAVE_PRE). 8 warps on 128 x 128 need 112-160.
+# Speed is not measured yet (no GPU): each list keeps two shapes for the autotuner to time.
+_UP_CONFIGS = autotune_configs([
     triton.Config({"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64}, num_warps=8, num_stages=3),
-    triton.Config({"BLOCK_M": 256, "BLOCK_N": 128, "BLOCK_K": 64}, num_warps=8, num_stages=3),
-    triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64}, num_warps=4, num_stages=4),
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64}, num_warps=8, num_stages=3),
+], triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32}))
+# dpre also holds the pre/post tile it multiplies by: 128 and 160 (leaky) registers, 128 for 64 x 128.
+_DPRE_CONFIGS = autotune_configs([
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64}, num_warps=4, num_stages=4),
 ], triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32}))
 
 
 # TOKENS_BUCKET (token_bucket(M)) is an autotune key only: the kernels never read it.
-@autotune(_CONFIGS, key=["H", "D", "SAVE_PRE", "TOKENS_BUCKET"])
+@autotune(_UP_CONFIGS, key=["H", "D", "SAVE_PRE", "TOKENS_BUCKET"])
 @triton.jit(do_not_specialize=["TOKENS_BUCKET"])
 def _mlp_up_kernel(h_ptr, fc_ptr, post_ptr, pre_ptr, M, H, D, stride_hm, stride_hd, stride_fh, stride_fd,
                    stride_om, stride_oh, negative_slope, TOKENS_BUCKET, SAVE_PRE: tl.constexpr,
@@ -57,7 +65,7 @@ def _mlp_up_kernel(h_ptr, fc_ptr, post_ptr, pre_ptr, M, H, D, stride_hm, stride_
         tl.store(pre_ptr + offs, pre.to(pre_ptr.dtype.element_ty), mask=mask)
 
 
-@autotune(_CONFIGS, key=["H", "D", "FROM_POST", "TOKENS_BUCKET"])
+@autotune(_DPRE_CONFIGS, key=["H", "D", "FROM_POST", "TOKENS_BUCKET"])
 @triton.jit(do_not_specialize=["TOKENS_BUCKET"])
 def _mlp_dpre_kernel(g_ptr, proj_ptr, aux_ptr, dpre_ptr, M, H, D, stride_gm, stride_gd, stride_pd, stride_ph,
                      stride_am, stride_ah, stride_om, stride_oh, negative_slope, TOKENS_BUCKET,
