@@ -50,15 +50,17 @@ def _configs(gpu, interp_blocks):
                             triton.Config(interp_blocks, num_warps=1, num_stages=1))
 
 
-# GPU lists, as `python -m kernels.build_check` measured them (sm_90, Triton 3.9, the pr1579 shapes: D = 46
-# in a 64-wide tile, bf16, with and without XSA): no config spills and none needs more than 230 registers;
-# the ones that spilled (forward 128/32 w4 with XSA, dK/dV N128/M64, dQ 128/32 w4) or sat at 244-255
-# registers (every 128-row dK/dV tile, the 128/64 and 128/128 forward tiles with XSA) are gone. Speed is
-# not measured yet (no GPU): each list keeps two shapes for the autotuner to time.
+# GPU lists, as `python -m kernels.build_check` measured them (sm_90, the pr1579 shapes: D = 46 in a
+# 64-wide tile, bf16, with and without XSA; Triton 3.9, and 3.6 as on the GPU machine): no config spills and
+# none needs more than 230 registers; the ones that spilled (forward 128/32 w4 with XSA, dK/dV N128/M64,
+# dQ 128/32 w4) or sat at 244-255 registers (every 128-row dK/dV tile; with XSA every forward tile of 16
+# query rows per warp, on Triton 3.6 even 64/64 w4) are gone. Speed is not measured yet (no GPU): each
+# list keeps two shapes for the autotuner to time.
 # Forward: BLOCK_M query rows per program, BLOCK_N keys per step (BLOCK_M % BLOCK_N == 0, so the causal
-# diagonal is a whole number of key steps); 213 and 229 registers with XSA. The interpreter config keeps
-# BLOCK_M != BLOCK_N so the CPU tests exercise the multi-step diagonal.
-_FWD_CONFIGS = _configs([({"BLOCK_M": 64, "BLOCK_N": 64}, 4, 3), ({"BLOCK_M": 128, "BLOCK_N": 32}, 8, 3)],
+# diagonal is a whole number of key steps). 8 query rows per warp (each 64-row HGMMA's columns are split
+# over two warpgroups): 122-144 registers with XSA. The interpreter config keeps BLOCK_M != BLOCK_N so the CPU
+# tests exercise the multi-step diagonal.
+_FWD_CONFIGS = _configs([({"BLOCK_M": 64, "BLOCK_N": 64}, 8, 3), ({"BLOCK_M": 128, "BLOCK_N": 64}, 16, 3)],
                         {"BLOCK_M": 32, "BLOCK_N": 16})
 # dK/dV: BLOCK_N keys per program, BLOCK_M query rows per step (BLOCK_N % BLOCK_M == 0). It holds k, v,
 # dk, dv for the whole group loop: 214 and 227 registers with XSA.

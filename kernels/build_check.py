@@ -273,17 +273,15 @@ def _programs(grid, meta: dict) -> int:
     return math.prod(int(x) for x in g)
 
 
-def build_plan(names=None, multiprocessors: int = SM90["multiprocessors"]) -> list[Unit]:
-    """Every distinct compilation the named workloads (default: all) launch on a GPU with that many SMs,
-    in a fixed order."""
-    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+def build_plan(multiprocessors: int = SM90["multiprocessors"]) -> list[Unit]:
+    """Every distinct compilation the workloads launch on a GPU with that many SMs, in a fixed order."""
+    if utils.interpreting():
         raise SystemExit("build_check: unset TRITON_INTERPRET (the interpreter's single configs are not "
                          "what a GPU compiles)")
     units: dict[tuple, Unit] = {}
-    all_workloads = workloads()
-    for wname in names or all_workloads:
+    for wname, workload in workloads().items():
         with utils.planning_for(multiprocessors), recording_launches() as launches:
-            all_workloads[wname]()
+            workload()
         for launch in launches:
             jit_fn = _jit_fn(launch.kernel)
             nargs = dict(zip(launch.kernel.arg_names, launch.args))
@@ -405,12 +403,12 @@ def _warm_up_kernel(x_ptr):
 _WORKER: dict = {}
 
 
-def _compile(index: int, names, use_subset: bool, target_arch: int | None, multiprocessors: int) -> dict:
+def _compile(index: int, use_subset: bool, target_arch: int | None, multiprocessors: int) -> dict:
     """Compile unit `index` of the plan (rebuilt in this process: meta tensors do not pickle with their
     offsets) and return its table row."""
     warnings.filterwarnings("ignore", message=".*TRITON_DEFAULT_FP_FUSION.*")
     if "plan" not in _WORKER:
-        plan = build_plan(names, multiprocessors)
+        plan = build_plan(multiprocessors)
         _WORKER["plan"] = subset(plan) if use_subset else plan
         if target_arch is not None:
             from triton.backends.compiler import GPUTarget
@@ -509,7 +507,7 @@ def _target(arg: str | None) -> tuple[int | None, int, str]:
     return arch, sms, f"sm_{arch} (no GPU used: stand-in driver; launches planned for {sms} SMs)"
 
 
-def run(use_subset: bool, jobs: int, target: str | None, cache_dir: str | None, names=None) -> dict:
+def run(use_subset: bool, jobs: int, target: str | None, cache_dir: str | None) -> dict:
     """Compile the plan, return {"rows", "summary", "environment"}."""
     from triton.runtime import driver
     if not hasattr(driver, "set_active"):
@@ -525,7 +523,7 @@ def run(use_subset: bool, jobs: int, target: str | None, cache_dir: str | None, 
         cache_dir = tempfile.mkdtemp(prefix="build_check_cache_")
     if cache_dir is not None:
         os.environ["TRITON_CACHE_DIR"] = str(cache_dir)
-    plan = build_plan(names, sms)
+    plan = build_plan(sms)
     plan = subset(plan) if use_subset else plan
     print(f"build_check: {len(plan)} compilations for {target_text}, triton {triton.__version__}, "
           f"{jobs} job(s)", file=sys.stderr, flush=True)
@@ -533,7 +531,7 @@ def run(use_subset: bool, jobs: int, target: str | None, cache_dir: str | None, 
     t0 = time.perf_counter()
     with concurrent.futures.ProcessPoolExecutor(max_workers=jobs,
                                                 mp_context=multiprocessing.get_context("spawn")) as pool:
-        futures = {pool.submit(_compile, i, names, use_subset, arch, sms): i for i in range(len(plan))}
+        futures = {pool.submit(_compile, i, use_subset, arch, sms): i for i in range(len(plan))}
         for n, future in enumerate(concurrent.futures.as_completed(futures), 1):
             row = future.result()
             row["problems"] = _problems(row)
@@ -574,7 +572,7 @@ def main(argv=None) -> int:
     if args.target is not None and not re.fullmatch(r"sm_\d+", args.target):
         parser.error(f"--target: expected sm_XY (e.g. sm_90), got {args.target!r}")
     if args.list:
-        plan = build_plan(multiprocessors=_target(args.target)[1])
+        plan = build_plan(_target(args.target)[1])
         plan = subset(plan) if args.subset else plan
         rows = [unit.row() for unit in plan]
         print(format_table(rows, compiled=False))

@@ -31,7 +31,8 @@ from .utils import (
 # GPU lists, as `python -m kernels.build_check` measured them (sm_90, Triton 3.9, pr1579: 65,536 tokens,
 # 736 -> 2944, bf16): none spills. The 4-warp 128 x 128 tile needed 192 (up) and 255 (dpre) registers and
 # spilled in dpre for the leaky variant; 256 x 128 spilled in dpre; 128 x 256 needs 252 in dpre, so it
-# stays in the up-projection only (183 / 215 registers with SAVE_PRE). 8 warps on 128 x 128 need 112-160.
+# stays in the up-projection only (183 / 215 registers with SAVE_PRE; 241 on Triton 3.6). 8 warps on
+# 128 x 128 need 112-160.
 # Speed is not measured yet (no GPU): each list keeps two shapes for the autotuner to time.
 _UP_CONFIGS = autotune_configs([
     triton.Config({"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64}, num_warps=8, num_stages=3),

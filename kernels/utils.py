@@ -7,8 +7,9 @@ Where the Triton ops run. On a CUDA device, or on the CPU under the Triton inter
 `check_triton_device` after validating its contract, so a plain CPU tensor gets one clear error naming the
 CPU reference instead of a failure inside Triton.
 
-Configs. `autotune_configs(gpu, interpreter)` gives an autotuned kernel its GPU list, or exactly one
-config under the interpreter (which runs every program in Python, so CPU tests compile and run each shape
+Configs. `gpu_or_interpreter(gpu, interpreter)` is the one place a launch parameter is chosen for the
+interpreter, which runs every program in Python; `autotune_configs(gpu, interpreter)` gives an autotuned
+kernel its GPU list, or exactly one config under the interpreter (so CPU tests compile and run each shape
 once). Each GPU list sits next to its kernel with a comment saying what `python -m kernels.build_check`
 measured for it. `autotune` is `triton.autotune` with the tuning results persisted on disk, so a second
 process on the same machine times nothing; `token_bucket` turns a token count into an autotune key that
