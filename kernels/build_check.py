@@ -2,24 +2,27 @@
 sm_90, on a machine without a GPU, and report what each compilation costs the chip.
 
     python -m kernels.build_check [--all | --subset] [--jobs N] [--json PATH] [--target sm_90]
-                                  [--cache-dir DIR]
+                                  [--cache-dir DIR] [--list]
 
 How the launches are derived. Each op's own host launcher (the Python body of its torch.library custom op;
 for int6_linear, `_launch` for every candidate of `_candidates`) runs on meta tensors of the real shapes
-(`WORKLOADS`), inside `kernels.utils.planning_for` the GPU's SM count, so every grid, block-size choice,
+(`workloads()`) inside `kernels.utils.planning_for(the GPU's SM count)`, so every grid, block-size choice,
 split and stride is the one a GPU run computes, from the same code. Each `kernel[grid](...)` launch is
 recorded instead of run. A launch of an autotuned kernel stands for every config of its (pruned) list; a
 plain launch for itself. Launches with equal Triton specialisations (argument dtypes, 16-byte alignment,
 integers equal to 1 or divisible by 16, constexpr values) are one compilation.
 
 How each compilation is made and measured. `JITFunction.warmup`, Triton's normal JIT path without the
-launch: on a machine with a CUDA GPU through the real driver for the local device (so the cubins land in
-the Triton cache that tests and benchmarks then load), elsewhere through a stand-in driver that only names
-the target (`GPUTarget("cuda", 90, 32)`). From the result: registers and stack-frame (spill) bytes from
-the cubin's resource usage (`cuobjdump`, shipped in Triton's wheel), shared memory from the kernel's
-metadata, blocks and warps per SM from those and the Hopper limits, the tensor-core instructions from the
-SASS (`cuobjdump -sass`: HGMMA = Hopper warpgroup MMA, HMMA = the older warp MMA), the compile seconds
-on one core (`--jobs` runs that many compilations in parallel processes).
+launch, for the target (`GPUTarget("cuda", 90, 32)`, or the local GPU's architecture when there is one),
+named to Triton by a stand-in driver so that no process needs a GPU context. The compilation is the one a
+real launch makes (the same source, specialisation, target and options), so on a GPU machine it lands in
+the Triton cache that tests and benchmarks then load; without a GPU it goes to a fresh temporary cache.
+From the result: registers and stack-frame (spill) bytes from the cubin's resource usage (`cuobjdump`,
+shipped in Triton's wheel), shared memory from the kernel's metadata, blocks and warps per SM from those
+and the Hopper limits, the tensor-core instructions from the SASS (`cuobjdump -sass`: HGMMA = Hopper
+warpgroup MMA, HMMA = the older warp MMA), and the compile time as CPU seconds of one core (Triton +
+ptxas; `--jobs` runs that many compilations in parallel processes, each warmed up by one trivial
+compilation first).
 
 Exit status 1 on a compile failure, a spill, shared memory over the 227 KiB a block may use, or a kernel
 with a bf16 tl.dot whose SASS has no bf16 tensor-core MMA; 0 otherwise, also when this Triton lacks a
@@ -403,16 +406,15 @@ def _warm_up_kernel(x_ptr):
 _WORKER: dict = {}
 
 
-def _compile(index: int, use_subset: bool, target_arch: int | None, multiprocessors: int) -> dict:
+def _compile(index: int, use_subset: bool, target_arch: int, multiprocessors: int) -> dict:
     """Compile unit `index` of the plan (rebuilt in this process: meta tensors do not pickle with their
     offsets) and return its table row."""
     warnings.filterwarnings("ignore", message=".*TRITON_DEFAULT_FP_FUSION.*")
     if "plan" not in _WORKER:
         plan = build_plan(multiprocessors)
         _WORKER["plan"] = subset(plan) if use_subset else plan
-        if target_arch is not None:
-            from triton.backends.compiler import GPUTarget
-            triton.runtime.driver.set_active(_TargetDriver(GPUTarget("cuda", target_arch, 32)))
+        from triton.backends.compiler import GPUTarget
+        triton.runtime.driver.set_active(_TargetDriver(GPUTarget("cuda", target_arch, 32)))
         # The first compilation in a process also loads the compiler: pay that outside the measurements.
         _warm_up_kernel.warmup(torch.empty(1, device="meta"), grid=(1,))
     unit = _WORKER["plan"][index]
@@ -493,18 +495,18 @@ def summarize(rows: list[dict]) -> dict:
     }
 
 
-def _target(arg: str | None) -> tuple[int | None, int, str]:
-    """(architecture for the stand-in driver, or None for the local GPU's own driver; the SM count launch
-    decisions are made for; a description)."""
+def _target(arg: str | None) -> tuple[int, int, bool, str]:
+    """(architecture, SM count launch decisions are made for, whether that is the local GPU, description).
+    The local GPU when there is one (and --target does not name another architecture), else sm_90."""
     if torch.cuda.is_available():
         major, minor = torch.cuda.get_device_capability()
         local = 10 * major + minor
         if arg is None or int(arg.removeprefix("sm_")) == local:
             sms = torch.cuda.get_device_properties(0).multi_processor_count
-            return None, sms, f"sm_{local} (local {torch.cuda.get_device_name()}, {sms} SMs, normal JIT path)"
+            return local, sms, True, f"sm_{local} (the local {torch.cuda.get_device_name()}, {sms} SMs)"
     arch = int((arg or "sm_90").removeprefix("sm_"))
     sms = SM90["multiprocessors"]
-    return arch, sms, f"sm_{arch} (no GPU used: stand-in driver; launches planned for {sms} SMs)"
+    return arch, sms, False, f"sm_{arch} (no GPU used; launches planned for {sms} SMs)"
 
 
 def run(use_subset: bool, jobs: int, target: str | None, cache_dir: str | None) -> dict:
@@ -517,8 +519,8 @@ def run(use_subset: bool, jobs: int, target: str | None, cache_dir: str | None) 
     except ImportError as e:
         raise Skip(f"triton {triton.__version__}: no triton.backends.compiler.GPUTarget") from e
     _tool("cuobjdump")
-    arch, sms, target_text = _target(target)
-    if cache_dir is None and arch is not None:
+    arch, sms, local, target_text = _target(target)
+    if cache_dir is None and not local:
         # Without a GPU nothing would reuse these cubins: a fresh cache makes every time a compile time.
         cache_dir = tempfile.mkdtemp(prefix="build_check_cache_")
     if cache_dir is not None:
