@@ -235,8 +235,9 @@ def _gpu_candidates(M: int, N: int, K4: int, device: torch.device) -> list[_Conf
     """The configurations worth timing for this problem on a GPU."""
     if M <= DECODE_MAX_M:
         BM = 1 if M == 1 else 16
-        # (BN, BQ, warps). 2-16 rows: 32 x 32 runs on 2 warps, since on 4 ptxas spilled it at K = 736 without
-        # split-K (16 bytes, 80 registers; build_check, sm_90, Triton 3.9).
+        # (BN, BQ, warps), as `python -m kernels.build_check` measured them (sm_90, Triton 3.9, bf16 x at the
+        # model's shapes): 63-126 registers for one row, 72-159 for 2-16, no spills. 2-16 rows: 32 x 32 runs
+        # on 2 warps, since on 4 ptxas spilled it at K = 736 without split-K (16 bytes at 80 registers).
         tiles = [(16, 64, 4), (32, 64, 4), (8, 128, 4)] if M == 1 else [(32, 32, 2), (64, 32, 4), (64, 64, 4)]
         sms = multiprocessor_count(device)
         out = []
