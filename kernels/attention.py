@@ -34,9 +34,9 @@ Backward, three kernels, no float atomics (deterministic):
 
 Inputs may be any strided view (the model passes views of linear outputs): kernels take every stride,
 so q/k/v/dz are never copied. Head dims that are not powers of two run in the next power-of-two tile
-(at least 16, the smallest tl.dot size) with masked loads. Matmuls run in the input dtype on the GPU
-(bf16/fp16 tensor cores, fp32 as IEEE fp32) with fp32 accumulation; under the Triton interpreter
-(no bf16 tl.dot) operands are upcast to fp32.
+(at least 16, the smallest tl.dot size) with masked loads. Matmuls accumulate in fp32; their operand
+dtype and precision follow the one rule of `kernels.utils.dot_args` (bf16/fp16 on tensor cores, fp32 as
+exact as torch's float32 matmul setting, fp32 operands under the interpreter).
 """
 from __future__ import annotations
 
@@ -46,45 +46,50 @@ import torch
 import triton
 import triton.language as tl
 
-from .utils import check_attention_inputs, empty_output, interpreting
+from .utils import (
+    KERNEL_DTYPES,
+    autotune,
+    autotune_configs,
+    check_attention_inputs,
+    check_triton_device,
+    dot_args,
+    empty_output,
+    pow2_tile,
+)
 
 LOG2E = math.log2(math.e)   # softmax runs on exp2 with the scale folded into one multiply
 _LOG2E = tl.constexpr(LOG2E)
 _V_NORM_EPS = tl.constexpr(1e-12)   # F.normalize's eps for v̂ (docs/math.md §1.9)
 
-_TORCH_TO_TL = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
-
 
 def _configs(gpu, interp_blocks):
-    """Autotune configs: the (block sizes, num_warps, num_stages) list on the GPU, exactly one config under
-    the interpreter so CPU tests compile and run once per shape."""
-    if interpreting():
-        return [triton.Config(interp_blocks, num_warps=1, num_stages=1)]
-    return [triton.Config(blocks, num_warps=w, num_stages=s) for blocks, w, s in gpu]
+    """Autotune configs from (block sizes, num_warps, num_stages) rows, or the interpreter's one config."""
+    return autotune_configs([triton.Config(blocks, num_warps=w, num_stages=s) for blocks, w, s in gpu],
+                            triton.Config(interp_blocks, num_warps=1, num_stages=1))
 
 
-# GPU lists: configs that compile for sm_90 without register spills at D = 46 and 64 (checked with
-# Triton's ptxas; many 4-warp variants of the larger tiles spill), plus a few at D = 128.
+# GPU lists, as `python -m kernels.build_check` measured them (sm_90, the pr1579 shapes: D = 46 in a
+# 64-wide tile, bf16, with and without XSA; Triton 3.9, and 3.6 as on the GPU machine): no config spills and
+# none needs more than 230 registers; the ones that spilled (forward 128/32 w4 with XSA, dK/dV N128/M64,
+# dQ 128/32 w4) or sat at 244-255 registers (every 128-row dK/dV tile; with XSA every forward tile of 16
+# query rows per warp, on Triton 3.6 even 64/64 w4) are gone. Speed is not measured yet (no GPU): each
+# list keeps two shapes for the autotuner to time.
 # Forward: BLOCK_M query rows per program, BLOCK_N keys per step (BLOCK_M % BLOCK_N == 0, so the causal
-# diagonal is a whole number of key steps). The interpreter config keeps BLOCK_M != BLOCK_N so the CPU
+# diagonal is a whole number of key steps). 8 query rows per warp (each 64-row HGMMA's columns are split
+# over two warpgroups): 122-144 registers with XSA. The interpreter config keeps BLOCK_M != BLOCK_N so the CPU
 # tests exercise the multi-step diagonal.
-_FWD_CONFIGS = _configs([({"BLOCK_M": 128, "BLOCK_N": 64}, 8, 3), ({"BLOCK_M": 128, "BLOCK_N": 64}, 8, 4),
-                         ({"BLOCK_M": 128, "BLOCK_N": 32}, 4, 4), ({"BLOCK_M": 64, "BLOCK_N": 64}, 4, 3),
-                         ({"BLOCK_M": 64, "BLOCK_N": 64}, 4, 4), ({"BLOCK_M": 128, "BLOCK_N": 128}, 8, 3)],
+_FWD_CONFIGS = _configs([({"BLOCK_M": 64, "BLOCK_N": 64}, 8, 3), ({"BLOCK_M": 128, "BLOCK_N": 64}, 16, 3)],
                         {"BLOCK_M": 32, "BLOCK_N": 16})
 # dK/dV: BLOCK_N keys per program, BLOCK_M query rows per step (BLOCK_N % BLOCK_M == 0). It holds k, v,
-# dk, dv for the whole group loop, so the big tiles need 8 warps.
-_DKDV_CONFIGS = _configs([({"BLOCK_N": 128, "BLOCK_M": 32}, 8, 3), ({"BLOCK_N": 128, "BLOCK_M": 32}, 8, 4),
-                          ({"BLOCK_N": 128, "BLOCK_M": 64}, 8, 3), ({"BLOCK_N": 64, "BLOCK_M": 32}, 8, 3),
-                          ({"BLOCK_N": 64, "BLOCK_M": 16}, 4, 4), ({"BLOCK_N": 128, "BLOCK_M": 16}, 8, 4)],
+# dk, dv for the whole group loop: 214 and 227 registers with XSA.
+_DKDV_CONFIGS = _configs([({"BLOCK_N": 64, "BLOCK_M": 32}, 8, 3), ({"BLOCK_N": 64, "BLOCK_M": 16}, 4, 3)],
                          {"BLOCK_N": 32, "BLOCK_M": 16})
-# dQ: BLOCK_M query rows per program, BLOCK_N keys per step (BLOCK_M % BLOCK_N == 0).
-_DQ_CONFIGS = _configs([({"BLOCK_M": 128, "BLOCK_N": 32}, 4, 3), ({"BLOCK_M": 128, "BLOCK_N": 32}, 4, 4),
-                        ({"BLOCK_M": 128, "BLOCK_N": 64}, 8, 3), ({"BLOCK_M": 128, "BLOCK_N": 32}, 8, 3),
-                        ({"BLOCK_M": 64, "BLOCK_N": 64}, 4, 3), ({"BLOCK_M": 64, "BLOCK_N": 32}, 4, 4)],
+# dQ: BLOCK_M query rows per program, BLOCK_N keys per step (BLOCK_M % BLOCK_N == 0): 157 and 168 registers.
+_DQ_CONFIGS = _configs([({"BLOCK_M": 128, "BLOCK_N": 32}, 8, 3), ({"BLOCK_M": 64, "BLOCK_N": 64}, 4, 3)],
                        {"BLOCK_M": 32, "BLOCK_N": 16})
-_PRE_BLOCK = 16 if interpreting() else 32    # rows per preprocess program (elementwise, memory-bound;
-#                                               32 rows x 4 warps stay near 128 registers at D <= 64)
+# Preprocess: BLOCK rows per program (elementwise, memory-bound). 16 rows x 4 warps need 150 registers with
+# XSA (32 rows needed 255: five fp32 row tiles live across the group loop) and 56 without.
+_PRE_CONFIGS = _configs([({"BLOCK": 16}, 4, 1)], {"BLOCK": 16})
 
 
 # ----------------------------------------------------------------------------------------------
@@ -253,7 +258,7 @@ def _fwd_block(Qs, Ks, Vs, Os, LSEs, Cs, stride_qt, stride_qd, stride_kt, stride
     _store_rows(Os, y, offs_m, stride_ot, offs_d, stride_od, len_q, HEAD_DIM)
 
 
-@triton.autotune(configs=_FWD_CONFIGS, key=["T", "HEAD_DIM", "CAUSAL"])
+@autotune(_FWD_CONFIGS, key=["T", "HEAD_DIM", "CAUSAL", "XSA"])
 @triton.jit
 def _attn_fwd(Q, K, V, O, LSE, C, CU,
               stride_qb, stride_qt, stride_qh, stride_qd, stride_kb, stride_kt, stride_kh, stride_kd,
@@ -282,6 +287,7 @@ def _attn_fwd(Q, K, V, O, LSE, C, CU,
 # Backward
 # ----------------------------------------------------------------------------------------------
 
+@autotune(_PRE_CONFIGS, key=[])
 @triton.jit
 def _bwd_preprocess(O, DZ, V, C, DY, DELTA, DVX,
                     stride_ob, stride_ot, stride_oh, stride_od, stride_zb, stride_zt, stride_zh, stride_zd,
@@ -395,7 +401,7 @@ def _dkdv_block(Qs, Ks, Vs, DYs, DVXs, DKs, DVs, LSE, DELTA, stride_qt, stride_q
     _store_rows(DVs, dv, offs_n, stride_gt, offs_d, stride_gd, len_k, HEAD_DIM)
 
 
-@triton.autotune(configs=_DKDV_CONFIGS, key=["T", "HEAD_DIM", "CAUSAL", "G"])
+@autotune(_DKDV_CONFIGS, key=["T", "HEAD_DIM", "CAUSAL", "G", "XSA"])
 @triton.jit
 def _attn_bwd_dkdv(Q, K, V, DY, LSE, DELTA, DVX, DK, DV, CU,
                    stride_qb, stride_qt, stride_qh, stride_qd, stride_kb, stride_kt, stride_kh, stride_kd,
@@ -477,7 +483,9 @@ def _dq_block(Qs, Ks, Vs, DYs, DQs, LSEs, DELTAs, stride_qt, stride_qd, stride_k
     _store_rows(DQs, dq * sm_scale, offs_m, stride_gt, offs_d, stride_gd, len_q, HEAD_DIM)
 
 
-@triton.autotune(configs=_DQ_CONFIGS, key=["T", "HEAD_DIM", "CAUSAL"])
+# dQ has no XSA switch, but with XSA it reads the projected dy from a dense (B, H, T, D) buffer instead of
+# dz's (B, T, H, D) rows: its row stride stride_yt (D vs H·D) keys that case apart.
+@autotune(_DQ_CONFIGS, key=["T", "HEAD_DIM", "CAUSAL", "stride_yt"])
 @triton.jit
 def _attn_bwd_dq(Q, K, V, DY, LSE, DELTA, DQ, CU,
                  stride_qb, stride_qt, stride_qh, stride_qd, stride_kb, stride_kt, stride_kh, stride_kd,
@@ -508,19 +516,6 @@ def _attn_bwd_dq(Q, K, V, DY, LSE, DELTA, DQ, CU,
 # Host side
 # ----------------------------------------------------------------------------------------------
 
-def _dot_args(dtype: torch.dtype) -> dict:
-    """Operand dtype and precision of tl.dot: fp32 under the interpreter (it has no bf16 dot), else the
-    input dtype on tensor cores; fp32 inputs use IEEE fp32, not TF32, so fp32 means fp32."""
-    if interpreting():
-        return {"DOT_DTYPE": tl.float32, "PRECISION": "ieee"}
-    return {"DOT_DTYPE": _TORCH_TO_TL[dtype], "PRECISION": "ieee" if dtype == torch.float32 else "tf32"}
-
-
-def _block_d(head_dim: int) -> int:
-    """Tile width for a head dim: the next power of two, at least 16 (tl.dot's minimum)."""
-    return max(16, triton.next_power_of_2(head_dim))
-
-
 def _sequences(B: int, T: int, T_K: int, cu_seqlens: torch.Tensor | None,
                max_seqlen: int | None) -> tuple[int, int, int]:
     """(sequences, query rows, key rows) the grids cover: dense (B, T, T_K); varlen (segments,
@@ -550,7 +545,7 @@ def _attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seq
     _attn_fwd[grid](q, k, v, o, lse, c if xsa else lse, lse if cu_seqlens is None else cu_seqlens,
                     *q.stride(), *k.stride(), *v.stride(), *o.stride(), T, T_K, H, H // Hkv,
                     softmax_scale * LOG2E, CAUSAL=causal, XSA=xsa, VARLEN=cu_seqlens is not None, HEAD_DIM=D,
-                    BLOCK_D=_block_d(D), **_dot_args(q.dtype))
+                    BLOCK_D=pow2_tile(D), **dot_args(q.dtype))
     return o, lse, c
 
 
@@ -565,7 +560,7 @@ def _attention_backward(dz, q, k, v, o, lse, c, cu_seqlens, max_seqlen, causal: 
     dv = empty_output((B, T_K, Hkv, D), v.dtype, v.device)
     if dq.numel() == 0:          # no query: keys and values get no gradient
         return dq, dk.zero_(), dv.zero_()
-    block_d = _block_d(D)
+    block_d = pow2_tile(D)
     delta = empty_output((B, H, T), torch.float32, q.device)
     cached = T_K - T             # keys before the first query (dense only): a KV cache
     if xsa:
@@ -580,14 +575,13 @@ def _attention_backward(dz, q, k, v, o, lse, c, cu_seqlens, max_seqlen, causal: 
         c, v_own, dvx_own = delta, v, delta
     # dk, dv and dv_xsa are fresh contiguous (B, T_K, Hkv, D) tensors: one set of strides serves all three.
     # The preprocess is row-wise: it sees a varlen batch as one row of `total` rows.
-    _bwd_preprocess[(triton.cdiv(T, _PRE_BLOCK), B * Hkv)](
-        o, dz, v_own, c, dy, delta, dvx_own, *o.stride(), *dz.stride(), *v_own.stride(), *dy_strides,
-        *dk.stride(), T, H, G, XSA=xsa, HEAD_DIM=D, BLOCK_D=block_d, BLOCK=_PRE_BLOCK,
-        num_warps=1 if interpreting() else 4)
+    grid_pre = lambda meta: (triton.cdiv(T, meta["BLOCK"]), B * Hkv)  # noqa: E731
+    _bwd_preprocess[grid_pre](o, dz, v_own, c, dy, delta, dvx_own, *o.stride(), *dz.stride(), *v_own.stride(),
+                              *dy_strides, *dk.stride(), T, H, G, XSA=xsa, HEAD_DIM=D, BLOCK_D=block_d)
     seqs, q_rows, k_rows = _sequences(B, T, T_K, cu_seqlens, max_seqlen)
     cu = lse if cu_seqlens is None else cu_seqlens
     common = dict(CAUSAL=causal, VARLEN=cu_seqlens is not None, HEAD_DIM=D, BLOCK_D=block_d,
-                  **_dot_args(q.dtype))
+                  **dot_args(q.dtype))
     qk_scale = softmax_scale * LOG2E
     grid_kv = lambda meta: (max(1, triton.cdiv(k_rows, meta["BLOCK_N"])), seqs * Hkv)  # noqa: E731
     _attn_bwd_dkdv[grid_kv](q, k, v, dy, lse, delta, dvx, dk, dv, cu, *q.stride(), *k.stride(), *v.stride(),
@@ -674,7 +668,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
     """
     longest = check_attention_inputs(q, k, v, softmax_scale=softmax_scale, cu_seqlens=cu_seqlens,
                                      max_seqlen=max_seqlen)
-    if q.dtype not in _TORCH_TO_TL:
+    check_triton_device("attention", "q", q)
+    if q.dtype not in KERNEL_DTYPES:
         raise TypeError(f"q: the Triton attention takes float32, float16 or bfloat16, got {q.dtype} "
                         f"(kernels.reference.attention handles float64)")
     scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else float(softmax_scale)

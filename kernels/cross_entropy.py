@@ -1,4 +1,5 @@
-"""Fused softcapped cross-entropy of the tied head (the fusion of PR #1787, SPEC §1.3), training only.
+"""Fused softcapped cross-entropy of the tied head (the fusion of PR #1787, docs/math.md §1.3), training
+only.
 
 loss = mean_i [ logsumexp_v z_iv − z_i,t_i ] with z = c·tanh(h·Wᵀ / c), computed without materialising the
 (N, V) logits. c·tanh(x/c) = 2c·σ(2x/c) − c and the constant −c cancels in the cross-entropy, so the kernels
@@ -24,41 +25,40 @@ Evaluation keeps the exact eager path (`kernels.reference.softcapped_logits` + F
 """
 from __future__ import annotations
 
-import math
-from numbers import Real
-
 import torch
 import triton
 import triton.language as tl
 
-from .utils import (check_tensor, empty_output, grouped_tile, interpreting,
-                    tile_matmul, tile_matmul_flags)
+from .utils import (
+    autotune,
+    autotune_configs,
+    check_class_indices,
+    check_cross_entropy_inputs,
+    check_triton_device,
+    dot_args,
+    empty_output,
+    grouped_tile,
+    multiprocessor_count,
+    tile_matmul,
+    token_bucket,
+)
 
 # Budget for one backward chunk of dlogits: 256 MiB = 16,384 tokens × 8,192 vocabulary entries in bf16.
 DLOGITS_CHUNK_BYTES = 256 * 2**20
-CE_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-TARGET_DTYPES = (torch.int64, torch.int32)
 
-if interpreting():
-    # One small config: the interpreter runs each program in Python, and the test shapes are tiny.
-    _FWD_CONFIGS = [triton.Config({"BLOCK_N": 32, "BLOCK_V": 32, "BLOCK_K": 32})]
-    _BWD_CONFIGS = [triton.Config({"BLOCK_N": 32, "BLOCK_V": 32, "BLOCK_K": 32})]
-else:
-    _FWD_CONFIGS = [
-        triton.Config({"BLOCK_N": 128, "BLOCK_V": 128, "BLOCK_K": 64}, num_warps=8, num_stages=3),
-        triton.Config({"BLOCK_N": 128, "BLOCK_V": 256, "BLOCK_K": 64}, num_warps=8, num_stages=3),
-        triton.Config({"BLOCK_N": 128, "BLOCK_V": 128, "BLOCK_K": 64}, num_warps=4, num_stages=4),
-        triton.Config({"BLOCK_N": 64, "BLOCK_V": 256, "BLOCK_K": 64}, num_warps=4, num_stages=4),
-    ]
-    _BWD_CONFIGS = [
-        triton.Config({"BLOCK_N": 128, "BLOCK_V": 128, "BLOCK_K": 64}, num_warps=4, num_stages=4),
-        triton.Config({"BLOCK_N": 128, "BLOCK_V": 256, "BLOCK_K": 64}, num_warps=8, num_stages=3),
-        triton.Config({"BLOCK_N": 256, "BLOCK_V": 128, "BLOCK_K": 64}, num_warps=8, num_stages=3),
-        triton.Config({"BLOCK_N": 64, "BLOCK_V": 128, "BLOCK_K": 64}, num_warps=4, num_stages=4),
-    ]
+# The GPU list, as `python -m kernels.build_check` measured it (sm_90, Triton 3.9, pr1579: 65,536 tokens,
+# d 736, V 8192, bf16): none spills. The softcap and online-softmax temporaries ride on the accumulator, so
+# 4-warp 128-row tiles and every tile with 128 x 256 spilled (up to 560 bytes in the backward); 8 warps
+# on 128 x 128 or 64 x 256 need 227-231 registers in the forward and 201-206 in the backward, so one list
+# serves both kernels. Speed is not measured yet (no GPU): the list keeps two shapes for the autotuner to
+# time. The interpreter's one config is small: it runs each program in Python, and the test shapes are tiny.
+_CONFIGS = autotune_configs([
+    triton.Config({"BLOCK_N": 128, "BLOCK_V": 128, "BLOCK_K": 64}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_N": 64, "BLOCK_V": 256, "BLOCK_K": 64}, num_warps=8, num_stages=3),
+], triton.Config({"BLOCK_N": 32, "BLOCK_V": 32, "BLOCK_K": 32}))
 # Vocabulary splits are multiples of the largest BLOCK_V, so every config tiles a split exactly.
-_SPLIT_ALIGN = max(c.kwargs["BLOCK_V"] for c in _FWD_CONFIGS)
-_NOMINAL_BLOCK_N = min(c.kwargs["BLOCK_N"] for c in _FWD_CONFIGS)
+_SPLIT_ALIGN = max(c.kwargs["BLOCK_V"] for c in _CONFIGS)
+_NOMINAL_BLOCK_N = min(c.kwargs["BLOCK_N"] for c in _CONFIGS)
 
 
 @triton.jit
@@ -70,12 +70,13 @@ def _softcap_sigmoid(x, softcap):
     return tl.where(t >= 0, r, e * r), e * r * r
 
 
-@triton.autotune(configs=_FWD_CONFIGS, key=["V", "D"])
-@triton.jit
+# TOKENS_BUCKET (token_bucket(N)) is an autotune key only: the kernels never read it.
+@autotune(_CONFIGS, key=["V", "D", "TOKENS_BUCKET"])
+@triton.jit(do_not_specialize=["TOKENS_BUCKET"])
 def _ce_forward_kernel(h_ptr, w_ptr, tgt_ptr, lse_ptr, zt_ptr, N, V, D, SPLIT_V,
-                       stride_hn, stride_hd, stride_wv, stride_wd, softcap,
+                       stride_hn, stride_hd, stride_wv, stride_wd, softcap, TOKENS_BUCKET,
                        BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
-                       UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+                       DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
     """Per token of this program's tile, over the vocabulary range [split·SPLIT_V, (split+1)·SPLIT_V):
     lse_part = log Σ exp(z'), zt_part = z'[target] (0 when the target lies outside the range)."""
     split = tl.program_id(1)
@@ -91,7 +92,7 @@ def _ce_forward_kernel(h_ptr, w_ptr, tgt_ptr, lse_ptr, zt_ptr, N, V, D, SPLIT_V,
     for v0 in range(v_start, v_end, BLOCK_V):
         cols = v0 + tl.arange(0, BLOCK_V)
         x = tile_matmul(h_ptr, stride_hn, stride_hd, w_ptr, stride_wd, stride_wv, rows_ld, cols % V, D,
-                        BLOCK_N, BLOCK_V, BLOCK_K, UPCAST, PRECISION)
+                        BLOCK_N, BLOCK_V, BLOCK_K, DOT_DTYPE, PRECISION)
         sg, _ = _softcap_sigmoid(x, softcap)
         z = tl.where((cols < V)[None, :], (2.0 * softcap) * sg, float("-inf"))
         m_new = tl.maximum(m, tl.max(z, 1))
@@ -102,19 +103,19 @@ def _ce_forward_kernel(h_ptr, w_ptr, tgt_ptr, lse_ptr, zt_ptr, N, V, D, SPLIT_V,
     tl.store(zt_ptr + split * N + rows, zt, mask=row_ok)
 
 
-@triton.autotune(configs=_BWD_CONFIGS, key=["V", "D"])
-@triton.jit
+@autotune(_CONFIGS, key=["V", "D", "TOKENS_BUCKET"])
+@triton.jit(do_not_specialize=["TOKENS_BUCKET"])
 def _ce_dlogits_kernel(h_ptr, w_ptr, tgt_ptr, lse_ptr, g_ptr, dl_ptr, N, V, D,
                        stride_hn, stride_hd, stride_wv, stride_wd, stride_dn, stride_dv, softcap, inv_n,
-                       BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
-                       UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+                       TOKENS_BUCKET, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
+                       DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
     """dlogits tile = g/N · (exp(z' − lse) − 1[v = target]) · 4σ(1 − σ), recomputing z' from h and W."""
     pid_n, pid_v = grouped_tile(tl.program_id(0), tl.cdiv(N, BLOCK_N), tl.cdiv(V, BLOCK_V), 8)
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     cols = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
     rows_ld = rows % N
     x = tile_matmul(h_ptr, stride_hn, stride_hd, w_ptr, stride_wd, stride_wv, rows_ld, cols % V, D,
-                    BLOCK_N, BLOCK_V, BLOCK_K, UPCAST, PRECISION)
+                    BLOCK_N, BLOCK_V, BLOCK_K, DOT_DTYPE, PRECISION)
     sg, dsg = _softcap_sigmoid(x, softcap)
     lse = tl.load(lse_ptr + rows_ld)
     tgt = tl.load(tgt_ptr + rows_ld)
@@ -130,17 +131,10 @@ def _ce_dlogits_kernel(h_ptr, w_ptr, tgt_ptr, lse_ptr, g_ptr, dl_ptr, N, V, D,
 def _vocab_split(n_tokens: int, vocab: int, device: torch.device) -> int:
     """Vocabulary range per forward program: the whole vocabulary when the token tiles alone fill the
     GPU (two programs per SM), else an aligned fraction of it so that more programs run."""
-    target = 2 * torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+    target = 2 * multiprocessor_count(device)
     token_tiles = triton.cdiv(n_tokens, _NOMINAL_BLOCK_N)
     splits = max(1, min(triton.cdiv(vocab, _SPLIT_ALIGN), triton.cdiv(target, token_tiles)))
     return triton.cdiv(triton.cdiv(vocab, splits), _SPLIT_ALIGN) * _SPLIT_ALIGN
-
-
-def _check_target_range(targets: torch.Tensor, vocab: int) -> None:
-    # One host sync per call; out-of-range targets would otherwise silently give a wrong loss.
-    if bool(((targets < 0) | (targets >= vocab)).any()):
-        raise ValueError(f"targets: expected class indices in [0, {vocab}), got values in "
-                         f"[{int(targets.min())}, {int(targets.max())}]")
 
 
 @torch.library.custom_op("crawler_kernels::softcapped_cross_entropy", mutates_args=())
@@ -149,7 +143,9 @@ def _ce_forward(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tenso
     """(mean loss 0-d fp32, per-token log-sum-exp of z' (N,) fp32, saved for backward)."""
     N, D = hidden.shape
     V = weight.shape[0]
-    _check_target_range(targets, V)
+    # Here, in the eagerly-run custom op, even under torch.compile: one host sync per call, since
+    # out-of-range targets would otherwise silently give a wrong loss.
+    check_class_indices(targets, V)
     w = weight.to(hidden.dtype)   # the reference's cast (a no-op for the bf16 tied embedding under autocast)
     split = _vocab_split(N, V, hidden.device)
     splits = triton.cdiv(V, split)
@@ -159,7 +155,7 @@ def _ce_forward(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tenso
     grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), splits)  # noqa: E731
     _ce_forward_kernel[grid](hidden, w, targets, lse_part, zt_part, N, V, D, split,
                              hidden.stride(0), hidden.stride(1), w.stride(0), w.stride(1), softcap,
-                             **tile_matmul_flags(hidden.dtype, hidden.device))
+                             token_bucket(N), **dot_args(hidden.dtype))
     if splits == 1:
         return (lse_part - zt_part).mean(), lse_part
     lse = torch.logsumexp(lse_part.view(splits, N), dim=0)
@@ -185,14 +181,14 @@ def _ce_backward(grad: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor,
     # The chunks' weight gradients are summed in fp32 (fp64 for fp64 inputs), in chunk order.
     dw = torch.zeros((V, D), dtype=torch.promote_types(hidden.dtype, torch.float32), device=hidden.device)
     grad = grad.to(torch.float32)
-    flags = tile_matmul_flags(hidden.dtype, hidden.device)
+    flags = dot_args(hidden.dtype)
     for n0 in range(0, N, chunk):
         n1 = min(N, n0 + chunk)
         h_c, dl_c = hidden[n0:n1], dl[: n1 - n0]
-        grid = lambda meta: (triton.cdiv(n1 - n0, meta["BLOCK_N"]) * triton.cdiv(V, meta["BLOCK_V"]),)  # noqa: E731
+        grid = lambda meta, n=n1 - n0: (triton.cdiv(n, meta["BLOCK_N"]) * triton.cdiv(V, meta["BLOCK_V"]),)
         _ce_dlogits_kernel[grid](h_c, w, targets[n0:n1], lse[n0:n1], grad, dl_c, n1 - n0, V, D,
                                  h_c.stride(0), h_c.stride(1), w.stride(0), w.stride(1),
-                                 dl_c.stride(0), dl_c.stride(1), softcap, 1.0 / N, **flags)
+                                 dl_c.stride(0), dl_c.stride(1), softcap, 1.0 / N, token_bucket(n1 - n0), **flags)
         torch.mm(dl_c, w, out=dh[n0:n1])
         dw += dl_c.T @ h_c
     return dh, dw.to(weight.dtype)
@@ -228,24 +224,14 @@ def softcapped_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets
     """Mean cross-entropy of the softcapped tied head, fused: softcap·tanh(hidden @ weight.T / softcap)
     is never materialised; logits tiles are recomputed in backward.
 
-    hidden (N, d) fp32/fp16/bf16/fp64 (fp64 tiles are computed in fp32); weight (V, d) float, the tied
-    embedding, cast to hidden.dtype like the reference; targets (N,) int64 or int32, every value in
-    [0, V) (unlike F.cross_entropy there is no ignore_index); softcap > 0. Returns a 0-d float32 tensor.
+    hidden (N, d) fp32/fp16/bf16/fp64 (fp64 tiles are computed in fp32), on a CUDA device (or the CPU
+    under TRITON_INTERPRET=1); weight (V, d) float, the tied embedding, cast to hidden.dtype like the
+    reference; targets (N,) int64 or int32, every value in [0, V) (unlike F.cross_entropy there is no
+    ignore_index); softcap > 0. Returns a 0-d float32 tensor.
     Differentiable in hidden and weight. Under autocast the float inputs are cast to bf16 first, as the
     reference's F.linear would be.
     """
-    check_tensor("hidden", hidden, ndim=2, dtypes=CE_DTYPES)
-    check_tensor("weight", weight, ndim=2, dtypes=CE_DTYPES, device=hidden.device)
-    check_tensor("targets", targets, ndim=1, dtypes=TARGET_DTYPES, device=hidden.device)
-    N, D = hidden.shape
-    if N == 0:
-        raise ValueError("hidden: expected at least one token, got shape (0, d)")
-    if weight.shape[1] != D or weight.shape[0] == 0:
-        raise ValueError(f"weight: expected shape (V, {D}) with V >= 1 to match hidden {tuple(hidden.shape)}, "
-                         f"got {tuple(weight.shape)}")
-    if targets.shape[0] != N:
-        raise ValueError(f"targets: expected shape ({N},) to match hidden, got {tuple(targets.shape)}")
-    if isinstance(softcap, bool) or not isinstance(softcap, Real) or not (0 < softcap < math.inf):
-        raise ValueError(f"softcap: expected a finite number > 0, got {softcap!r}")
+    check_cross_entropy_inputs(hidden, weight, targets, softcap)
+    check_triton_device("softcapped_cross_entropy", "hidden", hidden)
     loss, _ = torch.ops.crawler_kernels.softcapped_cross_entropy(hidden, weight, targets, float(softcap))
     return loss

@@ -24,8 +24,9 @@ written in the forward and read back, more traffic than the recompute and a lot 
 
 Dot precision: with 16-bit tables the bigram dot runs in the table's dtype with fp32 accumulation, the
 projection rounded to that dtype once per call (as the seed's CastedLinear does), which adds an error of
-the order of the 16-bit output's own rounding and halves the proj's on-chip traffic. fp32 tables get
-exact fp32 dots ("ieee"). The interpreter always computes in fp32.
+the order of the 16-bit output's own rounding and halves the proj's on-chip traffic. fp32 tables follow
+the fp32 rule of `kernels.utils.dot_args` (IEEE unless torch's float32 matmul precision allows TF32). The
+interpreter always computes in fp32.
 
 Backward (given dy), deterministic, no float atomics:
   1. a row kernel recomputes xn, forms dxn_t = (1-σ) dy_t + σ dy_{t+1} (dy_{t+1} read from memory, so no
@@ -50,26 +51,34 @@ import triton
 import triton.language as tl
 
 from .reference import BIGRAM_HASH_MULTIPLIER
-from .utils import check_embed_inputs, check_tensor, empty_output, interpreting
+from .utils import (
+    KERNEL_DTYPES,
+    autotune,
+    autotune_configs,
+    check_embed_inputs,
+    check_tensor,
+    check_triton_device,
+    dot_args,
+    empty_output,
+    gpu_or_interpreter,
+    pow2_tile,
+    token_bucket,
+)
 
-KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # Tokens per program. Not autotuned: the forward's grid and the backward's partial-sum buffers depend on
 # it. tl.dot needs at least 16 rows; the interpreter uses the minimum so small tests cross many blocks.
-BLOCK_T = 16 if interpreting() else 64
-SEGMENT_ROWS = 16 if interpreting() else 32      # rows summed per step by the segment-sum kernel
+BLOCK_T = gpu_or_interpreter(64, 16)
+SEGMENT_ROWS = gpu_or_interpreter(32, 16)        # rows summed per step by the segment-sum kernel
 MAX_PROJ_SPLITS = 16                             # token splits of the projection-gradient matmul
 NO_BOS = -1                                      # the kernels' bos_id=None: no id equals it
 _HASH_MULTIPLIER = tl.constexpr(BIGRAM_HASH_MULTIPLIER)
 
-
-def _configs(gpu: list[triton.Config], interpreter: triton.Config) -> list[triton.Config]:
-    """A small autotune set on the GPU, exactly one config under the interpreter (fast tests)."""
-    return [interpreter] if interpreting() else gpu
-
-
-_ROW_CONFIGS = _configs(
-    [triton.Config({"BLOCK_D": bd}, num_warps=w, num_stages=s)
-     for bd, w, s in ((64, 4, 3), (64, 8, 3), (128, 8, 2), (128, 4, 2))],
+# Row kernels' GPU list, as `python -m kernels.build_check` measured it (sm_90, Triton 3.9, pr1579: 65,536
+# tokens, d 736, k 128, bf16 tables): forward 118 / 136 registers, backward 193 / 173, no spills. The
+# backward holds the g accumulator (BLOCK_T x k) across the chunk loop: its 4-warp 64- and 128-column
+# chunks spilled (64-616 bytes), as did 128 columns on 8 warps. Speed is not measured yet (no GPU).
+_ROW_CONFIGS = autotune_configs(
+    [triton.Config({"BLOCK_D": bd}, num_warps=w, num_stages=s) for bd, w, s in ((64, 8, 2), (32, 4, 2))],
     triton.Config({"BLOCK_D": 32}, num_warps=4, num_stages=1))
 
 
@@ -121,10 +130,11 @@ def _pre_norm(tok_ptr, ids, valid, cols, col_ok, D, bigram_rows, proj_t, PRECISI
 # Forward
 # ----------------------------------------------------------------------------------------------
 
-@triton.autotune(configs=_ROW_CONFIGS, key=["D", "K"])
-@triton.jit
+# TOKENS_BUCKET (token_bucket(N)) is an autotune key only: the kernels never read it.
+@autotune(_ROW_CONFIGS, key=["D", "K", "TOKENS_BUCKET"])
+@triton.jit(do_not_specialize=["TOKENS_BUCKET"])
 def _embed_fwd_kernel(ids_ptr, tok_ptr, table_ptr, proj_ptr, gate_ptr, out_ptr, rstd_ptr, bucket_ptr,
-                      N, T, D, K, NB, eps, bos,
+                      N, T, D, K, NB, eps, bos, TOKENS_BUCKET,
                       BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
                       DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
     rows = tl.arange(0, BLOCK_T)
@@ -172,10 +182,10 @@ def _embed_fwd_kernel(ids_ptr, tok_ptr, table_ptr, proj_ptr, gate_ptr, out_ptr, 
 # Backward
 # ----------------------------------------------------------------------------------------------
 
-@triton.autotune(configs=_ROW_CONFIGS, key=["D", "K"])
-@triton.jit
+@autotune(_ROW_CONFIGS, key=["D", "K", "TOKENS_BUCKET"])
+@triton.jit(do_not_specialize=["TOKENS_BUCKET"])
 def _embed_bwd_rows_kernel(dy_ptr, ids_ptr, tok_ptr, table_ptr, proj_ptr, gate_ptr, rstd_ptr, bucket_ptr,
-                           da_ptr, g_ptr, dgate_part_ptr, N, T, D, K, bos,
+                           da_ptr, g_ptr, dgate_part_ptr, N, T, D, K, bos, TOKENS_BUCKET,
                            BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
                            DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
     pid = tl.program_id(0)
@@ -248,12 +258,13 @@ def _segment_sum_kernel(src_ptr, order_ptr, sorted_keys_ptr, seg_start_ptr, out_
              mask=cols < tl.where(lo < hi, W, 0))
 
 
-@triton.autotune(configs=_configs([triton.Config({"BLOCK_D": 64}, num_warps=4, num_stages=3),
-                                   triton.Config({"BLOCK_D": 128}, num_warps=8, num_stages=3)],
-                                  triton.Config({"BLOCK_D": 16}, num_warps=4, num_stages=1)),
-                 key=["D", "K"])
-@triton.jit
-def _proj_grad_kernel(da_ptr, table_ptr, bucket_ptr, part_ptr, N, D, K, TOKENS_PER_SPLIT,
+# (`python -m kernels.build_check`, sm_90, Triton 3.9, pr1579: 100 / 114 registers, no spills)
+@autotune(autotune_configs([triton.Config({"BLOCK_D": 64}, num_warps=4, num_stages=3),
+                            triton.Config({"BLOCK_D": 128}, num_warps=8, num_stages=3)],
+                           triton.Config({"BLOCK_D": 16}, num_warps=4, num_stages=1)),
+          key=["D", "K", "TOKENS_BUCKET"])
+@triton.jit(do_not_specialize=["TOKENS_BUCKET"])
+def _proj_grad_kernel(da_ptr, table_ptr, bucket_ptr, part_ptr, N, D, K, TOKENS_PER_SPLIT, TOKENS_BUCKET,
                       BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
                       DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
     """part[split, cols, :] = Σ_t da[t, cols]ᵀ table[h_t, :] over the split's token range."""
@@ -279,17 +290,12 @@ def _proj_grad_kernel(da_ptr, table_ptr, bucket_ptr, part_ptr, N, D, K, TOKENS_P
 # ----------------------------------------------------------------------------------------------
 
 def _dot_setup(bigram_table: torch.Tensor, bigram_proj: torch.Tensor):
-    """(proj as the dot reads it, operand dtype, input precision) for the bigram dots: the table's 16-bit
-    dtype on the GPU (proj rounded once here), exact fp32 for fp32 tables and under the interpreter
-    (which has no 16-bit dot)."""
-    if interpreting() or bigram_table.dtype == torch.float32:
-        return bigram_proj, tl.float32, "ieee"
-    dot_dtype = tl.bfloat16 if bigram_table.dtype == torch.bfloat16 else tl.float16
-    return bigram_proj.to(bigram_table.dtype).contiguous(), dot_dtype, "tf32"
-
-
-def _block_k(k: int) -> int:
-    return max(16, triton.next_power_of_2(k))
+    """(proj as the dot reads it, {DOT_DTYPE, PRECISION}) for the bigram dots: `dot_args` of the table's
+    dtype; with a 16-bit table on the GPU proj is rounded to that dtype once here."""
+    args = dot_args(bigram_table.dtype)
+    if args["DOT_DTYPE"] != tl.float32:
+        bigram_proj = bigram_proj.to(bigram_table.dtype).contiguous()
+    return bigram_proj, args
 
 
 @torch.library.custom_op("crawler_kernels::embed_forward", mutates_args=())
@@ -305,11 +311,11 @@ def _embed_forward(ids: torch.Tensor, tok_emb: torch.Tensor, bigram_table: torch
     buckets = empty_output((N,), torch.int32, ids.device)
     if N == 0:
         return out, rstd, buckets
-    proj, dot_dtype, precision = _dot_setup(bigram_table, bigram_proj)
+    proj, dot = _dot_setup(bigram_table, bigram_proj)
     grid = (triton.cdiv(N, BLOCK_T - 1),)
     _embed_fwd_kernel[grid](ids, tok_emb, bigram_table, proj, smear_gate, out, rstd, buckets,
                             N, T, d, k, bigram_table.shape[0], torch.finfo(torch.float32).eps, bos,
-                            BLOCK_T=BLOCK_T, BLOCK_K=_block_k(k), DOT_DTYPE=dot_dtype, PRECISION=precision)
+                            token_bucket(N), BLOCK_T=BLOCK_T, BLOCK_K=pow2_tile(k), **dot)
     return out, rstd, buckets
 
 
@@ -353,15 +359,15 @@ def _embed_backward(grad_out: torch.Tensor, ids: torch.Tensor, tok_emb: torch.Te
     if N == 0:
         return (torch.zeros_like(tok_emb), torch.zeros_like(bigram_table), torch.zeros_like(bigram_proj),
                 torch.zeros_like(smear_gate))
-    proj, dot_dtype, precision = _dot_setup(bigram_table, bigram_proj)
-    block_k = _block_k(k)
+    proj, dot = _dot_setup(bigram_table, bigram_proj)
+    block_k = pow2_tile(k)
     n_blocks = triton.cdiv(N, BLOCK_T)
     da = empty_output((N, d), tok_emb.dtype, dev)
     g = empty_output((N, k), torch.float32, dev)
     dgate_part = empty_output((n_blocks, d), torch.float32, dev)
     _embed_bwd_rows_kernel[(n_blocks,)](grad_out, ids, tok_emb, bigram_table, proj, smear_gate, rstd, buckets,
-                                        da, g, dgate_part, N, T, d, k, bos, BLOCK_T=BLOCK_T, BLOCK_K=block_k,
-                                        DOT_DTYPE=dot_dtype, PRECISION=precision)
+                                        da, g, dgate_part, N, T, d, k, bos, token_bucket(N), BLOCK_T=BLOCK_T,
+                                        BLOCK_K=block_k, **dot)
     dtok = _segment_sum(da, ids.reshape(-1), tok_emb.shape[0], tok_emb.dtype)
     dtable = _segment_sum(g, buckets, bigram_table.shape[0], bigram_table.dtype)
 
@@ -370,8 +376,8 @@ def _embed_backward(grad_out: torch.Tensor, ids: torch.Tensor, tok_emb: torch.Te
     splits = triton.cdiv(N, tokens_per_split)
     dproj_part = empty_output((splits, d, k), torch.float32, dev)
     _proj_grad_kernel[lambda meta: (triton.cdiv(d, meta["BLOCK_D"]), splits)](
-        da, bigram_table, buckets, dproj_part, N, d, k, tokens_per_split,
-        BLOCK_T=BLOCK_T, BLOCK_K=block_k, DOT_DTYPE=dot_dtype, PRECISION=precision)
+        da, bigram_table, buckets, dproj_part, N, d, k, tokens_per_split, token_bucket(N),
+        BLOCK_T=BLOCK_T, BLOCK_K=block_k, **dot)
     return (dtok, dtable, dproj_part.sum(0).to(bigram_proj.dtype),
             dgate_part.sum(0).to(smear_gate.dtype))
 
@@ -416,9 +422,7 @@ def embed(ids: torch.Tensor, tok_emb: torch.Tensor, bigram_table: torch.Tensor,
     for name, t in (("tok_emb", tok_emb), ("bigram_table", bigram_table), ("bigram_proj", bigram_proj),
                     ("smear_gate", smear_gate)):
         check_tensor(name, t, dtypes=KERNEL_DTYPES)
-    if ids.device.type != "cuda" and not interpreting():
-        raise ValueError(f"ids: the Triton embed needs CUDA tensors (or TRITON_INTERPRET=1 on the CPU), "
-                         f"got tensors on {ids.device}")
+    check_triton_device("embed", "ids", ids)
     out, _, _ = torch.ops.crawler_kernels.embed_forward(ids.contiguous(), tok_emb.contiguous(),
                                                         bigram_table.contiguous(), bigram_proj.contiguous(),
                                                         smear_gate.contiguous(),

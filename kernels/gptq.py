@@ -1,4 +1,4 @@
-"""GPTQ with SDClip scales, its column walk in Triton (SPEC §3, §7.4).
+"""GPTQ with SDClip scales, its column walk in Triton (docs/math.md §3, §7.4).
 
 GPTQ is sequential only along one matrix's columns; rows are independent. So for each block of
 `block_size` columns a program owns BLOCK_N rows of that block in registers and walks its columns:
@@ -13,8 +13,8 @@ the whole batch instead of one per matrix. No atomics: results are deterministic
 
 Precision: the walk runs in float32 (float64 weights are computed in float32 here, unlike the
 reference); the trailing matmul follows torch's float32 matmul setting (TF32 if the caller enabled it).
-On a CPU without TRITON_INTERPRET=1 there is nothing to run Triton on, so both functions fall back to
-`kernels.reference.gptq_quantize` (same results up to rounding-order differences).
+Like every Triton op, both functions need CUDA tensors (or TRITON_INTERPRET=1 on the CPU);
+`kernels.reference.gptq_quantize` is the CPU path (same results up to rounding-order differences).
 """
 from __future__ import annotations
 
@@ -23,16 +23,24 @@ import triton
 import triton.language as tl
 
 from . import reference
-from .utils import check_gptq_args, check_gptq_inputs, check_gptq_values, empty_output, interpreting
+from .utils import (
+    autotune,
+    autotune_configs,
+    check_gptq_args,
+    check_gptq_inputs,
+    check_gptq_values,
+    check_triton_device,
+    empty_output,
+)
 
 # A program holds a BLOCK_N × BLOCK_K float32 tile; past this many elements it would spill registers.
 _MAX_TILE = 8192
 
-
-def _configs():
-    if interpreting():
-        return [triton.Config({"BLOCK_N": 64}, num_warps=1)]   # few programs: the interpreter pays per op
-    return [triton.Config({"BLOCK_N": bn}, num_warps=w) for bn, w in ((8, 1), (16, 2), (32, 4), (64, 4))]
+# GPU list: `python -m kernels.build_check` (sm_90, Triton 3.9, the model's matrix shapes, 128-column
+# blocks): 95-162 registers, no spills. The interpreter's one config has few programs: it pays per op.
+_CONFIGS = autotune_configs([triton.Config({"BLOCK_N": bn}, num_warps=w) for bn, w in ((8, 1), (16, 2), (32, 4),
+                                                                                       (64, 4))],
+                            triton.Config({"BLOCK_N": 64}, num_warps=1))
 
 
 def _prune_configs(configs, named_args, **kwargs):
@@ -53,7 +61,7 @@ def _round_half_even(x):
     return f + tl.where(frac > 0.5, 1.0, 0.0) + tl.where(frac == 0.5, odd, 0.0)
 
 
-@triton.autotune(configs=_configs(), key=["N", "BLOCK_K"], prune_configs_by={"early_config_prune": _prune_configs})
+@autotune(_CONFIGS, key=["N", "BLOCK_K"], prune_configs_by={"early_config_prune": _prune_configs})
 @triton.jit
 def _gptq_block_kernel(w_ptr, u_ptr, s_ptr, perm_ptr, codes_ptr, err_ptr,
                        N, K, start, width, err_stride,
@@ -103,6 +111,14 @@ def _gptq_walk(weights: torch.Tensor, hessians: torch.Tensor, bits: int, clip_si
     """GPTQ of a batch (M, N, K) with the Triton column walk; inputs already validated."""
     W, U, scales, perm = reference.gptq_prepare(weights.float(), hessians, bits=bits, clip_sigmas=clip_sigmas,
                                                 act_order=act_order, damp=damp)
+    return _column_walk(W, U, scales, perm, bits, block_size), scales
+
+
+def _column_walk(W: torch.Tensor, U: torch.Tensor, scales: torch.Tensor, perm: torch.Tensor, bits: int,
+                 block_size: int) -> torch.Tensor:
+    """The Triton part of GPTQ on `reference.gptq_prepare`'s outputs: W (M, N, K) float32 permuted working
+    weights, U (M, K, K) float32 upper Cholesky factor of H⁻¹, scales (M, N) fp16, perm (M, K) int64.
+    Returns the un-permuted codes int8 (M, N, K)."""
     M, N, K = W.shape
     # The kernel indexes rows with fixed strides (cholesky(upper=True) returns a transposed view).
     W, U, perm = W.contiguous(), U.contiguous(), perm.contiguous()
@@ -118,21 +134,13 @@ def _gptq_walk(weights: torch.Tensor, hessians: torch.Tensor, bits: int, clip_si
                                  R=reference.quant_max(bits), BLOCK_K=block_k)
         if end < K:
             W[:, :, end:].baddbmm_(err[:, :, :end - start], U[:, start:end, end:], alpha=-1.0)
-    return codes, scales
-
-
-def _use_reference(t: torch.Tensor) -> bool:
-    return t.device.type == "cpu" and not interpreting()
+    return codes
 
 
 @torch.library.custom_op("crawler_kernels::gptq_quantize_batched", mutates_args=())
 def _gptq_quantize_batched_op(weights: torch.Tensor, hessians: torch.Tensor, bits: int, clip_sigmas: float,
                               block_size: int, act_order: bool, damp: float) -> tuple[torch.Tensor, torch.Tensor]:
     check_gptq_values(weights, hessians)
-    if _use_reference(weights):
-        results = [reference.gptq_quantize(w, h, bits=bits, clip_sigmas=clip_sigmas, block_size=block_size,
-                                           act_order=act_order, damp=damp) for w, h in zip(weights, hessians)]
-        return torch.stack([c for c, _ in results]), torch.stack([s for _, s in results])
     return _gptq_walk(weights, hessians, bits, clip_sigmas, block_size, act_order, damp)
 
 
@@ -147,12 +155,14 @@ def gptq_quantize_batched(weights: torch.Tensor, hessians: torch.Tensor, *, bits
                           damp: float = 0.01) -> tuple[torch.Tensor, torch.Tensor]:
     """GPTQ + SDClip of M same-shape matrices in one pass (one kernel launch per column block).
 
-    weights (M, N, K) float, hessians (M, K, K) float, same device, finite. Settings as in
-    `gptq_quantize`. Returns (codes int8 (M, N, K) in [-R, R], scales float16 (M, N)); matrix i's result
-    is that of gptq_quantize(weights[i], hessians[i]).
+    weights (M, N, K) float, hessians (M, K, K) float, same CUDA device (or the CPU under
+    TRITON_INTERPRET=1), finite. Settings as in `gptq_quantize`. Returns (codes int8 (M, N, K) in [-R, R],
+    scales float16 (M, N)); matrix i's result is that of gptq_quantize(weights[i], hessians[i]).
     """
     check_gptq_inputs(weights, hessians, batched=True)
     check_gptq_args(bits, clip_sigmas, block_size, damp)
+    check_triton_device("gptq_quantize_batched", "weights", weights,
+                        reference="kernels.reference.gptq_quantize (one matrix at a time)")
     return _gptq_quantize_batched_op(weights, hessians, bits, float(clip_sigmas), block_size, bool(act_order),
                                      float(damp))
 
@@ -160,15 +170,17 @@ def gptq_quantize_batched(weights: torch.Tensor, hessians: torch.Tensor, *, bits
 def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, *, bits: int = 6, clip_sigmas: float = 12.85,
                   block_size: int = 128, act_order: bool = True,
                   damp: float = 0.01) -> tuple[torch.Tensor, torch.Tensor]:
-    """GPTQ (Frantar et al. 2022) with SDClip per-row scales, column walk in Triton (SPEC §3, §7.4).
+    """GPTQ (Frantar et al. 2022) with SDClip per-row scales, column walk in Triton (docs/math.md §3, §7.4).
 
-    weight (N, K) float, hessian (K, K) float (XᵀX/n of the layer's inputs), same device, finite.
+    weight (N, K) float, hessian (K, K) float (XᵀX/n of the layer's inputs), same CUDA device (or the CPU
+    under TRITON_INTERPRET=1), finite.
     bits in 2..8 (R = 2^(bits-1) - 1), clip_sigmas k of the scale s_r = k·std(W_r)/R, block_size columns
     per lazy-update block, act_order (descending diag H), damp (fraction of mean diag H added).
     Returns (codes int8 (N, K) in [-R, R], scales float16 (N,)); dequantise with codes * scales.float().
     Same algorithm and signature as `kernels.reference.gptq_quantize`.
     """
     check_gptq_inputs(weight, hessian)
+    check_triton_device("gptq_quantize", "weight", weight)
     codes, scales = gptq_quantize_batched(weight[None], hessian[None], bits=bits, clip_sigmas=clip_sigmas,
                                           block_size=block_size, act_order=act_order, damp=damp)
     return codes[0], scales[0]

@@ -1,4 +1,4 @@
-"""Int6 weights at inference (SPEC §5): 4 codes in 3 bytes, and a weight-only matmul on packed weights.
+"""Int6 weights at inference (docs/math.md §5): 4 codes in 3 bytes, and a weight-only matmul on packed weights.
 
 Packed layout (what `pack_int6` writes; the kernels below read it)
 ------------------------------------------------------------------
@@ -30,8 +30,9 @@ ever written to memory. Two paths, by M = number of rows of x:
     weight tile as the left operand. With split-K each split writes fp32 partials and a second kernel
     sums them in a fixed order (deterministic, no float atomics), then scales and casts.
   * prefill (M > 16): a tiled tl.dot GEMM with grouped program ordering.
-Configurations are timed once per (path, shape, dtype, device) on a GPU (a small candidate set, timing the
-whole op, the split-K reduction included); under the interpreter there is exactly one configuration.
+Configurations are timed once per (path, shape, dtype, device name) on a GPU (a small candidate set, timing
+the whole op, the split-K reduction included) and the choice is kept on disk for later processes
+(`kernels.utils.PersistentChoices`); under the interpreter there is exactly one configuration.
 """
 from __future__ import annotations
 
@@ -43,14 +44,22 @@ import triton.language as tl
 from triton.testing import do_bench
 
 from .reference import pack_int6, unpack_int6  # plain torch, run once: the reference IS the implementation
-from .utils import check_int6_linear_inputs, empty_output, interpreting
+from .utils import (
+    PersistentChoices,
+    check_int6_linear_inputs,
+    check_triton_device,
+    dot_args,
+    empty_output,
+    gpu_or_interpreter,
+    grouped_tile,
+    multiprocessor_count,
+    pow2_divisor,
+)
 
 __all__ = ["pack_int6", "unpack_int6", "int6_linear"]
 
 DECODE_MAX_M = 16          # rows of x up to which the decode (GEMV / split-K) path runs
 _REDUCE_BLOCK = 1024
-
-_TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -82,8 +91,8 @@ def _unpack_codes(w_rows, j, K4, MASKED: tl.constexpr):
 
 
 @triton.jit
-def _load_x_quarters(x_rows, j, K4, MASKED: tl.constexpr, DT: tl.constexpr):
-    """Activations matching `_unpack_codes`: four (BM, BQ) tiles x[:, q*K4 + j] in dtype DT. Masked
+def _load_x_quarters(x_rows, j, K4, MASKED: tl.constexpr, DOT_DTYPE: tl.constexpr):
+    """Activations matching `_unpack_codes`: four (BM, BQ) tiles x[:, q*K4 + j] in DOT_DTYPE. Masked
     columns read 0, so the (arbitrary) codes they meet contribute nothing."""
     if MASKED:
         ok = j < K4
@@ -96,31 +105,31 @@ def _load_x_quarters(x_rows, j, K4, MASKED: tl.constexpr, DT: tl.constexpr):
         x1 = tl.load(x_rows + K4 + j)
         x2 = tl.load(x_rows + 2 * K4 + j)
         x3 = tl.load(x_rows + 3 * K4 + j)
-    return x0.to(DT), x1.to(DT), x2.to(DT), x3.to(DT)
+    return x0.to(DOT_DTYPE), x1.to(DOT_DTYPE), x2.to(DOT_DTYPE), x3.to(DOT_DTYPE)
 
 
 @triton.jit
-def _mma_quarters(acc, c0, c1, c2, c3, x0, x1, x2, x3, W_FIRST: tl.constexpr, DT: tl.constexpr,
+def _mma_quarters(acc, c0, c1, c2, c3, x0, x1, x2, x3, W_FIRST: tl.constexpr, DOT_DTYPE: tl.constexpr,
                   PRECISION: tl.constexpr):
     """acc += codes-times-activations over the four quarters with tl.dot. W_FIRST: acc is (BN, BM) and
     the unpacked weight is the left operand (it can stay in registers); otherwise acc is (BM, BN)."""
     if W_FIRST:
-        acc = tl.dot(c0.to(DT), tl.trans(x0), acc, input_precision=PRECISION)
-        acc = tl.dot(c1.to(DT), tl.trans(x1), acc, input_precision=PRECISION)
-        acc = tl.dot(c2.to(DT), tl.trans(x2), acc, input_precision=PRECISION)
-        acc = tl.dot(c3.to(DT), tl.trans(x3), acc, input_precision=PRECISION)
+        acc = tl.dot(c0.to(DOT_DTYPE), tl.trans(x0), acc, input_precision=PRECISION)
+        acc = tl.dot(c1.to(DOT_DTYPE), tl.trans(x1), acc, input_precision=PRECISION)
+        acc = tl.dot(c2.to(DOT_DTYPE), tl.trans(x2), acc, input_precision=PRECISION)
+        acc = tl.dot(c3.to(DOT_DTYPE), tl.trans(x3), acc, input_precision=PRECISION)
     else:
-        acc = tl.dot(x0, tl.trans(c0.to(DT)), acc, input_precision=PRECISION)
-        acc = tl.dot(x1, tl.trans(c1.to(DT)), acc, input_precision=PRECISION)
-        acc = tl.dot(x2, tl.trans(c2.to(DT)), acc, input_precision=PRECISION)
-        acc = tl.dot(x3, tl.trans(c3.to(DT)), acc, input_precision=PRECISION)
+        acc = tl.dot(x0, tl.trans(c0.to(DOT_DTYPE)), acc, input_precision=PRECISION)
+        acc = tl.dot(x1, tl.trans(c1.to(DOT_DTYPE)), acc, input_precision=PRECISION)
+        acc = tl.dot(x2, tl.trans(c2.to(DOT_DTYPE)), acc, input_precision=PRECISION)
+        acc = tl.dot(x3, tl.trans(c3.to(DOT_DTYPE)), acc, input_precision=PRECISION)
     return acc
 
 
 @triton.jit
 def _int6_decode_kernel(x_ptr, w_ptr, s_ptr, out_ptr, part_ptr, M, N, K4, stride_xm,
                         BM: tl.constexpr, BN: tl.constexpr, BQ: tl.constexpr, SPLIT_K: tl.constexpr,
-                        ALIGN: tl.constexpr, MASK_K: tl.constexpr, DT: tl.constexpr,
+                        ALIGN: tl.constexpr, MASK_K: tl.constexpr, DOT_DTYPE: tl.constexpr,
                         PRECISION: tl.constexpr):
     """Grid (cdiv(N, BN), SPLIT_K); all M <= BM rows of x in one program. BM == 1: elementwise FMA into a
     (BN, BQ) accumulator reduced once at the end; BM >= 16: tl.dot. SPLIT_K == 1 writes the scaled output,
@@ -143,12 +152,12 @@ def _int6_decode_kernel(x_ptr, w_ptr, s_ptr, out_ptr, part_ptr, M, N, K4, stride
     for j0 in range(j_lo, j_hi, BQ):
         j = j0 + tl.arange(0, BQ)[None, :]
         c0, c1, c2, c3 = _unpack_codes(w_rows, j, K4, MASK_K)
-        x0, x1, x2, x3 = _load_x_quarters(x_rows, j, K4, MASK_K, DT)
+        x0, x1, x2, x3 = _load_x_quarters(x_rows, j, K4, MASK_K, DOT_DTYPE)
         if BM == 1:
             acc += (c0.to(tl.float32) * x0.to(tl.float32) + c1.to(tl.float32) * x1.to(tl.float32)
                     + c2.to(tl.float32) * x2.to(tl.float32) + c3.to(tl.float32) * x3.to(tl.float32))
         else:
-            acc = _mma_quarters(acc, c0, c1, c2, c3, x0, x1, x2, x3, True, DT, PRECISION)
+            acc = _mma_quarters(acc, c0, c1, c2, c3, x0, x1, x2, x3, True, DOT_DTYPE, PRECISION)
     if BM == 1:
         res = tl.sum(acc, axis=1)[:, None]
     else:
@@ -177,19 +186,11 @@ def _splitk_reduce_kernel(part_ptr, s_ptr, out_ptr, MN, N, SPLIT_K: tl.constexpr
 @triton.jit
 def _int6_gemm_kernel(x_ptr, w_ptr, s_ptr, out_ptr, M, N, K4, stride_xm,
                       BM: tl.constexpr, BN: tl.constexpr, BQ: tl.constexpr, GROUP_M: tl.constexpr,
-                      W_FIRST: tl.constexpr, ALIGN: tl.constexpr, MASK_K: tl.constexpr, DT: tl.constexpr,
-                      PRECISION: tl.constexpr):
+                      W_FIRST: tl.constexpr, ALIGN: tl.constexpr, MASK_K: tl.constexpr,
+                      DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
     """Grid (cdiv(M, BM) * cdiv(N, BN),); one (BM, BN) output tile per program, the K loop in steps of
-    4*BQ columns (BQ per quarter)."""
-    pid = tl.program_id(0)
-    grid_m = tl.cdiv(M, BM)
-    grid_n = tl.cdiv(N, BN)
-    # grouped ordering: GROUP_M consecutive programs share a weight tile while it is still in L2
-    width = GROUP_M * grid_n
-    first_m = (pid // width) * GROUP_M
-    size_m = tl.minimum(grid_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % width) % size_m
-    pid_n = (pid % width) // size_m
+    4*BQ columns (BQ per quarter). GROUP_M consecutive programs share a weight tile while it is in L2."""
+    pid_m, pid_n = grouped_tile(tl.program_id(0), tl.cdiv(M, BM), tl.cdiv(N, BN), GROUP_M)
     K4 = (K4 // ALIGN) * ALIGN  # see _int6_decode_kernel
     m = pid_m * BM + tl.arange(0, BM)
     n = pid_n * BN + tl.arange(0, BN)
@@ -202,8 +203,8 @@ def _int6_gemm_kernel(x_ptr, w_ptr, s_ptr, out_ptr, M, N, K4, stride_xm,
     for j0 in range(0, K4, BQ):
         j = j0 + tl.arange(0, BQ)[None, :]
         c0, c1, c2, c3 = _unpack_codes(w_rows, j, K4, MASK_K)
-        x0, x1, x2, x3 = _load_x_quarters(x_rows, j, K4, MASK_K, DT)
-        acc = _mma_quarters(acc, c0, c1, c2, c3, x0, x1, x2, x3, W_FIRST, DT, PRECISION)
+        x0, x1, x2, x3 = _load_x_quarters(x_rows, j, K4, MASK_K, DOT_DTYPE)
+        acc = _mma_quarters(acc, c0, c1, c2, c3, x0, x1, x2, x3, W_FIRST, DOT_DTYPE, PRECISION)
     if W_FIRST:
         acc = tl.trans(acc)
     scale = tl.load(s_ptr + tl.minimum(n, N - 1)).to(tl.float32)
@@ -230,37 +231,25 @@ class _Config(NamedTuple):
     num_stages: int = 2
 
 
-def _pow2_divisor(v: int, cap: int = 16) -> int:
-    """Largest power of two dividing v, at most cap (cap for v == 0)."""
-    return cap if v == 0 else min(cap, v & -v)
-
-
-def _candidates(M: int, N: int, K4: int, device: torch.device) -> list[_Config]:
-    """The configurations worth timing for this problem (exactly one under the interpreter)."""
-    interp = interpreting()
+def _gpu_candidates(M: int, N: int, K4: int, device: torch.device) -> list[_Config]:
+    """The configurations worth timing for this problem on a GPU."""
     if M <= DECODE_MAX_M:
         BM = 1 if M == 1 else 16
-        if interp:
-            tiles = [(32, 16, 4)]
-        elif M == 1:
-            tiles = [(16, 64, 4), (32, 64, 4), (8, 128, 4)]
-        else:
-            tiles = [(32, 32, 4), (64, 32, 4), (64, 64, 4)]
-        sms = 1 if interp else torch.cuda.get_device_properties(device).multi_processor_count
+        # (BN, BQ, warps), as `python -m kernels.build_check` measured them (sm_90, Triton 3.9, bf16 x at the
+        # model's shapes): 63-126 registers for one row, 72-159 for 2-16, no spills. 2-16 rows: 32 x 32 runs
+        # on 2 warps, since on 4 ptxas spilled it at K = 736 without split-K (16 bytes at 80 registers).
+        tiles = [(16, 64, 4), (32, 64, 4), (8, 128, 4)] if M == 1 else [(32, 32, 2), (64, 32, 4), (64, 64, 4)]
+        sms = multiprocessor_count(device)
         out = []
         for BN, BQ, warps in tiles:
+            # no split, and splits that fill about half / one wave of SMs
             n_tiles = max(1, triton.cdiv(K4, BQ))
-            if interp:   # two splits whenever K allows, so the tests exercise the split-K reduction
-                splits = {min(2, n_tiles)}
-            else:        # no split, and splits that fill about half / one wave of SMs
-                wave = max(1, min(n_tiles, triton.cdiv(sms, triton.cdiv(N, BN))))
-                splits = {1, triton.cdiv(wave, 2), wave}
-            out += [_Config("decode", BM, BN, BQ, SPLIT_K=s, num_warps=warps) for s in sorted(splits)]
+            wave = max(1, min(n_tiles, triton.cdiv(sms, triton.cdiv(N, BN))))
+            out += [_Config("decode", BM, BN, BQ, SPLIT_K=s, num_warps=warps)
+                    for s in sorted({1, triton.cdiv(wave, 2), wave})]
         return out
-    if interp:
-        return [_Config("gemm", 32, 32, 16, GROUP_M=2)]
-    # (ptxas for sm_90, Triton 3.9: none spills with bf16/fp16 x; with fp32 x (3xTF32) the larger tiles
-    # spill, and the timing chooses accordingly)
+    # (`python -m kernels.build_check`, sm_90, Triton 3.9, bf16 x at the model's shapes: 93-156 registers,
+    # no spills)
     cands = [
         _Config("gemm", 128, 128, 16, GROUP_M=8, num_warps=8, num_stages=4),
         _Config("gemm", 128, 128, 16, GROUP_M=8, W_FIRST=True, num_warps=8, num_stages=4),
@@ -272,18 +261,27 @@ def _candidates(M: int, N: int, K4: int, device: torch.device) -> list[_Config]:
     return cands
 
 
+def _interpreter_candidate(M: int, K4: int) -> _Config:
+    """The interpreter's one configuration: small tiles, and two K splits on the decode path whenever K
+    allows, so the CPU tests exercise the split-K reduction."""
+    if M <= DECODE_MAX_M:
+        return _Config("decode", 1 if M == 1 else 16, 32, 16, SPLIT_K=min(2, max(1, triton.cdiv(K4, 16))))
+    return _Config("gemm", 32, 32, 16, GROUP_M=2)
+
+
+def _candidates(M: int, N: int, K4: int, device: torch.device) -> list[_Config]:
+    """The configurations worth timing for this problem (exactly one under the interpreter)."""
+    return gpu_or_interpreter(_gpu_candidates(M, N, K4, device), [_interpreter_candidate(M, K4)])
+
+
 def _launch(x2: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, cfg: _Config) -> torch.Tensor:
     """Run one configuration on x2 (M, K) with a unit last stride; returns (M, N) in x2.dtype."""
     M, K = x2.shape
     N, K4 = packed.shape[0], K // 4
     out = empty_output((M, N), x2.dtype, x2.device)
-    if interpreting():   # the interpreter has no bf16 tl.dot: compute in fp32
-        dt, precision = tl.float32, "ieee"
-    else:                # codes are exact in bf16/fp16; fp32 x keeps ~fp32 accuracy with 3xTF32
-        dt = _TL_DTYPES[x2.dtype]
-        precision = "tf32x3" if x2.dtype == torch.float32 else "tf32"
-    common = dict(BM=cfg.BM, BN=cfg.BN, BQ=cfg.BQ, ALIGN=_pow2_divisor(K4), MASK_K=K4 % cfg.BQ != 0,
-                  DT=dt, PRECISION=precision, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    # codes are exact in bf16/fp16, so the weight operand takes x's dtype
+    common = dict(BM=cfg.BM, BN=cfg.BN, BQ=cfg.BQ, ALIGN=pow2_divisor(K4), MASK_K=K4 % cfg.BQ != 0,
+                  num_warps=cfg.num_warps, num_stages=cfg.num_stages, **dot_args(x2.dtype))
     if cfg.path == "decode":
         part = out if cfg.SPLIT_K == 1 else empty_output((cfg.SPLIT_K, M, N), torch.float32, x2.device)
         _int6_decode_kernel[(triton.cdiv(N, cfg.BN), cfg.SPLIT_K)](
@@ -298,25 +296,23 @@ def _launch(x2: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, cfg: _
     return out
 
 
-_TUNED: dict[tuple, _Config] = {}
+_CHOICES = PersistentChoices("int6_linear")
 
 
 def _pick_config(x2: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor) -> _Config:
-    """The fastest candidate, timed once per (path, M or its power-of-two bucket, N, K, dtypes, device).
-    Timing runs the whole op (split-K reduction included); it synchronises, so warm a shape up before
-    capturing it in a CUDA graph."""
+    """The fastest candidate, timed once per (path, M or its power-of-two bucket, N, K, dtypes, device name)
+    and remembered across processes. Timing runs the whole op (split-K reduction included); it
+    synchronises, so warm a shape up before capturing it in a CUDA graph."""
     M, K = x2.shape
     N = packed.shape[0]
     cands = _candidates(M, N, K // 4, x2.device)
     if len(cands) == 1:
         return cands[0]
     m_key = M if M <= DECODE_MAX_M else triton.next_power_of_2(M)
-    key = (m_key, N, K, x2.dtype, scales.dtype, x2.device)
-    if key not in _TUNED:
-        times = [do_bench(lambda c=c: _launch(x2, packed, scales, c), warmup=5, rep=20,
-                            return_mode="median") for c in cands]
-        _TUNED[key] = cands[min(range(len(cands)), key=times.__getitem__)]
-    return _TUNED[key]
+    key = f"M{m_key}-N{N}-K{K}-{x2.dtype}-{scales.dtype}".replace("torch.", "")
+    return _CHOICES.pick(key, torch.cuda.get_device_name(x2.device), cands,
+                         lambda c: do_bench(lambda: _launch(x2, packed, scales, c), warmup=5, rep=20,
+                                            return_mode="median"))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -350,8 +346,5 @@ def int6_linear(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor) -> 
     crawler_kernels::int6_linear, so torch.compile(fullgraph=True) traces through it.
     """
     check_int6_linear_inputs(x, packed, scales)
-    if x.device.type != "cuda" and not interpreting():
-        raise ValueError(f"x: int6_linear runs Triton kernels, which need a CUDA device or "
-                         f"TRITON_INTERPRET=1 set before importing kernels; got tensors on {x.device} "
-                         f"(kernels.reference.int6_linear runs anywhere)")
+    check_triton_device("int6_linear", "x", x)
     return _int6_linear_op(x, packed, scales)

@@ -1,4 +1,4 @@
-"""Fused up-projection + relu² MLP (the fusion of PR #1530, SPEC §1.4): mlp(h) = φ(h @ W_fcᵀ) @ W_projᵀ with
+"""Fused up-projection + relu² MLP (the fusion of PR #1530, docs/math.md §1.4): mlp(h) = φ(h @ W_fcᵀ) @ W_projᵀ with
 φ(p) = relu(p)², or leaky_relu(p, s)² when negative_slope s != 0.
 
 Forward: a Triton matmul h @ W_fcᵀ whose epilogue applies φ and stores post = φ(pre) (plus pre itself for the
@@ -12,39 +12,52 @@ The eager chain keeps three (tokens × hidden) tensors instead (pre, relu(pre) a
 """
 from __future__ import annotations
 
-import math
-from numbers import Real
-
 import torch
 import triton
 import triton.language as tl
 
-from .utils import (FLOAT_DTYPES, check_tensor, empty_output, grouped_tile,
-                    interpreting, tile_matmul, tile_matmul_flags)
+from .utils import (
+    autotune,
+    autotune_configs,
+    check_mlp_inputs,
+    check_triton_device,
+    dot_args,
+    empty_output,
+    grouped_tile,
+    tile_matmul,
+    token_bucket,
+)
 
-if interpreting():
-    _CONFIGS = [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32})]
-else:
-    _CONFIGS = [
-        triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64}, num_warps=4, num_stages=4),
-        triton.Config({"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64}, num_warps=8, num_stages=3),
-        triton.Config({"BLOCK_M": 256, "BLOCK_N": 128, "BLOCK_K": 64}, num_warps=8, num_stages=3),
-        triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64}, num_warps=4, num_stages=4),
-    ]
+# GPU lists, as `python -m kernels.build_check` measured them (sm_90, Triton 3.9, pr1579: 65,536 tokens,
+# 736 -> 2944, bf16): none spills. The 4-warp 128 x 128 tile needed 192 (up) and 255 (dpre) registers and
+# spilled in dpre for the leaky variant; 256 x 128 spilled in dpre; 128 x 256 needs 252 in dpre, so it
+# stays in the up-projection only (183 / 215 registers with SAVE_PRE; 241 on Triton 3.6). 8 warps on
+# 128 x 128 need 112-160.
+# Speed is not measured yet (no GPU): each list keeps two shapes for the autotuner to time.
+_UP_CONFIGS = autotune_configs([
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64}, num_warps=8, num_stages=3),
+], triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32}))
+# dpre also holds the pre/post tile it multiplies by: 128 and 160 (leaky) registers, 128 for 64 x 128.
+_DPRE_CONFIGS = autotune_configs([
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64}, num_warps=4, num_stages=4),
+], triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32}))
 
 
-@triton.autotune(configs=_CONFIGS, key=["H", "D", "SAVE_PRE"])
-@triton.jit
+# TOKENS_BUCKET (token_bucket(M)) is an autotune key only: the kernels never read it.
+@autotune(_UP_CONFIGS, key=["H", "D", "SAVE_PRE", "TOKENS_BUCKET"])
+@triton.jit(do_not_specialize=["TOKENS_BUCKET"])
 def _mlp_up_kernel(h_ptr, fc_ptr, post_ptr, pre_ptr, M, H, D, stride_hm, stride_hd, stride_fh, stride_fd,
-                   stride_om, stride_oh, negative_slope, SAVE_PRE: tl.constexpr,
+                   stride_om, stride_oh, negative_slope, TOKENS_BUCKET, SAVE_PRE: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                   UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+                   DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
     """post = φ(h @ fc.T) (and pre = h @ fc.T when SAVE_PRE) for one (BLOCK_M × BLOCK_N) tile."""
     pid_m, pid_n = grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(H, BLOCK_N), 8)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     pre = tile_matmul(h_ptr, stride_hm, stride_hd, fc_ptr, stride_fd, stride_fh, rows % M, cols % H, D,
-                      BLOCK_M, BLOCK_N, BLOCK_K, UPCAST, PRECISION)
+                      BLOCK_M, BLOCK_N, BLOCK_K, DOT_DTYPE, PRECISION)
     act = tl.where(pre > 0, pre, pre * negative_slope)
     offs = rows.to(tl.int64)[:, None] * stride_om + cols[None, :] * stride_oh
     mask = (rows < M)[:, None] & (cols < H)[None, :]
@@ -53,18 +66,18 @@ def _mlp_up_kernel(h_ptr, fc_ptr, post_ptr, pre_ptr, M, H, D, stride_hm, stride_
         tl.store(pre_ptr + offs, pre.to(pre_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.autotune(configs=_CONFIGS, key=["H", "D", "FROM_POST"])
-@triton.jit
+@autotune(_DPRE_CONFIGS, key=["H", "D", "FROM_POST", "TOKENS_BUCKET"])
+@triton.jit(do_not_specialize=["TOKENS_BUCKET"])
 def _mlp_dpre_kernel(g_ptr, proj_ptr, aux_ptr, dpre_ptr, M, H, D, stride_gm, stride_gd, stride_pd, stride_ph,
-                     stride_am, stride_ah, stride_om, stride_oh, negative_slope, FROM_POST: tl.constexpr,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                     UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+                     stride_am, stride_ah, stride_om, stride_oh, negative_slope, TOKENS_BUCKET,
+                     FROM_POST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                     BLOCK_K: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
     """dpre = (g @ proj) ⊙ φ'(pre) for one tile; aux is post (relu², φ' = 2·sqrt(post)) or pre (leaky)."""
     pid_m, pid_n = grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(H, BLOCK_N), 8)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     dpost = tile_matmul(g_ptr, stride_gm, stride_gd, proj_ptr, stride_pd, stride_ph, rows % M, cols % H, D,
-                        BLOCK_M, BLOCK_N, BLOCK_K, UPCAST, PRECISION)
+                        BLOCK_M, BLOCK_N, BLOCK_K, DOT_DTYPE, PRECISION)
     mask = (rows < M)[:, None] & (cols < H)[None, :]
     rows64 = rows.to(tl.int64)
     aux = tl.load(aux_ptr + rows64[:, None] * stride_am + cols[None, :] * stride_ah, mask=mask,
@@ -96,7 +109,7 @@ def _mlp_forward(h: torch.Tensor, fc_weight: torch.Tensor, proj_weight: torch.Te
         # (possibly null) pointer.
         _mlp_up_kernel[_grid(M, H)](h, fc, post, pre if save_pre else post, M, H, D, h.stride(0), h.stride(1),
                                     fc.stride(0), fc.stride(1), post.stride(0), post.stride(1), negative_slope,
-                                    SAVE_PRE=save_pre, **tile_matmul_flags(h.dtype, h.device))
+                                    token_bucket(M), SAVE_PRE=save_pre, **dot_args(h.dtype))
     return post @ proj.T, post, pre
 
 
@@ -122,8 +135,8 @@ def _mlp_backward(grad: torch.Tensor, h: torch.Tensor, fc_weight: torch.Tensor, 
     if dpre.numel():
         _mlp_dpre_kernel[_grid(M, H)](grad, proj, aux, dpre, M, H, D, grad.stride(0), grad.stride(1),
                                       proj.stride(0), proj.stride(1), aux.stride(0), aux.stride(1),
-                                      dpre.stride(0), dpre.stride(1), negative_slope, FROM_POST=from_post,
-                                      **tile_matmul_flags(h.dtype, h.device))
+                                      dpre.stride(0), dpre.stride(1), negative_slope, token_bucket(M),
+                                      FROM_POST=from_post, **dot_args(h.dtype))
     d_fc = (dpre.T @ h).to(fc_weight.dtype)
     d_proj = (grad.T @ post).to(proj_weight.dtype)
     return dpre @ fc, d_fc, d_proj
@@ -160,26 +173,15 @@ def relu2_mlp(h: torch.Tensor, fc_weight: torch.Tensor, proj_weight: torch.Tenso
     """mlp(h) = φ(h @ fc_weight.T) @ proj_weight.T with φ = relu² (negative_slope 0) or
     leaky_relu(·, negative_slope)², the activation fused into the up-projection's epilogue.
 
-    h (..., d) fp32/fp16/bf16/fp64 (fp64 up-projection tiles are computed in fp32); fc_weight (hidden, d)
-    and proj_weight (d, hidden) float, cast to h.dtype like the reference (pass the fake-quantised weight
-    under QAT; its gradient flows through). Returns (..., d) in h.dtype; differentiable in h, fc_weight and
-    proj_weight. Under autocast the float inputs are cast to bf16 first, as the reference's F.linear would be.
+    h (..., d) fp32/fp16/bf16/fp64 (fp64 up-projection tiles are computed in fp32), on a CUDA device (or
+    the CPU under TRITON_INTERPRET=1); fc_weight (hidden, d) and proj_weight (d, hidden) float, cast to
+    h.dtype like the reference (pass the fake-quantised weight under QAT; its gradient flows through).
+    Returns (..., d) in h.dtype; differentiable in h, fc_weight and proj_weight. Under autocast the float
+    inputs are cast to bf16 first, as the reference's F.linear would be.
     """
-    check_tensor("h", h, dtypes=FLOAT_DTYPES)
-    check_tensor("fc_weight", fc_weight, ndim=2, dtypes=FLOAT_DTYPES, device=h.device)
-    check_tensor("proj_weight", proj_weight, ndim=2, dtypes=FLOAT_DTYPES, device=h.device)
-    if h.dim() == 0:
-        raise ValueError("h: expected a tensor of shape (..., d), got a 0-d tensor")
-    D, H = h.shape[-1], fc_weight.shape[0]
-    if fc_weight.shape[1] != D:
-        raise ValueError(f"fc_weight: expected shape (hidden, {D}) to match h {tuple(h.shape)}, "
-                         f"got {tuple(fc_weight.shape)}")
-    if proj_weight.shape != (D, H):
-        raise ValueError(f"proj_weight: expected shape ({D}, {H}) (model dim, hidden), "
-                         f"got {tuple(proj_weight.shape)}")
-    if (isinstance(negative_slope, bool) or not isinstance(negative_slope, Real)
-            or not -math.inf < negative_slope < math.inf):
-        raise ValueError(f"negative_slope: expected a finite number, got {negative_slope!r}")
+    check_mlp_inputs(h, fc_weight, proj_weight, negative_slope)
+    check_triton_device("relu2_mlp", "h", h)
+    D = h.shape[-1]
     out, _, _ = torch.ops.crawler_kernels.relu2_mlp(h.reshape(-1, D), fc_weight, proj_weight,
                                                     float(negative_slope))
     return out.reshape(h.shape)

@@ -14,11 +14,14 @@ import torch.nn.functional as F
 from .utils import (
     FLOAT_DTYPES,
     check_attention_inputs,
+    check_class_indices,
+    check_cross_entropy_inputs,
     check_embed_inputs,
     check_gptq_args,
     check_gptq_inputs,
     check_gptq_values,
     check_int6_linear_inputs,
+    check_mlp_inputs,
     check_tensor,
 )
 
@@ -201,9 +204,10 @@ def relu2_mlp(h: torch.Tensor, fc_weight: torch.Tensor, proj_weight: torch.Tenso
               negative_slope: float = 0.0) -> torch.Tensor:
     """mlp(h) = relu2(h @ fc_weight.T) @ proj_weight.T.
 
-    h (..., d); fc_weight (hidden, d); proj_weight (d, hidden). Weights are cast to h.dtype (the seed's
-    CastedLinear). Returns (..., d) in h.dtype.
+    h (..., d) float; fc_weight (hidden, d); proj_weight (d, hidden); negative_slope finite (validated like
+    kernels.relu2_mlp). Weights are cast to h.dtype (the seed's CastedLinear). Returns (..., d) in h.dtype.
     """
+    check_mlp_inputs(h, fc_weight, proj_weight, negative_slope)
     hidden = relu2(F.linear(h, fc_weight.to(h.dtype)), negative_slope)
     return F.linear(hidden, proj_weight.to(h.dtype))
 
@@ -222,8 +226,11 @@ def softcapped_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets
     """Mean cross-entropy of the softcapped tied head, computed on float32 logits (docs/math.md §1.3, §1.12;
     float64 logits for float64 inputs).
 
-    hidden (N, d), weight (V, d), targets (N,) int64. Returns a 0-d float32 tensor.
+    hidden (N, d) float, N >= 1; weight (V, d); targets (N,) int64/int32 in [0, V) (no ignore_index);
+    softcap > 0 (validated like kernels.softcapped_cross_entropy). Returns a 0-d float32 tensor.
     """
+    check_cross_entropy_inputs(hidden, weight, targets, softcap)
+    check_class_indices(targets, weight.shape[0])
     logits = softcapped_logits(hidden, weight, softcap)
     return F.cross_entropy(logits.to(_compute_dtype(logits)), targets.long())
 

@@ -1,20 +1,225 @@
-"""Shared plumbing for the ops: input validation with clear errors, output allocation (NaN-poisoned
-under test so an element a kernel forgets to write fails the comparison), interpreter detection."""
+"""The kernels' launch policy, in one place: where a Triton op may run, which configs it launches, which
+operand dtype and precision its tl.dot sees, its tile sizes, and how its inputs are validated. Every op in
+kernels/ calls these helpers; none codes one of these decisions itself.
+
+Where the Triton ops run. On a CUDA device, or on the CPU under the Triton interpreter
+(TRITON_INTERPRET=1, set before `kernels` is imported; tests/conftest.py does it). Every public op calls
+`check_triton_device` after validating its contract, so a plain CPU tensor gets one clear error naming the
+CPU reference instead of a failure inside Triton.
+
+Configs. `gpu_or_interpreter(gpu, interpreter)` is the one place a launch parameter is chosen for the
+interpreter, which runs every program in Python; `autotune_configs(gpu, interpreter)` gives an autotuned
+kernel its GPU list, or exactly one config under the interpreter (so CPU tests compile and run each shape
+once). Each GPU list sits next to its kernel with a comment saying what `python -m kernels.build_check`
+measured for it. `autotune` is `triton.autotune` with the tuning results persisted on disk, so a second
+process on the same machine times nothing; `token_bucket` turns a token count into an autotune key that
+changes once per power of two. Hand-written tuners (int6_linear's) persist through `PersistentChoices`.
+`multiprocessor_count` is the GPU size that launch decisions (how far to split work) are made for.
+
+tl.dot operands and precision: ONE rule, `dot_args(dtype)`, for every op.
+  * 16-bit inputs (bf16, fp16): the operands stay in that dtype (tensor cores), accumulation in fp32.
+  * fp32 inputs: as exact as the torch matmul the op replaces. torch.get_float32_matmul_precision() is
+    "highest" by default, and the dot then runs in IEEE fp32; after
+    torch.set_float32_matmul_precision("high") or ("medium") it runs in TF32, as torch's own matmuls do.
+  * fp64 inputs (only the ops that document them): computed in fp32 tiles by the fp32 rule.
+  * under the interpreter: fp32 operands, IEEE (the interpreter has no bf16 dot).
+Ops that round an fp32 operand to a 16-bit one first (the embedding's projection, cast to its table's
+dtype like the seed's CastedLinear) then follow the 16-bit rule.
+
+Tiles. `pow2_tile` (the next power of two, at least tl.dot's 16), `pow2_divisor` (alignment of a length),
+`grouped_tile` and `tile_matmul` for the matmul-with-epilogue kernels.
+
+Validation. `check_tensor` and one `check_<op>_inputs` per op contract, shared by the op and its reference
+in kernels/reference.py, so the reference rejects what the op rejects (the reference also admits float64,
+in which the tests evaluate it). `empty_output` allocates kernel outputs, NaN-poisoned under test so an
+element a kernel forgets to write fails the comparison.
+"""
 from __future__ import annotations
 
+import contextlib
+import inspect
+import json
 import math
 import os
+import re
+import tempfile
+import warnings
+from numbers import Real
+from pathlib import Path
 
 import torch
 import triton
 import triton.language as tl
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+# The dtypes the Triton kernels take, and Triton's name for each.
+TRITON_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
+KERNEL_DTYPES = tuple(TRITON_DTYPES)
 
+
+# ----------------------------------------------------------------------------------------------
+# Where the Triton ops run
+# ----------------------------------------------------------------------------------------------
 
 def interpreting() -> bool:
     """True when Triton kernels run under the CPU interpreter (TRITON_INTERPRET=1)."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def check_triton_device(op: str, name: str, t: torch.Tensor, *, reference: str | None = None) -> None:
+    """Raise ValueError unless tensor `t` (argument `name` of public op `op`) can feed a Triton kernel: a
+    CUDA tensor, or any tensor under the interpreter. The message names the CPU alternative, by default
+    kernels.reference.<op>."""
+    if t.device.type == "cuda" or interpreting():
+        return
+    reference = reference or f"kernels.reference.{op}"
+    raise ValueError(f"{op}: {name} is on {t.device}; the Triton ops need a CUDA tensor (or TRITON_INTERPRET=1 "
+                     f"for the CPU interpreter); use {reference} on CPU")
+
+
+# Under the interpreter launch decisions are made for a small GPU, so that the tests' tiny shapes still
+# take the paths meant for filling a big one (e.g. the cross-entropy's vocabulary split).
+INTERPRETER_MULTIPROCESSORS = 2
+_planned_multiprocessors: int | None = None
+
+
+def multiprocessor_count(device: torch.device) -> int:
+    """The number of SMs launch decisions are made for: the CUDA device's own; for the meta tensors that
+    kernels.build_check runs the host launchers on, that of the GPU it plans for (`planning_for`);
+    INTERPRETER_MULTIPROCESSORS otherwise."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    if device.type == "meta" and _planned_multiprocessors is not None:
+        return _planned_multiprocessors
+    return INTERPRETER_MULTIPROCESSORS
+
+
+@contextlib.contextmanager
+def planning_for(multiprocessors: int):
+    """Within the block, host launchers given meta tensors decide as on a GPU with `multiprocessors`
+    SMs (kernels.build_check derives a GPU run's exact launches this way, on a machine without one)."""
+    global _planned_multiprocessors
+    previous, _planned_multiprocessors = _planned_multiprocessors, multiprocessors
+    try:
+        yield
+    finally:
+        _planned_multiprocessors = previous
+
+
+# ----------------------------------------------------------------------------------------------
+# Configs and their tuning
+# ----------------------------------------------------------------------------------------------
+
+def gpu_or_interpreter(gpu, interpreter):
+    """`interpreter` under the Triton interpreter, else `gpu`: the one place where a launch parameter (a
+    config list, a block size) is chosen for the interpreter, whose programs run one by one in Python."""
+    return interpreter if interpreting() else gpu
+
+
+def autotune_configs(gpu: list, interpreter) -> list:
+    """The GPU list, or [interpreter] alone under the interpreter. Any candidate type (triton.Config or
+    an op's own description of a launch)."""
+    return gpu_or_interpreter(list(gpu), [interpreter])
+
+
+_CACHE_RESULTS = "cache_results" in inspect.signature(triton.autotune).parameters
+
+
+def autotune(configs: list, key: list[str], **kwargs):
+    """triton.autotune(configs, key) whose timings are kept in the Triton cache dir (its cache_results),
+    so a second process on the same machine times nothing and compiles only the chosen config. Triton
+    adds the dtype of every tensor argument to the key itself."""
+    if _CACHE_RESULTS:
+        kwargs["cache_results"] = True
+    elif not interpreting():
+        warnings.warn(f"triton {triton.__version__} has no autotune cache_results: tuning is redone in "
+                      f"every process", stacklevel=2)
+    return triton.autotune(configs=configs, key=key, **kwargs)
+
+
+def token_bucket(n: int) -> int:
+    """Autotune key of a token count: its next power of two, so a kernel keyed on it retunes once per
+    bucket rather than at every new count (passed as an argument the kernel itself never reads)."""
+    return triton.next_power_of_2(max(1, int(n)))
+
+
+def triton_cache_dir() -> Path:
+    """Triton's cache directory (TRITON_CACHE_DIR, default ~/.triton/cache)."""
+    knobs = getattr(triton, "knobs", None)
+    if knobs is not None:
+        return Path(knobs.cache.dir)
+    return Path(os.environ.get("TRITON_CACHE_DIR") or Path.home() / ".triton" / "cache")
+
+
+class PersistentChoices:
+    """The choices of a hand-written tuner (one op's), remembered in memory and in one JSON file per
+    device name under the Triton cache dir (<cache>/crawler_kernels/<op>-<device>.json), so a second
+    process on the same machine times nothing. A stored choice is used only while it is still one of
+    the candidates; a missing or unreadable file just means timing again."""
+
+    def __init__(self, op: str):
+        self.op = op
+        self._chosen: dict[tuple[str, str], object] = {}
+
+    def path(self, device_name: str) -> Path:
+        safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", device_name)
+        return triton_cache_dir() / "crawler_kernels" / f"{self.op}-{safe}.json"
+
+    def _stored(self, device_name: str) -> dict:
+        try:
+            stored = json.loads(self.path(device_name).read_text())
+        except (OSError, ValueError):
+            return {}
+        return stored if isinstance(stored, dict) else {}
+
+    def pick(self, key: str, device_name: str, candidates: list, time_candidate):
+        """The candidate chosen for `key` on `device_name`: remembered, else stored, else the fastest by
+        time_candidate(candidate) -> seconds (then stored). Candidates are matched by repr."""
+        if (device_name, key) in self._chosen:
+            return self._chosen[(device_name, key)]
+        by_repr = {repr(c): c for c in candidates}
+        choice = by_repr.get(self._stored(device_name).get(key))
+        if choice is None:
+            times = [time_candidate(c) for c in candidates]
+            choice = candidates[min(range(len(candidates)), key=times.__getitem__)]
+            stored = self._stored(device_name)
+            stored[key] = repr(choice)
+            path = self.path(device_name)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            # temp file + rename: a concurrent reader sees the old file or the new one, never half of one
+            with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False) as f:
+                json.dump(stored, f, indent=1, sort_keys=True)
+            os.replace(f.name, path)
+        self._chosen[(device_name, key)] = choice
+        return choice
+
+
+# ----------------------------------------------------------------------------------------------
+# tl.dot operands and precision, tiles
+# ----------------------------------------------------------------------------------------------
+
+def dot_args(dtype: torch.dtype) -> dict:
+    """{"DOT_DTYPE": operand dtype, "PRECISION": input_precision} of every tl.dot of an op whose inputs
+    are `dtype`, by the module docstring's rule (kernels pass both to tl.dot; PRECISION only matters for
+    fp32 operands)."""
+    if interpreting():
+        return {"DOT_DTYPE": tl.float32, "PRECISION": "ieee"}
+    if dtype in (torch.float16, torch.bfloat16):
+        return {"DOT_DTYPE": TRITON_DTYPES[dtype], "PRECISION": "tf32"}
+    exact = torch.get_float32_matmul_precision() == "highest"
+    return {"DOT_DTYPE": tl.float32, "PRECISION": "ieee" if exact else "tf32"}
+
+
+def pow2_tile(n: int, minimum: int = 16) -> int:
+    """Tile length for a dimension of n: the next power of two, at least `minimum` (16: tl.dot's
+    smallest operand dimension). Tiles wider than n are masked."""
+    return max(minimum, triton.next_power_of_2(n))
+
+
+def pow2_divisor(v: int, cap: int = 16) -> int:
+    """Largest power of two dividing v, at most cap (cap for v == 0): the widest aligned access along
+    a length v."""
+    return cap if v == 0 else min(cap, v & -v)
 
 
 def empty_output(shape, dtype: torch.dtype, device) -> torch.Tensor:
@@ -28,6 +233,10 @@ def empty_output(shape, dtype: torch.dtype, device) -> torch.Tensor:
             out.fill_(torch.iinfo(dtype).min)
     return out
 
+
+# ----------------------------------------------------------------------------------------------
+# Input validation: the op contracts, shared by each op and its reference
+# ----------------------------------------------------------------------------------------------
 
 def check_tensor(name: str, t, *, ndim: int | None = None, dtypes=None, device=None,
                  contiguous: bool = False) -> None:
@@ -138,6 +347,59 @@ def check_embed_inputs(ids, tok_emb, bigram_table, bigram_proj, smear_gate, *, b
             raise ValueError(f"ids: expected token ids in [0, {tok_emb.shape[0]}), got range [{lo}, {hi}]")
 
 
+def check_mlp_inputs(h, fc_weight, proj_weight, negative_slope) -> None:
+    """Validate the `relu2_mlp` contract: h (..., d) float; fc_weight (hidden, d) and proj_weight
+    (d, hidden) float on h's device; negative_slope a finite real number."""
+    check_tensor("h", h, dtypes=FLOAT_DTYPES)
+    check_tensor("fc_weight", fc_weight, ndim=2, dtypes=FLOAT_DTYPES, device=h.device)
+    check_tensor("proj_weight", proj_weight, ndim=2, dtypes=FLOAT_DTYPES, device=h.device)
+    if h.dim() == 0:
+        raise ValueError("h: expected a tensor of shape (..., d), got a 0-d tensor")
+    D, H = h.shape[-1], fc_weight.shape[0]
+    if fc_weight.shape[1] != D:
+        raise ValueError(f"fc_weight: expected shape (hidden, {D}) to match h {tuple(h.shape)}, "
+                         f"got {tuple(fc_weight.shape)}")
+    if proj_weight.shape != (D, H):
+        raise ValueError(f"proj_weight: expected shape ({D}, {H}) (model dim, hidden), "
+                         f"got {tuple(proj_weight.shape)}")
+    if (isinstance(negative_slope, bool) or not isinstance(negative_slope, Real)
+            or not -math.inf < negative_slope < math.inf):
+        raise ValueError(f"negative_slope: expected a finite number, got {negative_slope!r}")
+
+
+TARGET_DTYPES = (torch.int64, torch.int32)
+
+
+def check_cross_entropy_inputs(hidden, weight, targets, softcap) -> None:
+    """Validate the `softcapped_cross_entropy` contract: hidden (N, d) float with N >= 1; weight (V, d)
+    float with V >= 1; targets (N,) int64/int32; all on one device; softcap a finite number > 0. The
+    targets' range is a value check of its own (`check_class_indices`)."""
+    check_tensor("hidden", hidden, ndim=2, dtypes=FLOAT_DTYPES)
+    check_tensor("weight", weight, ndim=2, dtypes=FLOAT_DTYPES, device=hidden.device)
+    check_tensor("targets", targets, ndim=1, dtypes=TARGET_DTYPES, device=hidden.device)
+    N, D = hidden.shape
+    if N == 0:
+        raise ValueError("hidden: expected at least one token, got shape (0, d)")
+    if weight.shape[1] != D or weight.shape[0] == 0:
+        raise ValueError(f"weight: expected shape (V, {D}) with V >= 1 to match hidden {tuple(hidden.shape)}, "
+                         f"got {tuple(weight.shape)}")
+    if targets.shape[0] != N:
+        raise ValueError(f"targets: expected shape ({N},) to match hidden, got {tuple(targets.shape)}")
+    if isinstance(softcap, bool) or not isinstance(softcap, Real) or not (0 < softcap < math.inf):
+        raise ValueError(f"softcap: expected a finite number > 0, got {softcap!r}")
+
+
+def check_class_indices(targets: torch.Tensor, num_classes: int) -> None:
+    """Raise ValueError unless every target is in [0, num_classes) (no ignore_index). A host sync, so it
+    is skipped while torch.compile traces (the fused op checks inside its custom op, which runs eagerly);
+    meta tensors have no values to check."""
+    if torch.compiler.is_compiling() or targets.numel() == 0 or targets.device.type == "meta":
+        return
+    if bool(((targets < 0) | (targets >= num_classes)).any()):
+        raise ValueError(f"targets: expected class indices in [0, {num_classes}), got values in "
+                         f"[{int(targets.min())}, {int(targets.max())}]")
+
+
 def check_gptq_args(bits, clip_sigmas, block_size=None, damp=None) -> None:
     """Validate GPTQ / SDClip settings: bits an int in 2..8 (codes live in int8), clip_sigmas > 0,
     block_size an int > 0, damp >= 0 (each only when given)."""
@@ -177,63 +439,6 @@ def check_gptq_values(weight, hessian) -> None:
         raise ValueError("hessian: diagonal entries must be >= 0 (H = XᵀX/n is positive semi-definite)")
 
 
-# ----------------------------------------------------------------------------------------------
-# Shared Triton pieces for the "matmul with a fused epilogue" kernels (cross_entropy, mlp)
-# ----------------------------------------------------------------------------------------------
-
-def tile_matmul_flags(dtype: torch.dtype, device) -> dict:
-    """The UPCAST and PRECISION arguments of `tile_matmul` for operands of `dtype` on `device`.
-
-    UPCAST: under the interpreter (no bf16 dot) and for fp64 inputs (computed in fp32 tiles).
-    PRECISION mirrors torch's own matmul setting: fp32 operands on a GPU use TF32 only where torch would
-    (`torch.get_float32_matmul_precision()` is not "highest"), so an op is as exact as the matmul it
-    replaces. 16-bit operands ignore it; they get Triton's default ("tf32").
-    """
-    full_fp32 = dtype in (torch.float32, torch.float64) and (
-        torch.device(device).type != "cuda" or torch.get_float32_matmul_precision() == "highest")
-    return {"UPCAST": interpreting() or dtype == torch.float64, "PRECISION": "ieee" if full_fp32 else "tf32"}
-
-
-@triton.jit
-def grouped_tile(pid, num_m, num_n, GROUP_M: tl.constexpr):
-    """Map a 1-D program id onto a (row tile, column tile) pair, GROUP_M row tiles at a time, so the
-    programs running together share their column operand tiles in L2."""
-    group = GROUP_M * num_n
-    first_m = (pid // group) * GROUP_M
-    group_size = tl.minimum(num_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % group) % group_size
-    pid_n = (pid % group) // group_size
-    return pid_m, pid_n
-
-
-@triton.jit
-def tile_matmul(a_ptr, stride_am, stride_ak, b_ptr, stride_bk, stride_bn, rows, cols, K,
-                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                UPCAST: tl.constexpr, PRECISION: tl.constexpr):
-    """fp32 tile A[rows, :] @ B[:, cols] of shape (BLOCK_M, BLOCK_N), looping over K in BLOCK_K steps.
-
-    `rows`/`cols` must be valid indices (callers wrap out-of-range ones with `% M`, so the loads need a
-    mask only along K; their results are dropped at the store). Row and column offsets are widened to
-    int64 so operands with more than 2**31 elements address correctly. UPCAST turns the
-    operands to fp32 before tl.dot (the interpreter has no bf16 dot; fp64 inputs are computed in fp32).
-    """
-    offs_k = tl.arange(0, BLOCK_K)
-    a_ptrs = a_ptr + rows.to(tl.int64)[:, None] * stride_am + offs_k[None, :] * stride_ak
-    b_ptrs = b_ptr + offs_k[:, None] * stride_bk + cols.to(tl.int64)[None, :] * stride_bn
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        k_ok = offs_k < K - k0
-        a = tl.load(a_ptrs, mask=k_ok[None, :], other=0.0)
-        b = tl.load(b_ptrs, mask=k_ok[:, None], other=0.0)
-        if UPCAST:
-            a = a.to(tl.float32)
-            b = b.to(tl.float32)
-        acc = tl.dot(a, b, acc, input_precision=PRECISION)
-        a_ptrs += BLOCK_K * stride_ak
-        b_ptrs += BLOCK_K * stride_bk
-    return acc
-
-
 def check_int6_linear_inputs(x, packed, scales, *, allow_float64: bool = False) -> None:
     """Validate the `int6_linear` contract: x (..., K) float with K % 4 == 0; packed uint8 (N, 3K/4),
     contiguous (its bytes are addressed directly); scales (N,) float16/float32; all on x's device.
@@ -255,3 +460,44 @@ def check_int6_linear_inputs(x, packed, scales, *, allow_float64: bool = False) 
     if scales.shape[0] != N:
         raise ValueError(f"scales: expected shape ({N},) (one scale per packed row), "
                          f"got {tuple(scales.shape)}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Shared Triton pieces for the matmul-with-a-fused-epilogue kernels (cross_entropy, mlp, int6)
+# ----------------------------------------------------------------------------------------------
+
+@triton.jit
+def grouped_tile(pid, num_m, num_n, GROUP_M: tl.constexpr):
+    """Map a 1-D program id onto a (row tile, column tile) pair, GROUP_M row tiles at a time, so the
+    programs running together share their column operand tiles in L2."""
+    group = GROUP_M * num_n
+    first_m = (pid // group) * GROUP_M
+    group_size = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % group) % group_size
+    pid_n = (pid % group) // group_size
+    return pid_m, pid_n
+
+
+@triton.jit
+def tile_matmul(a_ptr, stride_am, stride_ak, b_ptr, stride_bk, stride_bn, rows, cols, K,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
+    """fp32 tile A[rows, :] @ B[:, cols] of shape (BLOCK_M, BLOCK_N), looping over K in BLOCK_K steps.
+
+    `rows`/`cols` must be valid indices (callers wrap out-of-range ones with `% M`, so the loads need a
+    mask only along K; their results are dropped at the store). Row and column offsets are widened to
+    int64 so operands with more than 2**31 elements address correctly. The operands enter tl.dot as
+    DOT_DTYPE with PRECISION (`dot_args`).
+    """
+    offs_k = tl.arange(0, BLOCK_K)
+    a_ptrs = a_ptr + rows.to(tl.int64)[:, None] * stride_am + offs_k[None, :] * stride_ak
+    b_ptrs = b_ptr + offs_k[:, None] * stride_bk + cols.to(tl.int64)[None, :] * stride_bn
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k_ok = offs_k < K - k0
+        a = tl.load(a_ptrs, mask=k_ok[None, :], other=0.0)
+        b = tl.load(b_ptrs, mask=k_ok[:, None], other=0.0)
+        acc = tl.dot(a.to(DOT_DTYPE), b.to(DOT_DTYPE), acc, input_precision=PRECISION)
+        a_ptrs += BLOCK_K * stride_ak
+        b_ptrs += BLOCK_K * stride_bk
+    return acc

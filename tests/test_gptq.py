@@ -1,6 +1,6 @@
-"""The Triton GPTQ (kernels.gptq_quantize / gptq_quantize_batched, SPEC §7.4) against the reference
+"""The Triton GPTQ (kernels.gptq_quantize / gptq_quantize_batched, docs/math.md §7.4) against the reference
 evaluated in float64: proxy loss within 0.5 % and at most 0.1 % of codes different (rounding ties may
-flip a code; SPEC §3 measures quality by the proxy loss). Codes are NaN-poisoned (int8 min, off the grid)
+flip a code; docs/math.md §3 measures quality by the proxy loss). Codes are NaN-poisoned (int8 min, off the grid)
 before the kernel runs, so a code it fails to write shows up as a mismatch."""
 import math
 
@@ -94,12 +94,14 @@ def test_block_larger_than_matrix_and_isotropic_hessian():
     assert torch.equal(codes, ref.quantize_rtn(W, scales))
 
 
-def test_cpu_without_interpreter_falls_back_to_reference(monkeypatch):
+def test_cpu_without_interpreter_is_a_clear_error(monkeypatch):
+    # Like every Triton op: no silent switch to another implementation; the message names the CPU one.
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     W, H = _weight(24, 64), correlated_hessian(64, seed=4)
-    codes, scales = kernels.gptq_quantize(W, H, block_size=32)
-    ref_codes, ref_scales = ref.gptq_quantize(W, H, block_size=32)
-    assert torch.equal(codes, ref_codes) and torch.equal(scales, ref_scales)
+    with pytest.raises(ValueError, match=r"gptq_quantize: weight is on cpu.*kernels\.reference\.gptq_quantize"):
+        kernels.gptq_quantize(W, H, block_size=32)
+    with pytest.raises(ValueError, match="gptq_quantize_batched: weights is on cpu"):
+        kernels.gptq_quantize_batched(W[None], H[None], block_size=32)
 
 
 def test_compiles_without_graph_breaks():

@@ -1,4 +1,4 @@
-"""The GPTQ + SDClip reference (kernels.reference.gptq_quantize, SPEC §3): it must beat round-to-nearest
+"""The GPTQ + SDClip reference (kernels.reference.gptq_quantize, docs/math.md §3): it must beat round-to-nearest
 on the proxy loss tr((W-Ŵ)H(W-Ŵ)ᵀ), reduce to it when H carries no correlations, handle dead columns and
 near-singular Hessians, keep codes on the grid, follow the SDClip scale rule, and reject bad input."""
 import math

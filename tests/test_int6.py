@@ -1,12 +1,12 @@
-"""Int6 packing and the weight-only int6 matmul (SPEC §5): exact round trip, the documented byte layout,
+"""Int6 packing and the weight-only int6 matmul (docs/math.md §5): exact round trip, the documented byte layout,
 the Triton op against a float64 dense product on every path (decode FMA / decode tl.dot, split-K or not,
 GEMM either operand order, K tails), input validation, torch.compile tracing; real shapes on a GPU."""
 import pytest
 import torch
 from conftest import rel_err
 
-from kernels import int6_linear, pack_int6, reference, unpack_int6
 from kernels import int6 as int6_mod
+from kernels import int6_linear, pack_int6, reference, unpack_int6
 
 # Output rounding bounds. The interpreter rounds fp32 -> bf16 by truncation (about twice the error of
 # the GPU's round-to-nearest), which the bf16 bound covers.

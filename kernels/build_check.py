@@ -1,0 +1,610 @@
+"""Offline Hopper build check: compile every Triton kernel × every GPU config a pr1579 run could launch, for
+sm_90, on a machine without a GPU, and report what each compilation costs the chip.
+
+    python -m kernels.build_check [--all | --subset] [--jobs N] [--json PATH] [--target sm_90]
+                                  [--cache-dir DIR] [--list]
+
+How the launches are derived. Each op's own host launcher (the Python body of its torch.library custom op;
+for int6_linear, `_launch` for every candidate of `_candidates`) runs on meta tensors of the real shapes
+(`workloads()`) inside `kernels.utils.planning_for(the GPU's SM count)`, so every grid, block-size choice,
+split and stride is the one a GPU run computes, from the same code. Each `kernel[grid](...)` launch is
+recorded instead of run. A launch of an autotuned kernel stands for every config of its (pruned) list; a
+plain launch for itself. Launches with equal Triton specialisations (argument dtypes, 16-byte alignment,
+integers equal to 1 or divisible by 16, constexpr values) are one compilation.
+
+How each compilation is made and measured. `JITFunction.warmup`, Triton's normal JIT path without the
+launch, for the target (`GPUTarget("cuda", 90, 32)`, or the local GPU's architecture when there is one),
+named to Triton by a stand-in driver so that no process needs a GPU context. The compilation is the one a
+real launch makes (the same source, specialisation, target and options), so on a GPU machine it lands in
+the Triton cache that tests and benchmarks then load; without a GPU it goes to a fresh temporary cache.
+From the result: registers and stack-frame (spill) bytes from the cubin's resource usage (`cuobjdump`,
+shipped in Triton's wheel), shared memory from the kernel's metadata, blocks and warps per SM from those
+and the Hopper limits, the tensor-core instructions from the SASS (`cuobjdump -sass`: HGMMA = Hopper
+warpgroup MMA, HMMA = the older warp MMA), and the compile time as CPU seconds of one core (Triton +
+ptxas; `--jobs` runs that many compilations in parallel processes, each warmed up by one trivial
+compilation first).
+
+Exit status 1 on a compile failure, a spill, shared memory over the 227 KiB a block may use, or a kernel
+with a bf16 tl.dot whose SASS has no bf16 tensor-core MMA; 0 otherwise, also when this Triton lacks a
+piece the check needs (it says SKIPPED and why).
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import concurrent.futures
+import contextlib
+import dataclasses
+import datetime
+import importlib
+import io
+import json
+import math
+import multiprocessing
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import torch
+import triton
+
+from . import cross_entropy, embedding, gptq, int6, mlp, utils
+
+# The module, not the function: kernels/__init__ exports the op `attention` under the module's name.
+attention = importlib.import_module(".attention", __package__)
+
+# The pr1579 shapes (crawler.config's preset; kernels/ does not import crawler/): 32 × 2048 tokens per GPU
+# per micro-batch (524,288 tokens per step over 8 GPUs), d 736, 16 query / 8 KV heads of dim 46, MLP 2944,
+# vocabulary 8192, BigramHash 10240 × 128, softcap 30; bf16 activations and embeddings (autocast).
+PR1579 = dict(T=2048, d=736, H=16, Hkv=8, D=46, hidden=2944, V=8192, NB=10240, k=128, softcap=30.0)
+TRAIN_BATCHES = (32, 4)
+# Int6 inference: every quantised matrix (K, N) of the model plus the tied head, at decode (1 and 16
+# rows) and prefill (2048) sizes; GPTQ at every quantised matrix shape (N, K).
+INT6_SHAPES = ((736, 736), (736, 368), (736, 2944), (2944, 736), (736, 8192))
+INT6_ROWS = (1, 16, 2048)
+GPTQ_SHAPES = ((736, 736), (368, 736), (2944, 736), (736, 2944), (8192, 736))
+
+# Hopper (H100 SXM / H200) per-SM limits, for blocks per SM.
+SM90 = dict(multiprocessors=132, regs=65536, max_warps=64, max_blocks=32, smem_per_sm=233472,
+            smem_per_block=232448, smem_reserved_per_block=1024, reg_alloc_unit=256)
+FIRST_STEP = "train B=32"      # the workload whose compilations the first training step pays for
+
+
+class Skip(Exception):
+    """This Triton / torch lacks something the check needs; the message says what."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Recording launches
+# ----------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class Launch:
+    kernel: object            # triton Autotuner or JITFunction
+    grid: object
+    args: tuple
+    kwargs: dict
+
+
+@contextlib.contextmanager
+def recording_launches():
+    """Within the block every `kernel[grid](*args, **kwargs)` is appended to the yielded list instead of
+    being launched."""
+    from triton.runtime.jit import KernelInterface
+    launches: list[Launch] = []
+    original = KernelInterface.__getitem__
+
+    def record(kernel, grid):
+        return lambda *args, **kwargs: launches.append(Launch(kernel, grid, args, kwargs))
+
+    KernelInterface.__getitem__ = record
+    try:
+        yield launches
+    finally:
+        KernelInterface.__getitem__ = original
+
+
+def _body(custom_op):
+    """The Python function behind a torch.library custom op (on meta tensors the dispatcher would run
+    its fake implementation instead)."""
+    fn = getattr(custom_op, "_init_fn", None)
+    if fn is None:
+        raise Skip(f"torch {torch.__version__}: torch.library custom ops have no _init_fn to call the launcher")
+    return fn
+
+
+def _meta(shape, dtype=torch.bfloat16):
+    return torch.empty(shape, dtype=dtype, device="meta")
+
+
+# ----------------------------------------------------------------------------------------------
+# Workloads: what a pr1579 run launches
+# ----------------------------------------------------------------------------------------------
+
+def _embedding(B):
+    p = PR1579
+    ids = _meta((B, p["T"]), torch.int64)
+    tok, table = _meta((p["V"], p["d"])), _meta((p["NB"], p["k"]))
+    proj, gate = _meta((p["d"], p["k"]), torch.float32), _meta((p["d"],), torch.float32)
+    x0, rstd, buckets = _body(embedding._embed_forward)(ids, tok, table, proj, gate)
+    _body(embedding._embed_backward)(torch.empty_like(x0), ids, tok, table, proj, gate, rstd, buckets)
+
+
+def _attention(B, xsa):
+    p = PR1579
+    q = _meta((B, p["T"], p["H"], p["D"]))
+    k, v = _meta((B, p["T"], p["Hkv"], p["D"])), _meta((B, p["T"], p["Hkv"], p["D"]))
+    scale = 1.0 / math.sqrt(p["D"])
+    o, lse, c = _body(attention._attention_fwd_op)(q, k, v, True, xsa, scale)
+    _body(attention._attention_bwd_op)(torch.empty_like(o), q, k, v, o, lse, c, True, xsa, scale)
+
+
+def _mlp(B, negative_slope):
+    p = PR1579
+    h = _meta((B * p["T"], p["d"]))
+    fc, proj = _meta((p["hidden"], p["d"])), _meta((p["d"], p["hidden"]))
+    out, post, pre = _body(mlp._mlp_forward)(h, fc, proj, negative_slope)
+    _body(mlp._mlp_backward)(torch.empty_like(out), h, fc, proj, post, pre, negative_slope)
+
+
+def _cross_entropy(B):
+    p = PR1579
+    hidden, weight = _meta((B * p["T"], p["d"])), _meta((p["V"], p["d"]))
+    targets = _meta((B * p["T"],), torch.int64)
+    _, lse = _body(cross_entropy._ce_forward)(hidden, weight, targets, p["softcap"])
+    _body(cross_entropy._ce_backward)(_meta((), torch.float32), hidden, weight, targets, lse, p["softcap"])
+
+
+def _train_step(B):
+    """One pr1579 training micro-batch (XSA at every position, relu², bf16): forward and backward."""
+    _embedding(B)
+    _attention(B, xsa=True)
+    _mlp(B, 0.0)
+    _cross_entropy(B)
+
+
+def _int6(M):
+    for K, N in INT6_SHAPES:
+        x, packed, scales = _meta((M, K)), _meta((N, 3 * K // 4), torch.uint8), _meta((N,), torch.float16)
+        for cfg in int6._candidates(M, N, K // 4, x.device):
+            int6._launch(x, packed, scales, cfg)
+
+
+def _gptq():
+    for N, K in GPTQ_SHAPES:
+        gptq._column_walk(_meta((1, N, K), torch.float32), _meta((1, K, K), torch.float32),
+                          _meta((1, N), torch.float16), _meta((1, K), torch.int64), bits=6, block_size=128)
+
+
+def workloads() -> dict:
+    """name -> function launching what that part of a pr1579 run launches. FIRST_STEP is the first
+    training step; the others are what later steps, other options and inference add."""
+    out = {f"train B={B}": (lambda B=B: _train_step(B)) for B in TRAIN_BATCHES}
+    out.update({f"attention no-XSA B={B}": (lambda B=B: _attention(B, xsa=False)) for B in TRAIN_BATCHES})
+    out.update({f"mlp leaky B={B}": (lambda B=B: _mlp(B, 0.5)) for B in TRAIN_BATCHES})
+    out.update({f"int6 M={M}": (lambda M=M: _int6(M)) for M in INT6_ROWS})
+    out["gptq"] = _gptq
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# The plan: distinct compilations
+# ----------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class Unit:
+    """One compilation: a kernel, a config, a specialisation, and the workloads that launch it."""
+    name: str
+    config: str
+    spec: str
+    jit_fn: object
+    args: tuple
+    kwargs: dict              # launch kwargs with the config's (num_warps, num_stages, blocks) merged in
+    programs: int
+    num_warps: int
+    workloads: list
+
+    def row(self) -> dict:
+        """The table row's description part (compile results are added to it)."""
+        return {"kernel": self.name, "config": self.config, "spec": self.spec, "workloads": self.workloads,
+                "programs": self.programs, "num_warps": self.num_warps}
+
+
+def _jit_fn(kernel):
+    fn = kernel
+    while not isinstance(fn, triton.runtime.JITFunction):
+        if not hasattr(fn, "fn"):
+            raise Skip(f"triton {triton.__version__}: cannot find the JITFunction behind {kernel!r}")
+        fn = fn.fn
+    return fn
+
+
+def _short(v) -> str:
+    if isinstance(v, torch.dtype):
+        return str(v).replace("torch.", "")
+    if isinstance(v, bool):
+        return str(int(v))
+    return str(v)
+
+
+def _specialisation(jit_fn, args: tuple, kwargs: dict) -> tuple:
+    """The launch as Triton tells compilations apart (its documented specialisation: tensor dtype and
+    16-byte alignment, integers equal to 1 or divisible by 16 unless do_not_specialize, i32 vs i64;
+    constexpr values)."""
+    params = {p.name: p for p in jit_fn.params}
+    bound = dict(zip(jit_fn.arg_names, args)) | kwargs
+    key = []
+    for name, value in sorted(bound.items()):
+        param = params.get(name)
+        if param is None or param.is_constexpr:
+            key.append((name, repr(value)))
+        elif isinstance(value, torch.Tensor):
+            key.append((name, value.dtype, value.data_ptr() % 16 == 0))
+        elif isinstance(value, bool) or value is None or isinstance(value, float):
+            key.append((name, type(value).__name__))
+        elif isinstance(value, int):
+            wide = not -2**31 <= value < 2**31
+            key.append((name, wide) if param.do_not_specialize else (name, wide, value == 1, value % 16 == 0))
+        else:
+            key.append((name, repr(value)))
+    return tuple(key)
+
+
+def _describe(launch_kwargs: dict, config) -> tuple[str, str]:
+    """(config, specialisation) strings of a compilation for the table: the autotune config (or a plain
+    launch's own constexprs), and the constexprs the host passes (the tl.dot operand dtype as dot=)."""
+    dot = launch_kwargs.get("DOT_DTYPE")
+    passed = {k: v for k, v in launch_kwargs.items() if k not in ("DOT_DTYPE", "PRECISION")}
+    if config is not None:
+        blocks = " ".join(f"{k}={v}" for k, v in config.kwargs.items())
+        cfg = f"{blocks} w{config.num_warps} s{config.num_stages}"
+        spec = " ".join(f"{k}={_short(v)}" for k, v in passed.items())
+    else:
+        tiles = " ".join(f"{k}={_short(v)}" for k, v in passed.items() if k not in ("num_warps", "num_stages"))
+        cfg = f"{tiles} w{passed.get('num_warps', 4)} s{passed.get('num_stages', 3)}"
+        spec = ""
+    return cfg.strip(), (spec + (f" dot={dot}" if dot is not None else "")).strip()
+
+
+def _programs(grid, meta: dict) -> int:
+    g = grid(meta) if callable(grid) else grid
+    return math.prod(int(x) for x in g)
+
+
+def build_plan(multiprocessors: int = SM90["multiprocessors"]) -> list[Unit]:
+    """Every distinct compilation the workloads launch on a GPU with that many SMs, in a fixed order."""
+    if utils.interpreting():
+        raise SystemExit("build_check: unset TRITON_INTERPRET (the interpreter's single configs are not "
+                         "what a GPU compiles)")
+    units: dict[tuple, Unit] = {}
+    for wname, workload in workloads().items():
+        with utils.planning_for(multiprocessors), recording_launches() as launches:
+            workload()
+        for launch in launches:
+            jit_fn = _jit_fn(launch.kernel)
+            nargs = dict(zip(launch.kernel.arg_names, launch.args))
+            if isinstance(launch.kernel, triton.runtime.Autotuner):
+                launch.kernel.nargs = nargs             # what its early_config_prune reads
+                configs = launch.kernel.prune_configs(launch.kwargs)
+            else:
+                configs = [None]
+            for config in configs:
+                kwargs = dict(launch.kwargs) | (config.all_kwargs() if config is not None else {})
+                key = (jit_fn.__name__, _specialisation(jit_fn, launch.args, kwargs))
+                if key in units:
+                    if wname not in units[key].workloads:
+                        units[key].workloads.append(wname)
+                    continue
+                cfg, spec = _describe(launch.kwargs, config)
+                units[key] = Unit(jit_fn.__name__, cfg, spec, jit_fn, launch.args, kwargs,
+                                  _programs(launch.grid, nargs | kwargs), kwargs.get("num_warps", 4), [wname])
+    return list(units.values())
+
+
+def subset(plan: list[Unit]) -> list[Unit]:
+    """One compilation per kernel: the first config of its list at the first workload that launches it
+    (train B=32, then int6 and GPTQ), so every kernel's code is compiled and checked once."""
+    seen, out = set(), []
+    for unit in plan:
+        if unit.name not in seen:
+            seen.add(unit.name)
+            out.append(unit)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Compiling one unit and reading its resource usage
+# ----------------------------------------------------------------------------------------------
+
+class _TargetDriver:
+    """What JITFunction.warmup asks a driver for, without a GPU: a device, a stream, the target."""
+
+    def __init__(self, target):
+        self.target = target
+
+    def get_current_device(self):
+        return 0
+
+    def get_current_stream(self, device=None):
+        return 0
+
+    def get_current_target(self):
+        return self.target
+
+
+def _tool(name: str) -> str:
+    """Path of a CUDA binary utility shipped in Triton's wheel (else on PATH)."""
+    import triton.backends.nvidia as nvidia
+    path = Path(nvidia.__file__).parent / "bin" / name
+    if path.exists():
+        return str(path)
+    from shutil import which
+    found = which(name)
+    if found is None:
+        raise Skip(f"triton {triton.__version__}: no {name} in its wheel or on PATH")
+    return found
+
+
+_MMA = re.compile(r"\b((?:HGMMA|HMMA|QGMMA|IMMA)\.[\w.]+)")
+_BF16_DOT = re.compile(r"tt\.dot\b[^\n]*tensor<[^>]*xbf16")
+
+
+def _inspect_cubin(cubin: bytes) -> dict:
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        usage = subprocess.run([_tool("cuobjdump"), "--dump-resource-usage", f.name], capture_output=True,
+                               text=True, check=True).stdout
+        sass = subprocess.run([_tool("cuobjdump"), "-sass", f.name], capture_output=True, text=True,
+                              check=True).stdout
+    fields = dict(re.findall(r"\b(REG|STACK|SHARED|LOCAL):(\d+)", usage))
+    return {"registers": int(fields.get("REG", 0)), "spill_bytes": int(fields.get("STACK", 0)),
+            "local_bytes": int(fields.get("LOCAL", 0)), "static_smem": int(fields.get("SHARED", 0)),
+            "mma": dict(collections.Counter(_MMA.findall(sass))),
+            "spill_instructions": len(re.findall(r"\b(?:STL|LDL)\b", sass))}
+
+
+def _occupancy(registers: int, smem: int, num_warps: int) -> int:
+    """Blocks of this kernel that fit on one Hopper SM at once."""
+    per_warp = math.ceil(max(registers, 1) * 32 / SM90["reg_alloc_unit"]) * SM90["reg_alloc_unit"]
+    by_regs = (SM90["regs"] // per_warp) // num_warps
+    by_smem = SM90["smem_per_sm"] // (smem + SM90["smem_reserved_per_block"])
+    by_warps = SM90["max_warps"] // num_warps
+    return max(0, min(by_regs, by_smem, by_warps, SM90["max_blocks"]))
+
+
+def _problems(row: dict) -> list[str]:
+    out = []
+    if row["status"] != "ok":
+        return [row["status"]]
+    if row["spill_bytes"] or row["spill_instructions"]:
+        out.append(f"spills ({row['spill_bytes']} B stack, {row['spill_instructions']} LDL/STL)")
+    if row["smem_bytes"] > SM90["smem_per_block"]:
+        out.append(f"shared memory {row['smem_bytes']} B > {SM90['smem_per_block']} B")
+    if row["bf16_dot"] and not any("BF16" in m for m in row["mma"]):
+        out.append("bf16 tl.dot without bf16 tensor-core MMA")
+    return out
+
+
+def _cpu_seconds() -> float:
+    """CPU seconds of this process and its finished children (ptxas): one core's compile time, which
+    other work on a shared machine does not inflate the way it inflates wall time."""
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
+
+
+@triton.jit
+def _warm_up_kernel(x_ptr):
+    triton.language.store(x_ptr, 1.0)
+
+
+_WORKER: dict = {}
+
+
+def _compile(index: int, use_subset: bool, target_arch: int, multiprocessors: int) -> dict:
+    """Compile unit `index` of the plan (rebuilt in this process: meta tensors do not pickle with their
+    offsets) and return its table row."""
+    warnings.filterwarnings("ignore", message=".*TRITON_DEFAULT_FP_FUSION.*")
+    if "plan" not in _WORKER:
+        plan = build_plan(multiprocessors)
+        _WORKER["plan"] = subset(plan) if use_subset else plan
+        from triton.backends.compiler import GPUTarget
+        triton.runtime.driver.set_active(_TargetDriver(GPUTarget("cuda", target_arch, 32)))
+        # The first compilation in a process also loads the compiler: pay that outside the measurements.
+        _warm_up_kernel.warmup(torch.empty(1, device="meta"), grid=(1,))
+    unit = _WORKER["plan"][index]
+    row = unit.row()
+    log = io.StringIO()
+    t0 = _cpu_seconds()
+    try:
+        with contextlib.redirect_stdout(log):
+            compiled = unit.jit_fn.warmup(*unit.args, grid=(1,), **unit.kwargs)
+    except Exception as e:                       # a compile failure is a row of the table, not a crash
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        row.update(status=f"compile failed: {type(e).__name__}: {first[:200]}", compile_s=_cpu_seconds() - t0)
+        return row
+    row["compile_s"] = _cpu_seconds() - t0
+    row.update(_inspect_cubin(compiled.asm["cubin"]))
+    row["smem_bytes"] = int(compiled.metadata.shared) + row.pop("static_smem")
+    row["blocks_per_sm"] = _occupancy(row["registers"], row["smem_bytes"], unit.num_warps)
+    row["warps_per_sm"] = row["blocks_per_sm"] * unit.num_warps
+    row["bf16_dot"] = bool(_BF16_DOT.search(compiled.asm["ttir"]))
+    row["notes"] = sorted({m for m in re.findall(r"\(C\d+\) Potential Performance Loss: ([^.]*)", log.getvalue())})
+    row["status"] = "ok"
+    return row
+
+
+# ----------------------------------------------------------------------------------------------
+# Running, reporting
+# ----------------------------------------------------------------------------------------------
+
+def _mma_summary(mma: dict) -> str:
+    return ", ".join(f"{k} x{v}" for k, v in sorted(mma.items())) or "-"
+
+
+def format_table(rows: list[dict], compiled: bool = True) -> str:
+    """The rows as an aligned text table (`compiled=False`: the plan only, before compiling)."""
+    head = ("kernel", "config", "spec", "programs")
+    if compiled:
+        head += ("regs", "spill B", "smem KiB", "blk/SM", "warps/SM", "MMA (SASS)", "compile s", "status")
+    head += ("workloads",)
+    lines = []
+    for r in rows:
+        cells = (r["kernel"], r["config"], r["spec"], str(r["programs"]))
+        if compiled:
+            ok = r["status"] == "ok"
+            problems = r.get("problems") or []
+            notes = " (" + "; ".join(r["notes"]) + ")" if ok and r["notes"] else ""
+            cells += tuple(x if ok else "-" for x in (
+                str(r.get("registers")), str(r.get("spill_bytes")), f"{r.get('smem_bytes', 0) / 1024:.1f}",
+                str(r.get("blocks_per_sm")), str(r.get("warps_per_sm")), _mma_summary(r.get("mma", {}))))
+            cells += (f"{r['compile_s']:.1f}", "; ".join(problems) if problems else "ok" + notes)
+        lines.append(cells + (", ".join(r["workloads"]),))
+    widths = [max(len(x[i]) for x in [head, *lines]) for i in range(len(head))]
+    fmt = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
+    return "\n".join([fmt(head), fmt(["-" * w for w in widths]), *map(fmt, lines)])
+
+
+def summarize(rows: list[dict]) -> dict:
+    ok = [r for r in rows if r["status"] == "ok"]
+    worst = max(ok, key=lambda r: r["registers"], default=None)
+
+    def seconds(pred):
+        picked = [r for r in rows if pred(r)]
+        return {"compilations": len(picked), "compile_s": round(sum(r["compile_s"] for r in picked), 1)}
+
+    return {
+        "compilations": len(rows),
+        "kernels": len({r["kernel"] for r in rows}),
+        "failures": sum(r["status"] != "ok" for r in rows),
+        "spilling": sum(bool(r["spill_bytes"] or r["spill_instructions"]) for r in ok),
+        "over_shared_memory": sum(r["smem_bytes"] > SM90["smem_per_block"] for r in ok),
+        "bf16_dot_without_bf16_mma": sum(r["bf16_dot"] and not any("BF16" in m for m in r["mma"]) for r in ok),
+        "with_problems": sum(bool(r["problems"]) for r in rows),
+        "max_registers": worst["registers"] if worst else None,
+        "max_registers_at": f"{worst['kernel']} {worst['config']} {worst['spec']}".strip() if worst else None,
+        "at_least_247_registers": sum(r["registers"] >= 247 for r in ok),
+        "first_training_step": seconds(lambda r: FIRST_STEP in r["workloads"]),
+        "int6_inference": seconds(lambda r: any(w.startswith("int6") for w in r["workloads"])),
+        "total_compile_s": round(sum(r["compile_s"] for r in rows), 1),
+    }
+
+
+def _target(arg: str | None) -> tuple[int, int, bool, str]:
+    """(architecture, SM count launch decisions are made for, whether that is the local GPU, description).
+    The local GPU when there is one (and --target does not name another architecture), else sm_90."""
+    if torch.cuda.is_available():
+        major, minor = torch.cuda.get_device_capability()
+        local = 10 * major + minor
+        if arg is None or int(arg.removeprefix("sm_")) == local:
+            sms = torch.cuda.get_device_properties(0).multi_processor_count
+            return local, sms, True, f"sm_{local} (the local {torch.cuda.get_device_name()}, {sms} SMs)"
+    arch = int((arg or "sm_90").removeprefix("sm_"))
+    sms = SM90["multiprocessors"]
+    return arch, sms, False, f"sm_{arch} (no GPU used; launches planned for {sms} SMs)"
+
+
+def run(use_subset: bool, jobs: int, target: str | None, cache_dir: str | None) -> dict:
+    """Compile the plan, return {"rows", "summary", "environment"}."""
+    from triton.runtime import driver
+    if not hasattr(driver, "set_active"):
+        raise Skip(f"triton {triton.__version__}: no triton.runtime.driver.set_active for a stand-in driver")
+    try:
+        from triton.backends.compiler import GPUTarget  # noqa: F401
+    except ImportError as e:
+        raise Skip(f"triton {triton.__version__}: no triton.backends.compiler.GPUTarget") from e
+    _tool("cuobjdump")
+    arch, sms, local, target_text = _target(target)
+    if cache_dir is None and not local:
+        # Without a GPU nothing would reuse these cubins: a fresh cache makes every time a compile time.
+        cache_dir = tempfile.mkdtemp(prefix="build_check_cache_")
+    if cache_dir is not None:
+        os.environ["TRITON_CACHE_DIR"] = str(cache_dir)
+    plan = build_plan(sms)
+    plan = subset(plan) if use_subset else plan
+    print(f"build_check: {len(plan)} compilations for {target_text}, triton {triton.__version__}, "
+          f"{jobs} job(s)", file=sys.stderr, flush=True)
+    rows: list[dict | None] = [None] * len(plan)
+    t0 = time.perf_counter()
+    with concurrent.futures.ProcessPoolExecutor(max_workers=jobs,
+                                                mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = {pool.submit(_compile, i, use_subset, arch, sms): i for i in range(len(plan))}
+        for n, future in enumerate(concurrent.futures.as_completed(futures), 1):
+            row = future.result()
+            row["problems"] = _problems(row)
+            rows[futures[future]] = row
+            print(f"[{n}/{len(plan)}] {row['kernel']} {row['config']} {row['compile_s']:.1f}s "
+                  f"{'; '.join(row['problems']) or 'ok'}", file=sys.stderr, flush=True)
+    return {"rows": rows, "summary": summarize(rows),
+            "environment": {"triton": triton.__version__, "torch": torch.__version__, "target": target_text,
+                            "jobs": jobs, "wall_s": round(time.perf_counter() - t0, 1),
+                            "subset": use_subset, "date": datetime.date.today().isoformat(),
+                            "command": " ".join(["python -m kernels.build_check", *sys.argv[1:]])}}
+
+
+def _write_json(path: str, result: dict) -> None:
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", dir=target.parent, suffix=".tmp", delete=False) as f:
+        json.dump(result, f, indent=1)
+    os.replace(f.name, target)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m kernels.build_check", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    scope = parser.add_mutually_exclusive_group()
+    scope.add_argument("--all", action="store_true", help="every compilation (the default)")
+    scope.add_argument("--subset", action="store_true", help="one compilation per kernel (the CI test's)")
+    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel compile processes")
+    parser.add_argument("--json", metavar="PATH", help="also write the rows and summary as JSON")
+    parser.add_argument("--target", metavar="sm_XY", help="architecture (default: the local GPU, else sm_90)")
+    parser.add_argument("--list", action="store_true", help="list the compilations (kernel, config, "
+                        "specialisation, programs, workloads) without compiling")
+    parser.add_argument("--cache-dir", metavar="DIR", help="Triton cache to compile into (default: the normal "
+                        "one with a GPU, a fresh temporary one without)")
+    args = parser.parse_args(argv)
+    if args.jobs < 1:
+        parser.error(f"--jobs: expected a positive number, got {args.jobs}")
+    if args.target is not None and not re.fullmatch(r"sm_\d+", args.target):
+        parser.error(f"--target: expected sm_XY (e.g. sm_90), got {args.target!r}")
+    if args.list:
+        plan = build_plan(_target(args.target)[1])
+        plan = subset(plan) if args.subset else plan
+        rows = [unit.row() for unit in plan]
+        print(format_table(rows, compiled=False))
+        print(f"\n{len(rows)} compilations of {len({r['kernel'] for r in rows})} kernels; "
+              f"{sum(FIRST_STEP in r['workloads'] for r in rows)} in the first training step ({FIRST_STEP})")
+        if args.json:
+            _write_json(args.json, {"rows": rows})
+        return 0
+    try:
+        result = run(args.subset, args.jobs, args.target, args.cache_dir)
+    except Skip as e:
+        print(f"build_check: SKIPPED: {e}")
+        return 0
+    print(format_table(result["rows"]))
+    s = result["summary"]
+    print(f"\n{s['compilations']} compilations of {s['kernels']} kernels for {result['environment']['target']}, "
+          f"triton {triton.__version__}: {s['failures']} failed, {s['spilling']} spill, "
+          f"{s['over_shared_memory']} over shared memory, {s['bf16_dot_without_bf16_mma']} bf16 dots without "
+          f"bf16 MMA; max {s['max_registers']} registers ({s['max_registers_at']}), "
+          f"{s['at_least_247_registers']} at >= 247")
+    first, i6 = s["first_training_step"], s["int6_inference"]
+    print(f"first pr1579 training step ({FIRST_STEP}): {first['compilations']} compilations, "
+          f"{first['compile_s']} s single-core compile time")
+    print(f"int6 inference shapes: {i6['compilations']} compilations, {i6['compile_s']} s single-core")
+    print(f"all: {s['total_compile_s']} s single-core, {result['environment']['wall_s']} s wall with "
+          f"{args.jobs} job(s)")
+    if args.json:
+        _write_json(args.json, result)
+    return 1 if s["with_problems"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
