@@ -68,25 +68,49 @@ def _configs(gpu, interp_blocks):
                             triton.Config(interp_blocks, num_warps=1, num_stages=1))
 
 
+def _dense_and_varlen(dense, varlen, interp_blocks):
+    """autotune() arguments (configs + prune_configs_by) for a kernel whose dense and varlen specialisations
+    need different lists (the varlen segment loop costs registers, so a tile that fits dense can spill
+    varlen): the autotuner holds the union and the prune keeps the rows of the launch's own case (VARLEN)."""
+    def row(c):
+        return tuple(sorted(c.kwargs.items())), c.num_warps, c.num_stages
+    rows = {False: {row(c) for c in _configs(dense, interp_blocks)},
+            True: {row(c) for c in _configs(varlen, interp_blocks)}}
+    union = list({row(c): c for c in _configs(dense + varlen, interp_blocks)}.values())
+
+    def prune(configs, named_args, **kwargs):
+        case = bool({**named_args, **kwargs}["VARLEN"])
+        return [c for c in configs if row(c) in rows[case]]
+    return {"configs": union, "prune_configs_by": {"early_config_prune": prune}}
+
+
 # GPU lists, as `python -m kernels.build_check` measured them (sm_90, the pr1579 shapes: D = 46 in a
-# 64-wide tile, bf16, with and without XSA; Triton 3.9, and 3.6 as on the GPU machine): no config spills and
-# none needs more than 230 registers; the ones that spilled (forward 128/32 w4 with XSA, dK/dV N128/M64,
-# dQ 128/32 w4) or sat at 244-255 registers (every 128-row dK/dV tile; with XSA every forward tile of 16
-# query rows per warp, on Triton 3.6 even 64/64 w4) are gone. Speed is not measured yet (no GPU): each
-# list keeps two shapes for the autotuner to time.
+# 64-wide tile, bf16, with and without XSA, dense and varlen; Triton 3.9, and 3.6 as on the GPU machine): no
+# config spills on either version; the ones that spilled (forward 128/32 w4 with XSA, dK/dV N128/M64, dQ 128/32
+# w4; varlen: forward 128/64 w16, dK/dV 64/32 w8 with XSA, dQ 64/64 w4; on 3.6 every 4-warp 32-key dK/dV tile)
+# or sat at 244-255 registers (every 128-row dK/dV tile; with XSA every forward tile of 16 query rows per warp)
+# are gone. Speed is not measured yet (no GPU): each list keeps two shapes for the autotuner to time.
 # Forward: BLOCK_M query rows per program, BLOCK_N keys per step (BLOCK_M % BLOCK_N == 0, so the causal
 # diagonal is a whole number of key steps). 8 query rows per warp (each 64-row HGMMA's columns are split
-# over two warpgroups): 122-144 registers with XSA. The interpreter config keeps BLOCK_M != BLOCK_N so the CPU
-# tests exercise the multi-step diagonal.
-_FWD_CONFIGS = _configs([({"BLOCK_M": 64, "BLOCK_N": 64}, 8, 3), ({"BLOCK_M": 128, "BLOCK_N": 64}, 16, 3)],
-                        {"BLOCK_M": 32, "BLOCK_N": 16})
+# over two warpgroups): 128 registers with XSA dense. Varlen with XSA: 64/32 needs 219 registers on Triton
+# 3.6, 64/64 242 on 3.9 and 254 on 3.6 (no spill; every 4-warp or 128-row varlen tile spilled or sat at 255).
+# The interpreter config keeps BLOCK_M != BLOCK_N so the CPU tests exercise the multi-step diagonal.
+_FWD_TUNING = _dense_and_varlen(
+    [({"BLOCK_M": 64, "BLOCK_N": 64}, 8, 3), ({"BLOCK_M": 128, "BLOCK_N": 64}, 16, 3)],
+    [({"BLOCK_M": 64, "BLOCK_N": 32}, 8, 3), ({"BLOCK_M": 64, "BLOCK_N": 64}, 8, 3)],
+    {"BLOCK_M": 32, "BLOCK_N": 16})
 # dK/dV: BLOCK_N keys per program, BLOCK_M query rows per step (BLOCK_N % BLOCK_M == 0). It holds k, v,
-# dk, dv for the whole group loop: 214 and 227 registers with XSA.
-_DKDV_CONFIGS = _configs([({"BLOCK_N": 64, "BLOCK_M": 32}, 8, 3), ({"BLOCK_N": 64, "BLOCK_M": 16}, 4, 3)],
-                         {"BLOCK_N": 32, "BLOCK_M": 16})
-# dQ: BLOCK_M query rows per program, BLOCK_N keys per step (BLOCK_M % BLOCK_N == 0): 157 and 168 registers.
-_DQ_CONFIGS = _configs([({"BLOCK_M": 128, "BLOCK_N": 32}, 8, 3), ({"BLOCK_M": 64, "BLOCK_N": 64}, 4, 3)],
-                       {"BLOCK_M": 32, "BLOCK_N": 16})
+# dk, dv for the whole group loop.
+_DKDV_TUNING = _dense_and_varlen(
+    [({"BLOCK_N": 64, "BLOCK_M": 32}, 8, 3), ({"BLOCK_N": 64, "BLOCK_M": 16}, 8, 3)],
+    [({"BLOCK_N": 64, "BLOCK_M": 16}, 8, 3), ({"BLOCK_N": 32, "BLOCK_M": 16}, 8, 3),
+     ({"BLOCK_N": 32, "BLOCK_M": 32}, 8, 3)],
+    {"BLOCK_N": 32, "BLOCK_M": 16})
+# dQ: BLOCK_M query rows per program, BLOCK_N keys per step (BLOCK_M % BLOCK_N == 0).
+_DQ_TUNING = _dense_and_varlen(
+    [({"BLOCK_M": 128, "BLOCK_N": 32}, 8, 3), ({"BLOCK_M": 64, "BLOCK_N": 64}, 8, 3)],
+    [({"BLOCK_M": 128, "BLOCK_N": 32}, 8, 3), ({"BLOCK_M": 64, "BLOCK_N": 64}, 8, 3)],
+    {"BLOCK_M": 32, "BLOCK_N": 16})
 # Preprocess: BLOCK rows per program (elementwise, memory-bound). 16 rows x 4 warps need 150 registers with
 # XSA (32 rows needed 255: five fp32 row tiles live across the group loop) and 56 without.
 _PRE_CONFIGS = _configs([({"BLOCK": 16}, 4, 1)], {"BLOCK": 16})
@@ -258,7 +282,7 @@ def _fwd_block(Qs, Ks, Vs, Os, LSEs, Cs, stride_qt, stride_qd, stride_kt, stride
     _store_rows(Os, y, offs_m, stride_ot, offs_d, stride_od, len_q, HEAD_DIM)
 
 
-@autotune(_FWD_CONFIGS, key=["T", "HEAD_DIM", "CAUSAL", "XSA"])
+@autotune(**_FWD_TUNING, key=["T", "HEAD_DIM", "CAUSAL", "XSA", "VARLEN"])
 @triton.jit
 def _attn_fwd(Q, K, V, O, LSE, C, CU,
               stride_qb, stride_qt, stride_qh, stride_qd, stride_kb, stride_kt, stride_kh, stride_kd,
@@ -401,7 +425,7 @@ def _dkdv_block(Qs, Ks, Vs, DYs, DVXs, DKs, DVs, LSE, DELTA, stride_qt, stride_q
     _store_rows(DVs, dv, offs_n, stride_gt, offs_d, stride_gd, len_k, HEAD_DIM)
 
 
-@autotune(_DKDV_CONFIGS, key=["T", "HEAD_DIM", "CAUSAL", "G", "XSA"])
+@autotune(**_DKDV_TUNING, key=["T", "HEAD_DIM", "CAUSAL", "G", "XSA", "VARLEN"])
 @triton.jit
 def _attn_bwd_dkdv(Q, K, V, DY, LSE, DELTA, DVX, DK, DV, CU,
                    stride_qb, stride_qt, stride_qh, stride_qd, stride_kb, stride_kt, stride_kh, stride_kd,
@@ -485,7 +509,7 @@ def _dq_block(Qs, Ks, Vs, DYs, DQs, LSEs, DELTAs, stride_qt, stride_qd, stride_k
 
 # dQ has no XSA switch, but with XSA it reads the projected dy from a dense (B, H, T, D) buffer instead of
 # dz's (B, T, H, D) rows: its row stride stride_yt (D vs H·D) keys that case apart.
-@autotune(_DQ_CONFIGS, key=["T", "HEAD_DIM", "CAUSAL", "stride_yt"])
+@autotune(**_DQ_TUNING, key=["T", "HEAD_DIM", "CAUSAL", "stride_yt", "VARLEN"])
 @triton.jit
 def _attn_bwd_dq(Q, K, V, DY, LSE, DELTA, DQ, CU,
                  stride_qb, stride_qt, stride_qh, stride_qd, stride_kb, stride_kt, stride_kh, stride_kd,

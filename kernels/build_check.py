@@ -126,22 +126,25 @@ def _meta(shape, dtype=torch.bfloat16):
 # Workloads: what a pr1579 run launches
 # ----------------------------------------------------------------------------------------------
 
-def _embedding(B):
+def _embedding(B, bos=embedding.NO_BOS):
     p = PR1579
     ids = _meta((B, p["T"]), torch.int64)
     tok, table = _meta((p["V"], p["d"])), _meta((p["NB"], p["k"]))
     proj, gate = _meta((p["d"], p["k"]), torch.float32), _meta((p["d"],), torch.float32)
-    x0, rstd, buckets = _body(embedding._embed_forward)(ids, tok, table, proj, gate)
-    _body(embedding._embed_backward)(torch.empty_like(x0), ids, tok, table, proj, gate, rstd, buckets)
+    x0, rstd, buckets = _body(embedding._embed_forward)(ids, tok, table, proj, gate, bos)
+    _body(embedding._embed_backward)(torch.empty_like(x0), ids, tok, table, proj, gate, rstd, buckets, bos)
 
 
-def _attention(B, xsa):
+def _attention(B, xsa, varlen=False):
+    """Dense causal (B, T, ·, D), or varlen: the micro-batch packed as (1, B·T, ·, D) with cu_seqlens padded
+    to a fixed capacity (the document-isolated trainer's layout) and max_seqlen = T."""
     p = PR1579
-    q = _meta((B, p["T"], p["H"], p["D"]))
-    k, v = _meta((B, p["T"], p["Hkv"], p["D"])), _meta((B, p["T"], p["Hkv"], p["D"]))
+    rows = (1, B * p["T"]) if varlen else (B, p["T"])
+    q, k, v = _meta((*rows, p["H"], p["D"])), _meta((*rows, p["Hkv"], p["D"])), _meta((*rows, p["Hkv"], p["D"]))
+    cu, max_seqlen = (_meta((8 * B + 1,), torch.int32), p["T"]) if varlen else (None, None)
     scale = 1.0 / math.sqrt(p["D"])
-    o, lse, c = _body(attention._attention_fwd_op)(q, k, v, True, xsa, scale)
-    _body(attention._attention_bwd_op)(torch.empty_like(o), q, k, v, o, lse, c, True, xsa, scale)
+    o, lse, c = _body(attention._attention_fwd_op)(q, k, v, cu, max_seqlen, True, xsa, scale)
+    _body(attention._attention_bwd_op)(torch.empty_like(o), q, k, v, o, lse, c, cu, max_seqlen, True, xsa, scale)
 
 
 def _mlp(B, negative_slope):
@@ -186,6 +189,8 @@ def workloads() -> dict:
     training step; the others are what later steps, other options and inference add."""
     out = {f"train B={B}": (lambda B=B: _train_step(B)) for B in TRAIN_BATCHES}
     out.update({f"attention no-XSA B={B}": (lambda B=B: _attention(B, xsa=False)) for B in TRAIN_BATCHES})
+    out.update({f"doc-isolated B={B}": (lambda B=B: (_attention(B, xsa=True, varlen=True), _embedding(B, bos=1)))
+                for B in TRAIN_BATCHES})
     out.update({f"mlp leaky B={B}": (lambda B=B: _mlp(B, 0.5)) for B in TRAIN_BATCHES})
     out.update({f"int6 M={M}": (lambda M=M: _int6(M)) for M in INT6_ROWS})
     out["gptq"] = _gptq
@@ -509,22 +514,9 @@ def _target(arg: str | None) -> tuple[int, int, bool, str]:
     return arch, sms, False, f"sm_{arch} (no GPU used; launches planned for {sms} SMs)"
 
 
-def run(use_subset: bool, jobs: int, target: str | None, cache_dir: str | None) -> dict:
-    """Compile the plan, return {"rows", "summary", "environment"}."""
-    from triton.runtime import driver
-    if not hasattr(driver, "set_active"):
-        raise Skip(f"triton {triton.__version__}: no triton.runtime.driver.set_active for a stand-in driver")
-    try:
-        from triton.backends.compiler import GPUTarget  # noqa: F401
-    except ImportError as e:
-        raise Skip(f"triton {triton.__version__}: no triton.backends.compiler.GPUTarget") from e
-    _tool("cuobjdump")
-    arch, sms, local, target_text = _target(target)
-    if cache_dir is None and not local:
-        # Without a GPU nothing would reuse these cubins: a fresh cache makes every time a compile time.
-        cache_dir = tempfile.mkdtemp(prefix="build_check_cache_")
-    if cache_dir is not None:
-        os.environ["TRITON_CACHE_DIR"] = str(cache_dir)
+def _compile_plan(use_subset: bool, jobs: int, arch: int, sms: int, target_text: str) -> tuple[list[dict], float]:
+    """Compile every planned unit in `jobs` spawned processes (they read TRITON_CACHE_DIR from the
+    environment); return the rows in plan order and the start time."""
     plan = build_plan(sms)
     plan = subset(plan) if use_subset else plan
     print(f"build_check: {len(plan)} compilations for {target_text}, triton {triton.__version__}, "
@@ -540,6 +532,42 @@ def run(use_subset: bool, jobs: int, target: str | None, cache_dir: str | None) 
             rows[futures[future]] = row
             print(f"[{n}/{len(plan)}] {row['kernel']} {row['config']} {row['compile_s']:.1f}s "
                   f"{'; '.join(row['problems']) or 'ok'}", file=sys.stderr, flush=True)
+    return rows, t0
+
+
+@contextlib.contextmanager
+def _environ(name: str, value: str):
+    """Set an environment variable for the duration of a block (the compile processes inherit it)."""
+    old = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = old
+
+
+def run(use_subset: bool, jobs: int, target: str | None, cache_dir: str | None) -> dict:
+    """Compile the plan, return {"rows", "summary", "environment"}."""
+    from triton.runtime import driver
+    if not hasattr(driver, "set_active"):
+        raise Skip(f"triton {triton.__version__}: no triton.runtime.driver.set_active for a stand-in driver")
+    try:
+        from triton.backends.compiler import GPUTarget  # noqa: F401
+    except ImportError as e:
+        raise Skip(f"triton {triton.__version__}: no triton.backends.compiler.GPUTarget") from e
+    _tool("cuobjdump")
+    arch, sms, local, target_text = _target(target)
+    with contextlib.ExitStack() as stack:
+        if cache_dir is None and not local:
+            # Without a GPU nothing would reuse these cubins: a fresh cache (removed afterwards) makes every
+            # time a compile time.
+            cache_dir = stack.enter_context(tempfile.TemporaryDirectory(prefix="build_check_cache_"))
+        if cache_dir is not None:
+            stack.enter_context(_environ("TRITON_CACHE_DIR", str(cache_dir)))
+        rows, t0 = _compile_plan(use_subset, jobs, arch, sms, target_text)
     return {"rows": rows, "summary": summarize(rows),
             "environment": {"triton": triton.__version__, "torch": torch.__version__, "target": target_text,
                             "jobs": jobs, "wall_s": round(time.perf_counter() - t0, 1),

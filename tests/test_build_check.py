@@ -68,7 +68,7 @@ def test_listing_derives_the_launches_from_the_launchers(tmp_path):
     assert proc.returncode == 0, proc.stderr[-4000:]
     rows = json.loads(out.read_text())["rows"]
     assert {r["kernel"] for r in rows} == KERNELS
-    fwd = [r for r in rows if r["kernel"] == "_attn_fwd"]
+    fwd = [r for r in rows if r["kernel"] == "_attn_fwd" and "VARLEN=0" in r["spec"]]
     # XSA is an autotune key: both variants are compilations of their own, each with the whole list.
     with_xsa = [r for r in fwd if "XSA=1" in r["spec"]]
     assert with_xsa and len(with_xsa) == len(fwd) - len(with_xsa)
@@ -76,6 +76,11 @@ def test_listing_derives_the_launches_from_the_launchers(tmp_path):
     for r in fwd:     # grid (query blocks, batch · heads) of the first workload that launches it (B = 32)
         block_m = int(r["config"].split("BLOCK_M=")[1].split()[0])
         assert r["programs"] == math.ceil(p["T"] / block_m) * 32 * p["H"], r
+    varlen = [r for r in rows if r["kernel"] == "_attn_fwd" and "VARLEN=1" in r["spec"]]
+    assert varlen and {r["config"] for r in varlen} != {r["config"] for r in fwd}   # its own (pruned) list
+    for r in varlen:  # grid (query blocks of max_seqlen = T, capacity segments · heads), capacity 8·B
+        block_m = int(r["config"].split("BLOCK_M=")[1].split()[0])
+        assert r["programs"] == math.ceil(p["T"] / block_m) * 8 * 32 * p["H"], r
     ce = [r for r in rows if r["kernel"] == "_ce_forward_kernel"]
     for r in ce:      # 65,536 tokens fill the GPU by themselves: one vocabulary split
         block_n = int(r["config"].split("BLOCK_N=")[1].split()[0])
