@@ -5,8 +5,8 @@ Counted: the model and its config, the artifact container, bpb evaluation and le
 inference path, the shard and tokenizer readers, the runtime policy and shared CLI options they use, and
 every kernel module `import kernels` loads. Not counted: what only training and quantisation import
 (the trainer, the quantiser, checkpoints, the built-in corpus builder, this file, train.py), the GPTQ
-kernel (`kernels/__init__` loads it on first use), the offline build check, benchmarks and tests. tests/test_artifact.py checks
-that this list is exactly what `import crawler.evaluate` loads from the repository.
+kernel (`kernels/__init__` loads it on first use), the offline build check, benchmarks and tests.
+tests/test_artifact.py checks that this list is exactly what `import crawler.evaluate` loads from the repository.
 """
 from __future__ import annotations
 

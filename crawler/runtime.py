@@ -1,7 +1,8 @@
 """Runtime policy, decided here once for every stage (training, quantisation, evaluation, generation):
 
-- the device a run computes on (`resolve_device`) and the ops it uses there (`resolve_ops`, `select_op`:
-  "auto" is Triton on CUDA and the plain-PyTorch references everywhere else);
+- the device a run computes on (`resolve_device`) and the ops it uses there (`resolve_ops`: "auto" is
+  Triton on CUDA and the plain-PyTorch references everywhere else; `select_op`, re-exported from
+  kernels.modules, maps a resolved kind to the functions);
 - the autocast it computes under (`autocast`: bf16 on CUDA only) and the evaluation context
   (`eval_mode`: eval mode with QAT off, both restored);
 - the process's place in a torchrun job (`rank_and_world`, `distributed`, `current_context`), the CPU
@@ -23,7 +24,7 @@ import torch.distributed as dist
 import torch.nn as nn
 from tqdm import tqdm
 
-import kernels
+from kernels.modules import select_op  # noqa: F401  (re-exported: the stages import it from here)
 
 from .errors import SetupError
 from .tokenizer import TOKENIZER_FILE
@@ -65,7 +66,7 @@ def resolve_device(name: str | None = "auto") -> torch.device:
 
 
 def check_ops(ops) -> None:
-    """ValueError unless `ops` is one of OPS_CHOICES or an ops object (see `select_op`)."""
+    """ValueError unless `ops` is one of OPS_CHOICES or an ops object (see kernels.modules.select_op)."""
     if isinstance(ops, str) and ops not in OPS_CHOICES:
         raise ValueError(f"ops must be one of {OPS_CHOICES} or an object providing the ops, got {ops!r}")
 
@@ -73,26 +74,11 @@ def check_ops(ops) -> None:
 def resolve_ops(ops, device: torch.device | str):
     """The ops kind for inputs on `device`: "auto" is "triton" on CUDA and "reference" elsewhere (on a
     CPU, Triton runs only in its interpreter, which is for tests and far slower than torch). "triton",
-    "reference" and ops objects (see `select_op`) are returned as they are."""
+    "reference" and ops objects (see kernels.modules.select_op) are returned as they are."""
     check_ops(ops)
     if ops != "auto":
         return ops
     return "triton" if torch.device(device).type == "cuda" else "reference"
-
-
-def select_op(ops, name: str):
-    """The implementation of op `name` for a resolved ops kind: "reference" (kernels.reference),
-    "triton" (kernels), or an object whose attributes are the ops (e.g. the seed's SDPA-based set in
-    bench/step_time.py)."""
-    if not isinstance(ops, str):
-        return getattr(ops, name)
-    if ops == "reference":
-        return getattr(kernels.reference, name)
-    fn = getattr(kernels, name, None)
-    if fn is None:
-        raise NotImplementedError(f"ops='triton': op {name!r} has no Triton kernel in this version; "
-                                  f"use ops='reference'")
-    return fn
 
 
 def autocast(device: torch.device | str):

@@ -29,10 +29,19 @@ def _check_ops(ops: str) -> str:
     return ops
 
 
-def _op(ops: str, name: str):
-    """The implementation of op `name` for `ops` ("triton": kernels.<name>, "reference":
-    kernels.reference.<name>)."""
-    return getattr(reference if ops == "reference" else kernels, name)
+def select_op(ops, name: str):
+    """The implementation of op `name` for an ops kind: "triton" (kernels.<name>), "reference"
+    (kernels.reference.<name>), or any object whose attributes are the ops (e.g. a baseline set built on
+    SDPA). The one place this mapping lives: crawler's model and inference call it too."""
+    if not isinstance(ops, str):
+        return getattr(ops, name)
+    if ops == "reference":
+        return getattr(reference, name)
+    fn = getattr(kernels, name, None)
+    if fn is None:
+        raise NotImplementedError(f"ops='triton': op {name!r} has no Triton kernel in this version; "
+                                  f"use ops='reference'")
+    return fn
 
 
 class Attention(nn.Module):
@@ -56,7 +65,7 @@ class Attention(nn.Module):
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, cu_seqlens: torch.Tensor | None = None,
                 max_seqlen: int | None = None) -> torch.Tensor:
-        return _op(self.ops, "attention")(q, k, v, causal=self.causal, xsa=self.xsa,
+        return select_op(self.ops, "attention")(q, k, v, causal=self.causal, xsa=self.xsa,
                                           softmax_scale=self.softmax_scale, cu_seqlens=cu_seqlens,
                                           max_seqlen=max_seqlen)
 
@@ -103,7 +112,7 @@ class FusedEmbedding(nn.Module):
                 f"bigram={tuple(self.bigram_table.shape)}, bos_id={self.bos_id}, ops={self.ops}")
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return _op(self.ops, "embed")(ids, self.tok_emb, self.bigram_table, self.bigram_proj, self.smear_gate,
+        return select_op(self.ops, "embed")(ids, self.tok_emb, self.bigram_table, self.bigram_proj, self.smear_gate,
                                       bos_id=self.bos_id)
 
 
@@ -134,7 +143,7 @@ class ReLU2MLP(nn.Module):
                 f"negative_slope={self.negative_slope}, ops={self.ops}")
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return _op(self.ops, "relu2_mlp")(h, self.fc_weight, self.proj_weight, self.negative_slope)
+        return select_op(self.ops, "relu2_mlp")(h, self.fc_weight, self.proj_weight, self.negative_slope)
 
 
 class SoftcappedCrossEntropyLoss(nn.Module):
@@ -157,7 +166,7 @@ class SoftcappedCrossEntropyLoss(nn.Module):
         if hidden.dim() < 1 or hidden.shape[:-1] != targets.shape:
             raise ValueError(f"targets: expected shape {tuple(hidden.shape[:-1])} (hidden's without the "
                              f"last dim), got {tuple(targets.shape)}")
-        return _op(self.ops, "softcapped_cross_entropy")(hidden.reshape(-1, hidden.shape[-1]), weight,
+        return select_op(self.ops, "softcapped_cross_entropy")(hidden.reshape(-1, hidden.shape[-1]), weight,
                                                          targets.reshape(-1), self.softcap)
 
 
@@ -217,7 +226,7 @@ class Int6Linear(nn.Module):
             scales = reference.sdclip_scales(weight, 6, clip_sigmas)
             codes = reference.quantize_rtn(weight, scales, 6)
         else:
-            codes, scales = _op(ops, "gptq_quantize")(weight, hessian, bits=6, clip_sigmas=clip_sigmas)
+            codes, scales = select_op(ops, "gptq_quantize")(weight, hessian, bits=6, clip_sigmas=clip_sigmas)
         bias = None if linear.bias is None else linear.bias.detach().float()
         return cls.from_codes(codes, scales, bias, ops=ops)
 
@@ -226,9 +235,9 @@ class Int6Linear(nn.Module):
                 f"bias={self.bias is not None}, ops={self.ops}")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = _op(self.ops, "int6_linear")(x, self.packed, self.scales)
+        y = select_op(self.ops, "int6_linear")(x, self.packed, self.scales)
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
 
-__all__ = ["OPS", "Attention", "XSAAttention", "FusedEmbedding", "ReLU2MLP", "SoftcappedCrossEntropyLoss",
+__all__ = ["OPS", "select_op", "Attention", "XSAAttention", "FusedEmbedding", "ReLU2MLP", "SoftcappedCrossEntropyLoss",
            "Int6Linear"]
