@@ -71,6 +71,6 @@ def test_wrong_kind_version_or_contents_are_refused(tmp_path):
     bad = json.loads(model.config.to_json()) | {"model_dim": 33}
     save_model(tmp_path / "bad.pt", model.config, model.state_dict())
     contents = torch.load(tmp_path / "bad.pt", weights_only=True) | {"model_config": json.dumps(bad)}
-    torch.save(contents, tmp_path / "bad.pt")
+    save_checkpoint(tmp_path / "bad.pt", contents)      # a consistent file (fresh checksum) with a bad config
     with pytest.raises(CheckpointError, match="invalid model config.*model_dim"):
         read_checkpoint(tmp_path / "bad.pt")

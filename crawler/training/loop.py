@@ -28,7 +28,7 @@ from ..checkpoint import TRAINING_FORMAT, TRAINING_VERSION, Checkpoint, read_che
 from ..config import CrawlerConfig
 from ..errors import SetupError
 from ..evaluate import val_bpb
-from ..fileio import write_json
+from ..fileio import WriteError, write_json
 from ..model import CrawlerGPT
 from ..optim import build_optimizers, lr_multiplier, muon_momentum_at, set_lr_multiplier
 from ..runtime import DistContext, autocast, current_context
@@ -94,7 +94,8 @@ class _Trainer:
             muon_row_normalize=tc.muon_row_normalize, muon_polar_express=tc.muon_polar_express,
             muon_dtype=getattr(torch, tc.muon_dtype))
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
-        self.loader = DistributedTokenLoader(data.data_dir, rank=ctx.rank, world_size=ctx.world_size)
+        self.loader = DistributedTokenLoader(data.data_dir, rank=ctx.rank, world_size=ctx.world_size,
+                                             vocab_size=model_config.vocab_size)
         self.swa = WeightAverager()
         self.ema = EMA(self.model, tc.ema_decay) if tc.ema else None
         self.step, self.train_time_ms = 0, 0.0
@@ -242,9 +243,9 @@ class _Trainer:
                              session_ms=time_ms - self.start_time_ms, time_ms=time_ms,
                              batch_tokens=self.mc.train_batch_tokens, max_wallclock_ms=self.max_wallclock_ms)
 
-    def _save(self, path: Path) -> None:
+    def _save(self, path: Path, state: dict | None = None) -> None:
         if self.ctx.is_main and self.out_dir is not None:
-            save_checkpoint(path, self.checkpoint_state())
+            save_checkpoint(path, state if state is not None else self.checkpoint_state())
 
     # -- the loop ----------------------------------------------------------------------------------
     def run(self) -> dict:
@@ -299,9 +300,20 @@ class _Trainer:
                 self.train_time_ms += 1000.0 * (time.perf_counter() - t0)
                 self._save(ckpt_path)
                 t0 = time.perf_counter()
-        if ckpt_path is not None:
-            self._save(ckpt_path)
-        return self._finish()
+        if ckpt_path is None:
+            return self._finish()
+        # The final model is written before the last checkpoint, so a disk that fills up at the end
+        # cannot cost the trained weights; the checkpoint keeps the weights before averaging.
+        state = self.checkpoint_state() if self.ctx.is_main else None
+        if state is not None:
+            state["model"] = {k: v.detach().to("cpu", copy=True) for k, v in state["model"].items()}
+        summary = self._finish()
+        try:
+            self._save(ckpt_path, state)
+        except WriteError as e:
+            raise WriteError(f"{e}; the trained model is safe in {str(self.out_dir / 'final_model.pt')!r}, only "
+                             f"the resumable checkpoint of the last step is missing") from None
+        return summary
 
     def _finish(self) -> dict:
         tc, log = self.tc, self.log
@@ -340,7 +352,8 @@ class _Trainer:
             "val_tokens": int(self.data.val_tokens.numel()), "history": self.history,
         }
         if self.ctx.is_main and self.out_dir is not None:
-            save_model(self.out_dir / "final_model.pt", self.mc, self.model.state_dict())
+            save_model(self.out_dir / "final_model.pt", self.mc, self.model.state_dict(),
+                       tokenizer=self.data.tokenizer)
             write_json(self.out_dir / "summary.json", summary)
         return summary
 
