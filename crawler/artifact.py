@@ -5,15 +5,24 @@ File layout (all integers little-endian; docs/artifact.md has the full descripti
 
     offset  size  field
     0       8     magic b"CRWLART\\0"
-    8       4     format version (uint32), currently 1
+    8       4     format version (uint32), currently 2
     12      8     payload length in bytes (uint64)
-    20      32    SHA-256 of the payload
-    52      ...   payload = brotli(byte_shuffle(safetensors_bytes, stride=2)), quality 11
+    20      8     decompressed payload length in bytes (uint64)
+    28      32    SHA-256 of bytes 0-27 (the fields above) followed by the payload
+    60      ...   payload = brotli(byte_shuffle(safetensors_bytes, stride=2)), quality 11
+
+Every later version keeps bytes 0-11 and the rule "the last 32 header bytes are the SHA-256 of the header
+before them, then the payload", so a damaged version field reads as corrupt, never as "written by a newer
+version". Format 1 (a 52-byte header without the decompressed length, the SHA-256 of the payload only, no
+tokenizer identity) still loads, with an UnverifiedWarning. Decompression stops at the declared length
+and never goes past MAX_PAYLOAD_BYTES; the model config is validated (CrawlerConfig's size bounds)
+before any tensor is parsed.
 
 The safetensors metadata holds one entry, "crawler": a JSON object with `format_version`, `config` (the
-CrawlerConfig dict) and `schemes` (tensor name -> scheme). One entry, because safetensors writes its
-metadata map in hash order: several entries would make the file bytes (and size) vary between runs.
-A quantised tensor `name` is stored as `name.q` (int8 codes, one per byte) and `name.scale` (fp16
+CrawlerConfig dict), `schemes` (tensor name -> scheme) and, when known, `tokenizer` (the identity
+{"sha256", "vocab_size"} of the tokenizer the weights were trained with). One entry, because safetensors
+writes its metadata map in hash order: several entries would make the file bytes (and size) vary between
+runs. A quantised tensor `name` is stored as `name.q` (int8 codes, one per byte) and `name.scale` (fp16
 per-row scales), scheme "int{bits}_{method}"; a passthrough tensor is stored under its own name in the
 dtype its scheme names ("fp32", "fp16" or "bf16").
 
@@ -27,6 +36,7 @@ import json
 import os
 import re
 import struct
+import warnings
 from pathlib import Path
 
 import brotli
@@ -38,13 +48,21 @@ from safetensors.torch import save as safetensors_save
 import kernels
 
 from .config import CrawlerConfig
-from .fileio import atomic_open
+from .errors import MissingFileError, SetupError, UnverifiedWarning
+from .fileio import write_bytes
 from .model import CrawlerGPT
 
 MAGIC = b"CRWLART\0"
-FORMAT_VERSION = 1
-_HEADER = struct.Struct("<8sIQ32s")        # magic, format version, payload length, SHA-256
-HEADER_BYTES = _HEADER.size                # 52
+FORMAT_VERSION = 2
+_PREFIX = struct.Struct("<8sI")                 # magic, format version: the same in every version
+_HEADER = struct.Struct("<8sIQQ32s")            # + payload length, decompressed length, SHA-256
+HEADER_BYTES = _HEADER.size                     # 60
+_DIGESTED_HEADER_BYTES = HEADER_BYTES - 32      # the header bytes the SHA-256 covers
+_HEADER_V1 = struct.Struct("<8sIQ32s")          # format 1: magic, version, payload length, SHA-256 of the payload
+# The largest decompressed payload any reader accepts: far above a 16 MB artifact's (pr1579: ~45 MB),
+# far below what a crafted few-hundred-byte brotli stream could otherwise expand to.
+MAX_PAYLOAD_BYTES = 1 << 30
+MAX_FILE_BYTES = 1 << 30
 BROTLI_QUALITY = 11
 BROTLI_LGWIN = 24                          # brotli's largest window: the payload is tens of MB
 SHUFFLE_STRIDE = 2
@@ -55,7 +73,7 @@ QUANT_METHODS = ("gptq", "rtn")            # how the codes were chosen; decoding
 _QUANT_SCHEME = re.compile(r"^int([2-8])_(gptq|rtn)$")
 
 
-class ArtifactError(ValueError):
+class ArtifactError(SetupError):
     """A file that is not a readable crawler artifact; the message names the file and the problem."""
 
 
@@ -101,10 +119,12 @@ class QuantizedTensor:
 
 @dataclasses.dataclass
 class Artifact:
-    """What the container holds: the model config (CrawlerConfig.to_dict()) and one entry per state-dict
-    tensor, either a QuantizedTensor or a passthrough tensor in fp32 / fp16 / bf16."""
+    """What the container holds: the model config (CrawlerConfig.to_dict()), one entry per state-dict
+    tensor, either a QuantizedTensor or a passthrough tensor in fp32 / fp16 / bf16, and the identity
+    {"sha256", "vocab_size"} of the tokenizer the weights were trained with (None when unknown)."""
     config: dict
     tensors: dict[str, QuantizedTensor | torch.Tensor]
+    tokenizer: dict | None = None
 
     def scheme(self, name: str) -> str:
         t = self.tensors[name]
@@ -204,23 +224,31 @@ def _safetensors_bytes(artifact: Artifact) -> bytes:
             artifact.scheme(name)  # validates the passthrough dtype
             tensors[name] = t.detach().cpu().contiguous()
     meta = {"format_version": FORMAT_VERSION, "config": artifact.config, "schemes": artifact.schemes()}
+    if artifact.tokenizer is not None:
+        meta["tokenizer"] = artifact.tokenizer
     metadata = {METADATA_KEY: json.dumps(meta, sort_keys=True, separators=(",", ":"))}
     return safetensors_save(tensors, metadata=metadata)
+
+
+def frame_payload(payload: bytes, decompressed_bytes: int, version: int = FORMAT_VERSION) -> bytes:
+    """A file's contents: the header (version `version`) + `payload`, the brotli stream of
+    `decompressed_bytes` bytes; the header's SHA-256 covers the header fields and the payload."""
+    fields = _PREFIX.pack(MAGIC, version) + struct.pack("<QQ", len(payload), decompressed_bytes)
+    return fields + hashlib.sha256(fields + payload).digest() + payload
 
 
 def encode_artifact(artifact: Artifact, quality: int = BROTLI_QUALITY) -> bytes:
     """The complete file contents (header + compressed payload) for `artifact`. `quality` is brotli's
     (11, the format's, by default; lower values only for quick previews: sizes are not comparable)."""
-    payload = brotli.compress(byte_shuffle(_safetensors_bytes(artifact)), quality=quality, lgwin=BROTLI_LGWIN)
-    return _HEADER.pack(MAGIC, FORMAT_VERSION, len(payload), hashlib.sha256(payload).digest()) + payload
+    raw = byte_shuffle(_safetensors_bytes(artifact))
+    return frame_payload(brotli.compress(raw, quality=quality, lgwin=BROTLI_LGWIN), len(raw))
 
 
 def save_artifact(artifact: Artifact, path: str | os.PathLike) -> int:
     """Write `artifact` to `path` atomically (a temporary file replaces `path` only when complete).
-    Returns the file size in bytes."""
+    Returns the file size in bytes; crawler.fileio.WriteError when the file cannot be written."""
     blob = encode_artifact(artifact)
-    with atomic_open(path) as f:
-        f.write(blob)
+    write_bytes(path, blob)
     return len(blob)
 
 
@@ -243,22 +271,43 @@ def _parse_header_json(raw: bytes, where: str) -> dict:
     return header
 
 
-def decode_artifact(blob: bytes, where: str = "<bytes>") -> Artifact:
-    """Parse a whole artifact file's bytes. Raises ArtifactError naming `where` and the problem:
-    "not a crawler artifact" (bad magic), "written by a newer version", "truncated: expected N bytes,
-    got M", "corrupt" (checksum mismatch or an undecodable payload)."""
+def _decompress(payload: bytes, limit: int, where: str) -> bytes:
+    """The brotli stream `payload` decompressed; refused as corrupt as soon as the output grows past
+    `limit` bytes (so it never allocates much beyond it) or the stream ends early."""
+    decoder = brotli.Decompressor()
+    parts, total, pending = [], 0, payload
+    try:
+        while True:
+            part = decoder.process(pending, output_buffer_limit=limit - total + 1)
+            pending = b""
+            parts.append(part)
+            total += len(part)
+            if total > limit:
+                raise ArtifactError(f"{where}: corrupt: the payload decompresses to more than {limit:,} bytes")
+            if decoder.is_finished():
+                return b"".join(parts)
+            if decoder.can_accept_more_data():
+                raise ArtifactError(f"{where}: corrupt: the payload's brotli stream ends early")
+    except TypeError:   # brotli < 1.2 has no output_buffer_limit
+        raise ArtifactError(f"{where}: brotli {brotli.__version__} cannot bound decompression "
+                            f"(output_buffer_limit): install brotli>=1.2") from None
+    except brotli.error as e:
+        raise ArtifactError(f"{where}: corrupt: payload does not decompress ({e})") from None
+
+
+def _unframe(blob: bytes, where: str) -> tuple[int, bytes, int]:
+    """(format version, payload, the most bytes it may decompress to) of a whole file's bytes, once the
+    magic, the size and the checksum are checked."""
     if len(blob) < len(MAGIC) or blob[:len(MAGIC)] != MAGIC:
         raise ArtifactError(f"{where}: not a crawler artifact (bad magic {bytes(blob[:len(MAGIC)])!r}, "
                             f"expected {MAGIC!r})")
+    version = _PREFIX.unpack_from(blob)[1] if len(blob) >= _PREFIX.size else None
+    if version == 1:
+        return _unframe_v1(blob, where)
     if len(blob) < HEADER_BYTES:
         raise ArtifactError(f"{where}: truncated: expected at least {HEADER_BYTES} bytes of header, "
                             f"got {len(blob)}")
-    _, version, length, digest = _HEADER.unpack_from(blob)
-    if version > FORMAT_VERSION:
-        raise ArtifactError(f"{where}: written by a newer version (artifact format {version}; this reader "
-                            f"supports up to {FORMAT_VERSION}); upgrade crawler-kernels")
-    if version < 1:
-        raise ArtifactError(f"{where}: corrupt: invalid format version {version}")
+    _, _, length, decompressed, digest = _HEADER.unpack_from(blob)
     expected = HEADER_BYTES + length
     if len(blob) < expected:
         raise ArtifactError(f"{where}: truncated: expected {expected} bytes, got {len(blob)}")
@@ -266,12 +315,65 @@ def decode_artifact(blob: bytes, where: str = "<bytes>") -> Artifact:
         raise ArtifactError(f"{where}: corrupt: {len(blob) - expected} trailing bytes after the "
                             f"{expected}-byte artifact")
     payload = blob[HEADER_BYTES:]
+    if hashlib.sha256(blob[:_DIGESTED_HEADER_BYTES] + payload).digest() != digest:
+        raise ArtifactError(f"{where}: corrupt: SHA-256 of the header and payload does not match the "
+                            f"header's")
+    if version > FORMAT_VERSION:   # the checksum holds, so the version is what the writer wrote
+        raise ArtifactError(f"{where}: written by a newer version (artifact format {version}; this reader "
+                            f"supports up to {FORMAT_VERSION}); upgrade crawler-kernels")
+    if version < 1:
+        raise ArtifactError(f"{where}: corrupt: invalid format version {version}")
+    if decompressed > MAX_PAYLOAD_BYTES:
+        raise ArtifactError(f"{where}: corrupt: the header declares {decompressed:,} decompressed bytes, "
+                            f"more than the {MAX_PAYLOAD_BYTES:,} any artifact may hold")
+    return version, payload, decompressed
+
+
+def _unframe_v1(blob: bytes, where: str) -> tuple[int, bytes, int]:
+    """Format 1: the checksum covers the payload only and the decompressed size is not declared, so it
+    is bounded by MAX_PAYLOAD_BYTES alone."""
+    if len(blob) < _HEADER_V1.size:
+        raise ArtifactError(f"{where}: truncated: expected at least {_HEADER_V1.size} bytes of header, "
+                            f"got {len(blob)}")
+    _, _, length, digest = _HEADER_V1.unpack_from(blob)
+    expected = _HEADER_V1.size + length
+    if len(blob) < expected:
+        raise ArtifactError(f"{where}: truncated: expected {expected} bytes, got {len(blob)}")
+    if len(blob) > expected:
+        raise ArtifactError(f"{where}: corrupt: {len(blob) - expected} trailing bytes after the "
+                            f"{expected}-byte artifact")
+    payload = blob[_HEADER_V1.size:]
     if hashlib.sha256(payload).digest() != digest:
         raise ArtifactError(f"{where}: corrupt: SHA-256 of the payload does not match the header")
-    try:
-        raw = byte_unshuffle(brotli.decompress(payload))
-    except brotli.error as e:
-        raise ArtifactError(f"{where}: corrupt: payload does not decompress ({e})") from None
+    warnings.warn(f"{where} is artifact format 1 (its header is not covered by the checksum and it records "
+                  f"no tokenizer): it loads; re-export it with python -m crawler.quantize to upgrade",
+                  UnverifiedWarning, stacklevel=4)
+    return 1, payload, MAX_PAYLOAD_BYTES
+
+
+def _check_tokenizer_entry(entry, where: str) -> None:
+    """ArtifactError unless the metadata's tokenizer identity is absent or {"sha256": hex, "vocab_size": int}."""
+    if entry is None:
+        return
+    if not (isinstance(entry, dict) and set(entry) == {"sha256", "vocab_size"}
+            and isinstance(entry["sha256"], str) and re.fullmatch(r"[0-9a-f]{64}", entry["sha256"])
+            and type(entry["vocab_size"]) is int and entry["vocab_size"] > 0):
+        raise ArtifactError(f"{where}: corrupt: metadata 'tokenizer' must be {{'sha256': 64 hex digits, "
+                            f"'vocab_size': a positive int}}, got {str(entry)[:120]}")
+
+
+def decode_artifact(blob: bytes, where: str = "<bytes>") -> Artifact:
+    """Parse a whole artifact file's bytes. Raises ArtifactError naming `where` and the problem:
+    "not a crawler artifact" (bad magic), "written by a newer version", "truncated: expected N bytes,
+    got M", "corrupt" (checksum mismatch, an undecodable or oversized payload, metadata or tensors
+    that do not fit), "invalid model config" (outside CrawlerConfig's bounds, checked before any
+    tensor is parsed)."""
+    version, payload, limit = _unframe(blob, where)
+    raw = _decompress(payload, limit, where)
+    if version >= 2 and len(raw) != limit:
+        raise ArtifactError(f"{where}: corrupt: the payload decompresses to {len(raw):,} bytes, the header "
+                            f"declares {limit:,}")
+    raw = byte_unshuffle(raw)
 
     meta = (_parse_header_json(raw, where).get("__metadata__") or {}).get(METADATA_KEY)
     try:
@@ -285,6 +387,11 @@ def decode_artifact(blob: bytes, where: str = "<bytes>") -> Artifact:
     config, schemes = meta.get("config"), meta.get("schemes")
     if not isinstance(config, dict) or not isinstance(schemes, dict):
         raise ArtifactError(f"{where}: corrupt: metadata 'config' and 'schemes' must be JSON objects")
+    try:   # bounded sizes (CrawlerConfig.validate) before a tensor is parsed or a module built
+        CrawlerConfig.from_dict(config)
+    except (TypeError, ValueError) as e:
+        raise ArtifactError(f"{where}: invalid model config ({e})") from None
+    _check_tokenizer_entry(meta.get("tokenizer"), where)
     try:
         stored = safetensors_load(raw)
     except (SafetensorError, ValueError, RuntimeError) as e:
@@ -317,14 +424,25 @@ def decode_artifact(blob: bytes, where: str = "<bytes>") -> Artifact:
     extra = sorted(set(stored) - used)
     if extra:
         raise ArtifactError(f"{where}: corrupt: stored tensors without a scheme: {extra[:5]}")
-    return Artifact(config=config, tensors=tensors)
+    return Artifact(config=config, tensors=tensors, tokenizer=meta.get("tokenizer"))
 
 
 def load_artifact(path: str | os.PathLike) -> Artifact:
-    """Read and validate an artifact file (see decode_artifact for the errors)."""
+    """Read and validate an artifact file (see decode_artifact for the errors). Raises MissingFileError
+    (a FileNotFoundError) when it does not exist, and ArtifactError when it is not a readable file or is
+    larger than MAX_FILE_BYTES (checked before reading it)."""
     path = Path(path)
+    where = f"artifact {str(path)!r}"
     try:
+        if path.exists() and not path.is_file():
+            raise ArtifactError(f"{where} is not a file")
+        size = path.stat().st_size
+        if size > MAX_FILE_BYTES:
+            raise ArtifactError(f"{where} is {size:,} bytes, more than any artifact may be "
+                                f"({MAX_FILE_BYTES:,}): not an artifact")
         blob = path.read_bytes()
     except FileNotFoundError:
-        raise FileNotFoundError(f"artifact {str(path)!r} does not exist") from None
-    return decode_artifact(blob, where=f"artifact {str(path)!r}")
+        raise MissingFileError(f"{where} does not exist") from None
+    except OSError as e:
+        raise ArtifactError(f"{where} cannot be read ({e.strerror or e})") from None
+    return decode_artifact(blob, where=where)

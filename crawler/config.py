@@ -11,6 +11,12 @@ EMBED_DTYPES = ("float32", "bfloat16")
 # The seed's size rule for weight matrices (docs/math.md §2, §3): one with more elements than this is
 # fake-quantised by QAT in training and quantised in the artifact; a smaller one is neither (fp16).
 PASSTHROUGH_NUMEL = 65_536
+# Sane upper bounds of the size fields, far above any model this package trains (pr1579: d = 736, 7
+# schedule positions); configs read from checkpoints and artifacts are refused beyond them.
+FIELD_MAXIMA = dict(model_dim=16_384, num_heads=256, num_kv_heads=256, num_flat_blocks=256,
+                    num_crawler_blocks=256, crawler_loops=256, mlp_mult=64, bigram_buckets=1 << 22,
+                    bigram_dim=16_384, ve_dim=16_384, ve_last_n=1024, train_seq_len=1 << 20,
+                    train_batch_tokens=1 << 30)
 
 
 @dataclass(frozen=True)
@@ -117,6 +123,12 @@ class CrawlerConfig:
                      "mlp_mult", "bigram_buckets", "bigram_dim", "train_seq_len", "train_batch_tokens"):
             need(isinstance(getattr(self, name), int) and getattr(self, name) > 0,
                  f"{name} must be a positive int, got {getattr(self, name)!r}")
+        # Upper bounds first: a config read from a file is checked here before any module is built, so
+        # a corrupt or crafted one cannot make the model allocate millions of layers.
+        for name, top in FIELD_MAXIMA.items():
+            value = getattr(self, name)
+            need(isinstance(value, int) and not isinstance(value, bool) and value <= top,
+                 f"{name} must be an int <= {top:,}, got {value!r}")
         need(self.num_crawler_blocks >= 0 and self.crawler_loops >= 1,
              f"num_crawler_blocks must be >= 0 and crawler_loops >= 1, got "
              f"{self.num_crawler_blocks} and {self.crawler_loops}")

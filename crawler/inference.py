@@ -25,7 +25,7 @@ import torch.nn as nn
 import kernels
 from kernels.reference import bigram_hash, relu2, rms_norm, smear
 
-from .artifact import Artifact, QuantizedTensor, load_artifact, load_state_into
+from .artifact import Artifact, ArtifactError, QuantizedTensor, load_artifact, load_state_into
 from .config import CrawlerConfig
 from .model import CastedLinear, CrawlerGPT, KVCache
 from .runtime import autocast, check_ops, eval_mode, resolve_ops, select_op
@@ -189,26 +189,32 @@ def load_int6_model(artifact: Artifact | str | os.PathLike, device="cpu", ops: s
 
     Quantised weights are packed to int6 (or kept as int8 codes above 6 bits) and moved to `device`;
     passthrough tensors load into their parameters (cast to the parameters' dtypes). Raises
-    crawler.artifact.ArtifactError for an unreadable file (names the file and the problem) and
-    ValueError when the artifact's tensors do not match its config's model.
+    crawler.artifact.ArtifactError (a ValueError) for an unreadable file and for tensors that do not
+    match its config's model, naming the file and the problem.
     """
+    where = "artifact" if isinstance(artifact, Artifact) else f"artifact {str(artifact)!r}"
     if not isinstance(artifact, Artifact):
         artifact = load_artifact(artifact)
-    config = CrawlerConfig.from_dict(artifact.config)
-    quantized = {n: t for n, t in artifact.tensors.items() if isinstance(t, QuantizedTensor)}
-    model = Int6CrawlerGPT(config, {n: q.bits for n, q in quantized.items()}, ops)
-    state: dict[str, torch.Tensor] = {}
-    for name, t in artifact.tensors.items():
-        if name in quantized:
-            path = name.rsplit(".", 1)[0]
-            try:
-                buffers = model.get_submodule(path).encode(t)
-            except ValueError as e:
-                raise ValueError(f"{name}: {e}") from None
-            state.update({f"{path}.{b}": v for b, v in buffers.items()})
-        else:
-            state[name] = t
-    return load_state_into(model, state, device).eval()
+    try:
+        config = CrawlerConfig.from_dict(artifact.config)
+        quantized = {n: t for n, t in artifact.tensors.items() if isinstance(t, QuantizedTensor)}
+        model = Int6CrawlerGPT(config, {n: q.bits for n, q in quantized.items()}, ops)
+        state: dict[str, torch.Tensor] = {}
+        for name, t in artifact.tensors.items():
+            if name in quantized:
+                path = name.rsplit(".", 1)[0]
+                try:
+                    buffers = model.get_submodule(path).encode(t)
+                except ValueError as e:
+                    raise ValueError(f"{name}: {e}") from None
+                state.update({f"{path}.{b}": v for b, v in buffers.items()})
+            else:
+                state[name] = t
+        return load_state_into(model, state, device).eval()
+    except ArtifactError:
+        raise
+    except ValueError as e:
+        raise ArtifactError(f"{where}: {e}") from None
 
 
 # --------------------------------------------------------------------------------------------------

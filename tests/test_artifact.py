@@ -1,6 +1,5 @@
 """The artifact container (docs/math.md §4): bit-exact round trip, byte shuffle, the four distinct load errors,
 atomic writes, strict dequantisation into a model, and the size budget."""
-import hashlib
 import struct
 import subprocess
 import sys
@@ -22,6 +21,7 @@ from crawler.artifact import (
     decode_artifact,
     dequantize_into,
     encode_artifact,
+    frame_payload,
     load_artifact,
     save_artifact,
 )
@@ -119,10 +119,16 @@ def test_wrong_magic_is_not_an_artifact(tmp_path):
 
 
 def test_newer_format_version_is_refused():
-    blob = bytearray(encode_artifact(_sample_artifact()))
-    struct.pack_into("<I", blob, 8, FORMAT_VERSION + 1)
+    blob = encode_artifact(_sample_artifact())
+    payload = blob[HEADER_BYTES:]
+    raw = struct.unpack_from("<Q", blob, 20)[0]
     with pytest.raises(ArtifactError, match="written by a newer version"):
-        decode_artifact(bytes(blob))
+        decode_artifact(frame_payload(payload, raw, version=FORMAT_VERSION + 1))
+    # the same number written over a valid file's version field is damage, not a newer writer
+    flipped = bytearray(blob)
+    struct.pack_into("<I", flipped, 8, FORMAT_VERSION + 1)
+    with pytest.raises(ArtifactError, match="corrupt: SHA-256 of the header"):
+        decode_artifact(bytes(flipped))
 
 
 def test_trailing_bytes_and_undecodable_payload_are_corrupt():
@@ -131,15 +137,13 @@ def test_trailing_bytes_and_undecodable_payload_are_corrupt():
         decode_artifact(blob + b"abc")
     # A well-formed header with a matching checksum around garbage: still refused, without executing it.
     payload = b"\x80\x03cos\nsystem\n" * 10
-    forged = struct.pack("<8sIQ32s", MAGIC, FORMAT_VERSION, len(payload), hashlib.sha256(payload).digest())
     with pytest.raises(ArtifactError, match="corrupt"):
-        decode_artifact(forged + payload)
+        decode_artifact(frame_payload(payload, 1000))
     # A genuine safetensors payload without our metadata (someone else's file in our wrapper).
     from safetensors.torch import save
-    payload = brotli.compress(byte_shuffle(save({"w": torch.zeros(2)})))
-    foreign = struct.pack("<8sIQ32s", MAGIC, FORMAT_VERSION, len(payload), hashlib.sha256(payload).digest())
+    raw = byte_shuffle(save({"w": torch.zeros(2)}))
     with pytest.raises(ArtifactError, match="corrupt: no readable 'crawler' metadata"):
-        decode_artifact(foreign + payload)
+        decode_artifact(frame_payload(brotli.compress(raw), len(raw)))
 
 
 def test_failed_write_keeps_previous_file(tmp_path):

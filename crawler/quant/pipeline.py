@@ -51,7 +51,8 @@ def _upgrade_tok_emb(model: CrawlerGPT, calib: Calibration | None, result: Quant
             raise ValueError(f"plan {result.plan.name!r}: the tied-embedding upgrade {spec.describe()} uses GPTQ: "
                              f"calibration tokens (calib) are required")
         hessian = calib.hessians()[name] if spec.method == "gptq" else None
-        candidate = Artifact(artifact.config, {**artifact.tensors, name: quantize_tensor(weight, spec, hessian)})
+        candidate = dataclasses.replace(artifact, tensors={**artifact.tensors,
+                                                           name: quantize_tensor(weight, spec, hessian)})
         blob = encode_artifact(candidate)
         fits = len(blob) <= byte_room
         log(f"tied embedding {spec.describe()}: artifact {len(blob):,} B {'fits' if fits else 'does not fit'} "
@@ -63,10 +64,13 @@ def _upgrade_tok_emb(model: CrawlerGPT, calib: Calibration | None, result: Quant
 
 def build_artifact(model: CrawlerGPT, calib: torch.Tensor | Calibration | None, *,
                    plan: str | QuantPlan = "default", loop_aware: bool = False, target_bytes: int = BUDGET_BYTES,
-                   out_path=None, batch_seqs: int = 8, log: Log | None = print) -> tuple[Artifact, dict]:
+                   out_path=None, batch_seqs: int = 8, tokenizer: dict | None = None,
+                   log: Log | None = print) -> tuple[Artifact, dict]:
     """Quantise (`quantize_model`), upgrade the tied embedding where it fits, prune ±1 codes until
     artifact + code bytes <= target_bytes, write the file atomically to `out_path` (when given; rank 0
     alone under torch.distributed) and decode the written bytes back. `calib`: as in quantize_model.
+    `tokenizer`: the identity {"sha256", "vocab_size"} of the tokenizer the model was trained with,
+    recorded in the artifact (crawler.tokenizer.tokenizer_identity; evaluation checks it).
 
     Returns (the decoded artifact, a JSON-ready summary: plan, loop_aware, tok_emb_scheme,
     artifact_bytes, code_bytes, code_bytes_brotli, total_bytes, budget (16,000,000), fits, pruned,
@@ -76,6 +80,7 @@ def build_artifact(model: CrawlerGPT, calib: torch.Tensor | Calibration | None, 
     log = log or (lambda _: None)
     calib = as_calibration(model, calib, batch_seqs, log)
     result = quantize_model(model, calib, plan=plan, loop_aware=loop_aware, batch_seqs=batch_seqs, log=log)
+    result = dataclasses.replace(result, artifact=dataclasses.replace(result.artifact, tokenizer=tokenizer))
     sizes = size_report(0)
     artifact, tok_emb_scheme, blob = _upgrade_tok_emb(model, calib, result, target_bytes - sizes.code_bytes, log)
     pruned = prune_to_fit(artifact, target_bytes, code_bytes=sizes.code_bytes, blob=blob, log=log)
@@ -102,13 +107,14 @@ def quantize_and_evaluate(model: CrawlerGPT, data_dir, luts, val_tokens: torch.T
                           target_bytes: int = BUDGET_BYTES, calibration: Calibration | None = None,
                           n_seqs: int = DEFAULT_N_SEQS, calib_seq_len: int | None = None,
                           eval_seq_len: int | None = None, seed: int = 0, batch_seqs: int = 8,
-                          pre_quant: tuple[float, float] | None = None, log: Log | None = print) -> dict:
+                          pre_quant: tuple[float, float] | None = None, tokenizer: dict | None = None,
+                          log: Log | None = print) -> dict:
     """The train -> artifact -> score stage for train.py: pre-quant val_bpb (unless `pre_quant` =
     (val_loss, val_bpb) is given), the calibration (`calibration`, shared with earlier calls on the same
     weights; else `n_seqs` windows of calib_seq_len from `data_dir`'s train shards), `build_artifact`
     (quantisation per `plan`, pruning to `target_bytes`, the file at `out_path`), and the round-trip
     val_bpb of the dequantised artifact on `val_tokens` (non-overlapping windows of eval_seq_len,
-    default the config's train_seq_len).
+    default the config's train_seq_len). `tokenizer`: the identity the artifact records (build_artifact).
 
     Returns build_artifact's summary plus pre_quant_val_loss / _bpb, quant_val_loss / _bpb and
     quant_gap_bpb (round trip minus pre-quant).
@@ -127,7 +133,8 @@ def quantize_and_evaluate(model: CrawlerGPT, data_dir, luts, val_tokens: torch.T
         calibration = Calibration.from_data(model, data_dir, n_seqs=n_seqs, seq_len=calib_seq_len, seed=seed,
                                             batch_seqs=batch_seqs, log=log)
     artifact, summary = build_artifact(model, calibration, plan=plan, loop_aware=loop_aware,
-                                       target_bytes=target_bytes, out_path=out_path, batch_seqs=batch_seqs, log=log)
+                                       target_bytes=target_bytes, out_path=out_path, batch_seqs=batch_seqs,
+                                       tokenizer=tokenizer, log=log)
     q_loss, q_bpb = evaluate_artifact(artifact, val_tokens, luts, seq_len=T, device=device, ops=model.ops,
                                       batch_seqs=batch_seqs)
     gap = q_bpb - pre_quant[1]

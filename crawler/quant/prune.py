@@ -52,7 +52,7 @@ def _zero_first(artifact: Artifact, names, which, flat, n: int) -> Artifact:
             codes = q.codes.clone()
             codes.view(-1)[sel] = 0
             tensors[name] = dataclasses.replace(q, codes=codes)
-    return Artifact(artifact.config, tensors)
+    return dataclasses.replace(artifact, tensors=tensors)
 
 
 def prune_to_fit(artifact: Artifact, target_bytes: int, *, code_bytes: int = 0, tolerance: float = 1e-3,
