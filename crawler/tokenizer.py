@@ -1,5 +1,8 @@
 """SentencePiece tokenizers: loading with clear errors, deterministic BPE training with parameter-golf's
-options, and the byte look-up tables that turn per-token losses into bits per byte (docs/math.md §6)."""
+options, the byte look-up tables that turn per-token losses into bits per byte (docs/math.md §6), and
+the checks that a tokenizer fits a model: its size against the vocabulary (`check_vocab`) and its
+identity (size + SHA-256, `tokenizer_identity`) against the one the model was trained with, which
+checkpoints and artifacts record (`load_checked_tokenizer`, the one place both are decided)."""
 from __future__ import annotations
 
 import io
@@ -10,7 +13,8 @@ from pathlib import Path
 import sentencepiece as spm
 import torch
 
-from crawler.fileio import atomic_open
+from crawler.errors import MissingFileError, SetupError
+from crawler.fileio import atomic_open, file_sha256
 
 PAD_ID, BOS_ID, EOS_ID, UNK_ID = 0, 1, 2, 3
 TOKENIZER_FILE = "tokenizer.model"    # a data directory's own tokenizer (parameter-golf's layout, ours too)
@@ -43,17 +47,17 @@ _SAMPLING_SEED = 1234
 def load_tokenizer(path: str | os.PathLike) -> spm.SentencePieceProcessor:
     """Load a SentencePiece model file.
 
-    Raises FileNotFoundError when `path` does not exist and ValueError when it is not a valid
-    SentencePiece model (both name the file).
+    Raises MissingFileError (a FileNotFoundError) when `path` does not exist and SetupError (a
+    ValueError) when it is not a readable SentencePiece model (both name the file).
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"tokenizer model {str(path)!r} does not exist")
+        raise MissingFileError(f"tokenizer model {str(path)!r} does not exist")
     sp = spm.SentencePieceProcessor()
     try:
         sp.load_from_serialized_proto(path.read_bytes())
     except (RuntimeError, OSError) as e:
-        raise ValueError(f"{str(path)!r} is not a valid SentencePiece model: {e}") from None
+        raise SetupError(f"{str(path)!r} is not a valid SentencePiece model: {e}") from None
     return sp
 
 
@@ -90,12 +94,44 @@ def train_tokenizer(documents: Iterable[str], model_path: str | os.PathLike,
     return load_tokenizer(model_path)
 
 
-def check_vocab(sp: spm.SentencePieceProcessor, vocab_size: int) -> None:
-    """Raise ValueError unless the model's `vocab_size` covers every id the tokenizer can emit."""
-    if sp.vocab_size() > vocab_size:
-        raise ValueError(f"tokenizer has {sp.vocab_size()} pieces but the model's vocab_size is {vocab_size}: "
-                         f"ids >= {vocab_size} would index past the embedding; use a model with "
-                         f"vocab_size >= {sp.vocab_size()} or a smaller tokenizer")
+def check_vocab(sp: spm.SentencePieceProcessor, vocab_size: int, *, allow_smaller: bool = False) -> None:
+    """SetupError unless the tokenizer has exactly `vocab_size` pieces. More pieces can never work (ids
+    >= vocab_size would index past the embedding); fewer is refused unless `allow_smaller` (a model
+    padded past its tokenizer: the extra ids are never data, and score 0 bytes if they were)."""
+    n = sp.vocab_size()
+    if n > vocab_size:
+        raise SetupError(f"tokenizer has {n} pieces but the model's vocab_size is {vocab_size}: ids >= "
+                         f"{vocab_size} would index past the embedding; use a model with vocab_size >= {n} "
+                         f"or a smaller tokenizer")
+    if n < vocab_size and not allow_smaller:
+        raise SetupError(f"tokenizer has {n} pieces but the model's vocab_size is {vocab_size}: it is probably "
+                         f"not the tokenizer the model's data was encoded with; use that one, or pass "
+                         f"--allow-tokenizer-mismatch if the model's vocabulary is deliberately larger")
+
+
+def tokenizer_identity(path: str | os.PathLike, sp: spm.SentencePieceProcessor) -> dict:
+    """{"sha256": hex SHA-256 of the model file, "vocab_size": its piece count}: what checkpoints and
+    artifacts record of the tokenizer their weights were trained with."""
+    return {"sha256": file_sha256(path), "vocab_size": sp.vocab_size()}
+
+
+def load_checked_tokenizer(path: str | os.PathLike, vocab_size: int, *, trained_with: dict | None = None,
+                           allow_mismatch: bool = False) -> tuple[spm.SentencePieceProcessor, dict]:
+    """Load the tokenizer at `path` for a model of `vocab_size` and check it, once per run: its size
+    (`check_vocab`; a smaller one is accepted with `allow_mismatch`) and, when the model records the
+    identity of the tokenizer it was trained with (`trained_with`, see tokenizer_identity), that this
+    is the same file (another one is accepted with `allow_mismatch`: a deliberate change). Returns
+    (processor, identity). Raises MissingFileError / SetupError naming the file and what to do."""
+    sp = load_tokenizer(path)
+    check_vocab(sp, vocab_size, allow_smaller=allow_mismatch)
+    identity = tokenizer_identity(path, sp)
+    if trained_with is not None and identity != trained_with and not allow_mismatch:
+        raise SetupError(f"tokenizer {str(path)!r} ({identity['vocab_size']} pieces, sha256 "
+                         f"{identity['sha256'][:12]}) is not the one the model was trained with "
+                         f"({trained_with['vocab_size']} pieces, sha256 {trained_with['sha256'][:12]}): pass "
+                         f"the training run's tokenizer (--tokenizer), or --allow-tokenizer-mismatch for a "
+                         f"deliberate change")
+    return sp, identity
 
 
 def byte_luts(sp: spm.SentencePieceProcessor,

@@ -106,6 +106,8 @@ def test_bytes_rule_counts_utf8_of_a_string(sp):
 
 def test_check_vocab(sp):
     check_vocab(sp, VOCAB)
-    check_vocab(sp, VOCAB + 1)
+    with pytest.raises(ValueError, match=f"{VOCAB} pieces.*vocab_size is {VOCAB + 1}.*--allow-tokenizer-mismatch"):
+        check_vocab(sp, VOCAB + 1)           # smaller than the model: refused unless asked for
+    check_vocab(sp, VOCAB + 1, allow_smaller=True)
     with pytest.raises(ValueError, match=f"{VOCAB} pieces.*vocab_size is {VOCAB - 1}"):
-        check_vocab(sp, VOCAB - 1)
+        check_vocab(sp, VOCAB - 1, allow_smaller=True)     # larger: never

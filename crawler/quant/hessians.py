@@ -16,7 +16,8 @@ import torch.nn.functional as F
 
 import kernels
 
-from ..data import HEADER_BYTES, list_shards, shard_length
+from ..data import HEADER_BYTES, check_token_range, list_shards, shard_length
+from ..errors import SetupError
 from ..model import CrawlerGPT
 from ..runtime import autocast, eval_mode
 
@@ -38,7 +39,7 @@ def calibration_tokens(data_dir, n_seqs: int = DEFAULT_N_SEQS, seq_len: int = 20
     lengths = np.array([shard_length(p) for p in shards])      # validates each header and size
     usable = np.flatnonzero(lengths > seq_len)
     if usable.size == 0:
-        raise ValueError(f"no train shard in {str(data_dir)!r} holds {seq_len + 1} tokens")
+        raise SetupError(f"no train shard in {str(data_dir)!r} holds {seq_len + 1} tokens (one calibration window)")
     rng = np.random.default_rng(seed)
     which = usable[rng.integers(0, usable.size, size=n_seqs)]
     offsets = rng.integers(0, lengths[which] - seq_len)      # high is exclusive: last start len - T - 1
@@ -161,8 +162,9 @@ class Calibration:
     def from_data(cls, model: CrawlerGPT, data_dir, *, n_seqs: int = DEFAULT_N_SEQS, seq_len: int | None = None,
                   seed: int = 0, batch_seqs: int = 8, log: Log | None = None) -> Calibration:
         """Windows drawn from `data_dir`'s train shards (`calibration_tokens`); seq_len defaults to the
-        model's train_seq_len."""
+        model's train_seq_len. SetupError when an id does not fit the model's vocabulary."""
         tokens = calibration_tokens(data_dir, n_seqs, seq_len or model.config.train_seq_len, seed)
+        check_token_range(tokens.numpy(), model.config.vocab_size, f"the train shards of {str(data_dir)!r}")
         return cls(model, tokens, batch_seqs=batch_seqs, log=log)
 
     @property

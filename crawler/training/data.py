@@ -7,24 +7,25 @@ from pathlib import Path
 
 import torch
 
-from ..data import list_shards, load_validation_tokens, read_shard
-from ..errors import SetupError
-from ..fileio import file_sha256
+from ..data import list_shards, load_eval_data, read_shard, shard_length
+from ..errors import MissingFileError, SetupError
 from ..runtime import DATA_DIR_HINT
-from ..tokenizer import byte_luts, check_vocab, load_tokenizer
+from ..tokenizer import load_tokenizer, tokenizer_identity
 
 
 @dataclass
 class TrainData:
     """What training and evaluation read: the shard directory, the tokenizer and its byte LUTs, the
-    validation tokens, and `identity` (tokenizer hash, shard names and sizes) that a checkpoint records
-    so a resume on other data is refused."""
+    validation tokens, `identity` (tokenizer hash, shard names and sizes) that a checkpoint records
+    so a resume on other data is refused, and `tokenizer` (crawler.tokenizer.tokenizer_identity) that
+    the final model and the artifact record so evaluation can check it."""
     data_dir: Path
     tokenizer_path: Path
     tokenizer_vocab_size: int
     luts: tuple
     val_tokens: torch.Tensor
     identity: dict
+    tokenizer: dict
 
     def train_token_counts(self, vocab_size: int, max_tokens: int | None = None) -> torch.Tensor:
         """Occurrences of each id (int64, length vocab_size) in the train shards, in order, stopping
@@ -32,7 +33,7 @@ class TrainData:
         counts = torch.zeros(vocab_size, dtype=torch.int64)
         seen = 0
         for path in list_shards(self.data_dir, "train"):
-            tokens = read_shard(path).to(torch.int64)
+            tokens = read_shard(path, vocab_size).to(torch.int64)
             if max_tokens is not None:
                 tokens = tokens[: max_tokens - seen]
             counts += torch.bincount(tokens, minlength=vocab_size)[:vocab_size]
@@ -42,33 +43,36 @@ class TrainData:
         return counts
 
 
-def prepare_data(data_dir, tokenizer_path, vocab_size: int, *, val_max_tokens: int | None = None) -> TrainData:
+def prepare_data(data_dir, tokenizer_path, vocab_size: int, *, val_max_tokens: int | None = None,
+                 min_val_tokens: int = 2, allow_tokenizer_mismatch: bool = False) -> TrainData:
     """Check and load a FineWeb-format data directory and its SentencePiece tokenizer for a model of
-    `vocab_size`. `val_max_tokens` keeps only the first validation tokens (quick evaluations).
-    Raises SetupError (saying what to do) for a missing directory, missing shards, a missing or invalid
-    tokenizer, or a tokenizer with more pieces than the model's vocabulary: the run's one tokenizer
-    check (`train` trusts data prepared for its model's vocab_size)."""
+    `vocab_size`. `val_max_tokens` keeps only the first validation tokens (quick evaluations); fewer than
+    `min_val_tokens` (one window: train_seq_len + 1) are refused. Every train shard's header and size
+    is checked here (its ids when the stream reads it), the tokenizer and validation tokens by
+    `crawler.data.load_eval_data` (`allow_tokenizer_mismatch` accepts a tokenizer smaller than the
+    vocabulary). Raises SetupError (saying what to do) for a missing directory, missing or damaged
+    shards, a missing, invalid or mismatched tokenizer or too few validation tokens: the run's one
+    data check (`train` trusts data prepared for its model's vocab_size)."""
     data_dir, tokenizer_path = Path(data_dir), Path(tokenizer_path)
     try:
         train_shards = list_shards(data_dir, "train")
         val_shards = list_shards(data_dir, "val")
-    except FileNotFoundError as e:
+        for path in train_shards:       # a damaged shard fails now, not when the stream reaches it
+            shard_length(path)
+    except MissingFileError as e:
         raise SetupError(f"{e}: {DATA_DIR_HINT}") from None
     try:
-        sp = load_tokenizer(tokenizer_path)
-    except (FileNotFoundError, ValueError) as e:
-        raise SetupError(f"{e}: pass --tokenizer with the SentencePiece .model the shards were encoded "
-                         f"with") from None
-    try:
-        check_vocab(sp, vocab_size)
-    except ValueError as e:
-        raise SetupError(f"{e} (option --vocab-size, or --tokenizer)") from None
-    try:
-        val_tokens = load_validation_tokens(data_dir, max_tokens=val_max_tokens, vocab_size=vocab_size)
-    except ValueError as e:
-        raise SetupError(f"{e}: {DATA_DIR_HINT}") from None
-    identity = {"tokenizer_sha256": file_sha256(tokenizer_path), "tokenizer_vocab_size": sp.vocab_size(),
+        val_tokens, luts = load_eval_data(data_dir, tokenizer_path, vocab_size, max_tokens=val_max_tokens,
+                                          allow_mismatch=allow_tokenizer_mismatch)
+    except SetupError as e:
+        raise SetupError(f"{e} (options --data-dir, --tokenizer, --vocab-size)") from None
+    if val_tokens.numel() < min_val_tokens:
+        raise SetupError(f"the validation shards of {str(data_dir)!r} give {val_tokens.numel()} tokens (after "
+                         f"--val-max-tokens), fewer than one evaluation window needs ({min_val_tokens} = "
+                         f"sequence length + 1): use more validation data or a shorter --train-seq-len")
+    tokenizer = tokenizer_identity(tokenizer_path, load_tokenizer(tokenizer_path))
+    identity = {"tokenizer_sha256": tokenizer["sha256"], "tokenizer_vocab_size": tokenizer["vocab_size"],
                 "train_shards": [[p.name, p.stat().st_size] for p in train_shards],
                 "val_shards": [[p.name, p.stat().st_size] for p in val_shards]}
-    return TrainData(data_dir=data_dir, tokenizer_path=tokenizer_path, tokenizer_vocab_size=sp.vocab_size(),
-                     luts=byte_luts(sp, vocab_size), val_tokens=val_tokens, identity=identity)
+    return TrainData(data_dir=data_dir, tokenizer_path=tokenizer_path, tokenizer_vocab_size=tokenizer["vocab_size"],
+                     luts=luts, val_tokens=val_tokens, identity=identity, tokenizer=tokenizer)

@@ -20,13 +20,16 @@ class DistributedTokenLoader:
     consumes `(local_tokens + 1) * world_size` contiguous tokens (across shard boundaries) and rank `r`
     keeps span `r`. Only the shard being read is held in memory. `state_dict()` / `load_state_dict()`
     capture the position (shard index + offset) so a resumed run sees exactly the same batches.
+    With `vocab_size`, each shard's ids are checked to be below it when the shard is read (once per
+    shard, not per batch; SetupError naming the shard).
     """
 
-    def __init__(self, data_dir: str | os.PathLike, *, rank: int = 0, world_size: int = 1):
+    def __init__(self, data_dir: str | os.PathLike, *, rank: int = 0, world_size: int = 1,
+                 vocab_size: int | None = None):
         if not (isinstance(world_size, int) and world_size >= 1 and isinstance(rank, int)
                 and 0 <= rank < world_size):
             raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
-        self.rank, self.world_size = rank, world_size
+        self.rank, self.world_size, self.vocab_size = rank, world_size, vocab_size
         self.files = list_shards(data_dir, "train")
         # Validating every header up front turns a corrupt shard into an error at start-up, not hours
         # into a run; the lengths also let the stream skip other ranks' spans without reading them.
@@ -39,7 +42,7 @@ class DistributedTokenLoader:
     def _tokens(self) -> np.ndarray:
         if self._loaded_index != self._shard:
             self._loaded = None  # drop the previous shard before reading the next one
-            self._loaded = read_shard_array(self.files[self._shard])
+            self._loaded = read_shard_array(self.files[self._shard], self.vocab_size)
             self._loaded_index = self._shard
         return self._loaded
 
