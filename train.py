@@ -13,6 +13,11 @@ for the built-in corpus demo, also measures the quantisation gap of the seed's p
 
 Stages (each a function below; all logic lives in crawler/):
 data -> baselines -> train -> quantise -> evaluate -> summary.
+
+Every option, the data and the output directory are checked before the first stage, and every expected
+failure (bad option, missing or damaged file, full disk) ends in one `train.py: error: ...` line and exit
+status 2 (crawler.cli.run_main). An --out-dir that already holds a run is refused unless the run is
+continued (--resume) or replaced (--overwrite). final_model.pt is written before the last checkpoint.
 """
 from __future__ import annotations
 
@@ -32,12 +37,13 @@ from pathlib import Path
 import torch
 
 from crawler.artifact import model_from_artifact
-from crawler.budget import BUDGET_BYTES
-from crawler.cli import shared_options
+from crawler.bpb import plan_windows
+from crawler.budget import BUDGET_BYTES, size_report
+from crawler.cli import int_at_least, run_main, shared_options
 from crawler.config import PASSTHROUGH_NUMEL, PRESETS, CrawlerConfig
 from crawler.errors import SetupError
 from crawler.evaluate import sliding_window_bpb, unigram_bpb
-from crawler.fileio import write_json
+from crawler.fileio import prepare_output_dir, write_json
 from crawler.quant import PLANS, Calibration, get_plan, quantize_and_evaluate
 from crawler.report import print_table, summary_rows
 from crawler.runtime import (
@@ -47,6 +53,7 @@ from crawler.runtime import (
     env_world_size,
     resolve_data,
     resolve_device,
+    resolve_ops,
 )
 from crawler.training import TrainConfig, prepare_data, resolve_grad_accum, train
 from crawler.ttt import TTTConfig, legal_ttt_bpb
@@ -61,6 +68,8 @@ DEMO_TRAIN_DEFAULTS = dict(max_wallclock_seconds=240.0, grad_accum_steps=1, val_
 CPU_TRAIN_DEFAULTS = dict(warmup_steps=0, compile=False, muon_dtype="float32")
 UNIGRAM_MAX_TRAIN_TOKENS = 100_000_000   # counts for the unigram baseline: the first ~shard of FineWeb
 ARTIFACT_NAME = "model.int6.ptz"
+# What a run writes in its --out-dir; a directory holding any of them is an earlier run's.
+RUN_OUTPUTS = ("train.log", "checkpoint.pt", "final_model.pt", "summary.json", ARTIFACT_NAME)
 # TTT on a CPU is reduced to one epoch per chunk (the seed: 3); every other TTT setting is the seed's.
 CPU_TTT_EPOCHS = 1
 # The quantisation comparison of the demo: (label, plan, loop-aware), all measured in the same run.
@@ -93,14 +102,17 @@ def build_parser() -> argparse.ArgumentParser:
                           "(default: the --resume checkpoint's directory, else runs/<preset>-<time>)")
     run.add_argument("--resume", default=None, metavar="CHECKPOINT",
                      help="continue a run from its checkpoint.pt (same preset, model options and data)")
-    run.add_argument("--threads", type=int, default=None,
+    run.add_argument("--overwrite", action="store_true",
+                     help="replace the outputs of an earlier run in --out-dir (default: an --out-dir that holds "
+                          "a run is refused, unless --resume continues it)")
+    run.add_argument("--threads", type=int_at_least(1), default=None,
                      help="CPU intra-op threads (default: the cores not busy by the load average, >= 1)")
     data = p.add_argument_group("built-in corpus, validation and baselines")
     data.add_argument("--cache-dir", default=None,
                       help="where the built-in corpus is cached (default: $CRAWLER_CACHE or "
                            "~/.cache/crawler-kernels/corpus)")
-    data.add_argument("--val-max-tokens", type=int, default=None,
-                      help="score only the first N validation tokens (default: all)")
+    data.add_argument("--val-max-tokens", type=int_at_least(2), default=None,
+                      help="score only the first N validation tokens, at least train_seq_len + 1 (default: all)")
     data.add_argument("--baselines", action=argparse.BooleanOptionalAction, default=None,
                       help="also score a unigram baseline (train-split frequencies, add-one smoothing) "
                            "(default: on for the built-in corpus)")
@@ -128,19 +140,19 @@ def build_parser() -> argparse.ArgumentParser:
     post.add_argument("--compare-quant", action=argparse.BooleanOptionalAction, default=None,
                       help="also measure the round-trip gap of (a) RTN with the seed's floor, (b) the seed's "
                            "plan, (c) ours, (d) ours loop-aware (default: on for the built-in corpus)")
-    post.add_argument("--quant-small-numel", type=int, default=None,
+    post.add_argument("--quant-small-numel", type=int_at_least(0), default=None,
                       help=f"matrices with at most this many elements stay fp16 (default: {PASSTHROUGH_NUMEL:,}, the "
                            f"seed's; 0 for the built-in corpus demo, whose tiny matrices all fall below it)")
-    post.add_argument("--target-bytes", type=int, default=BUDGET_BYTES,
+    post.add_argument("--target-bytes", type=int_at_least(1), default=BUDGET_BYTES,
                       help=f"artifact + code byte target; ±1 codes are pruned to fit (default: {BUDGET_BYTES:,})")
     post.add_argument("--sliding", action=argparse.BooleanOptionalAction, default=True,
                       help="score the artifact with the sliding window (default: on)")
-    post.add_argument("--eval-stride", type=int, default=64, help="sliding-window stride (default: 64)")
+    post.add_argument("--eval-stride", type=int_at_least(1), default=64, help="sliding-window stride (default: 64)")
     post.add_argument("--ttt", action=argparse.BooleanOptionalAction, default=True,
                       help="score the artifact with legal score-first TTT (default: on)")
-    post.add_argument("--ttt-epochs", type=int, default=None,
+    post.add_argument("--ttt-epochs", type=int_at_least(0), default=None,
                       help=f"TTT epochs per chunk (default: 3, the seed's; {CPU_TTT_EPOCHS} on a CPU)")
-    post.add_argument("--ttt-chunk-tokens", type=int, default=TTTConfig.chunk_tokens,
+    post.add_argument("--ttt-chunk-tokens", type=int_at_least(1), default=TTTConfig.chunk_tokens,
                       help=f"TTT chunk size in tokens (default: {TTTConfig.chunk_tokens:,})")
     return p
 
@@ -168,7 +180,9 @@ def stage_data(args, model_config):
     """The data directory and tokenizer (the built-in corpus if none is given), checked and loaded."""
     data_dir, tokenizer = resolve_data(args.data_dir, args.tokenizer, model_config.vocab_size,
                                       cache_dir=args.cache_dir)
-    return prepare_data(data_dir, tokenizer, model_config.vocab_size, val_max_tokens=args.val_max_tokens)
+    return prepare_data(data_dir, tokenizer, model_config.vocab_size, val_max_tokens=args.val_max_tokens,
+                        min_val_tokens=model_config.train_seq_len + 1,
+                        allow_tokenizer_mismatch=args.allow_tokenizer_mismatch)
 
 
 def stage_baselines(data, model_config) -> dict:
@@ -198,11 +212,18 @@ def stage_quantize(args, model, data, train_summary: dict, out_dir: Path, log) -
         result = quantize_and_evaluate(model, data.data_dir, data.luts, data.val_tokens, plan=plan_spec,
                                        loop_aware=loop_aware, target_bytes=args.target_bytes,
                                        out_path=out_dir / ARTIFACT_NAME if written else None,
-                                       calibration=calibration, pre_quant=pre_quant, log=log)
+                                       calibration=calibration, pre_quant=pre_quant, tokenizer=data.tokenizer,
+                                       log=log)
         out["comparison"].append((label, result))
         if written:
             out["artifact"] = result
     return out
+
+
+def ttt_config(args, device: torch.device) -> TTTConfig:
+    """The TTT settings of the artifact's evaluation (fewer epochs on a CPU unless --ttt-epochs)."""
+    epochs = args.ttt_epochs if args.ttt_epochs is not None else (CPU_TTT_EPOCHS if device.type == "cpu" else 3)
+    return TTTConfig(epochs=epochs, chunk_tokens=args.ttt_chunk_tokens)
 
 
 def stage_evaluate(args, artifact_path: Path, data, model_config, device: torch.device, log) -> dict:
@@ -217,18 +238,19 @@ def stage_evaluate(args, artifact_path: Path, data, model_config, device: torch.
         log(f"sliding window (stride {args.eval_stride}): val_bpb {out['sliding_val_bpb']:.4f} "
             f"({out['sliding_seconds']:.0f} s)")
     if args.ttt:
-        epochs = args.ttt_epochs if args.ttt_epochs is not None else (CPU_TTT_EPOCHS if device.type == "cpu" else 3)
-        config = TTTConfig(epochs=epochs, chunk_tokens=args.ttt_chunk_tokens)
+        config = ttt_config(args, device)
         t0 = time.perf_counter()
         out["ttt_val_loss"], out["ttt_val_bpb"] = legal_ttt_bpb(
             model, data.val_tokens, data.luts, seq_len=T, stride=args.eval_stride, config=config, log=log)
-        out["ttt_seconds"], out["ttt_epochs"] = time.perf_counter() - t0, epochs
+        out["ttt_seconds"], out["ttt_epochs"] = time.perf_counter() - t0, config.epochs
     return out
 
 
 def resolve_options(args, device: torch.device) -> tuple[CrawlerConfig, TrainConfig]:
     """The model and training configs of this run, and the defaults that depend on it (preset, demo and
-    CPU training defaults, baselines, the quantisation comparison), checked before anything runs."""
+    CPU training defaults, baselines, the quantisation comparison), checked before anything runs: every
+    option of a later stage too (validation length, byte target, evaluation windows, TTT chunks)."""
+    resolve_ops(args.ops, device)
     builtin = args.data_dir is None
     if args.preset is None:
         args.preset = "pr1579" if device.type == "cuda" and not builtin else "tiny"
@@ -246,11 +268,39 @@ def resolve_options(args, device: torch.device) -> tuple[CrawlerConfig, TrainCon
         args.compare_quant = builtin
     if args.quant_small_numel is None:
         args.quant_small_numel = 0 if builtin else PASSTHROUGH_NUMEL
-    if args.quantize and (args.sliding or args.ttt) and not 0 < args.eval_stride <= model_config.train_seq_len:
-        raise SetupError(f"--eval-stride {args.eval_stride} must be in [1, sequence length "
-                         f"{model_config.train_seq_len}]: lower it, or skip the window evaluations with "
-                         f"--no-sliding --no-ttt")
+    T = model_config.train_seq_len
+    if args.resume is not None and not Path(args.resume).is_file():
+        raise SetupError(f"--resume {args.resume!r} does not exist: give the checkpoint.pt of the run to continue")
+    if args.val_max_tokens is not None and args.val_max_tokens < T + 1:
+        raise SetupError(f"--val-max-tokens {args.val_max_tokens} is shorter than one evaluation window "
+                         f"(sequence length {T} + 1): raise it, or leave it out to score every validation token")
+    if args.quantize:
+        code = size_report(0).code_bytes
+        if args.target_bytes <= code:
+            raise SetupError(f"--target-bytes {args.target_bytes:,} leaves no room for the artifact: the counted code "
+                             f"alone is {code:,} B (default target {BUDGET_BYTES:,})")
+    if args.quantize and (args.sliding or args.ttt):
+        try:
+            plan_windows(1, T, args.eval_stride)
+        except ValueError:
+            raise SetupError(f"--eval-stride {args.eval_stride} must be in [1, sequence length {T}]: lower it, or "
+                             f"skip the window evaluations with --no-sliding --no-ttt") from None
+    if args.quantize and args.ttt:
+        try:
+            ttt_config(args, device).check(T)
+        except ValueError as e:
+            raise SetupError(f"{e}: set --ttt-chunk-tokens / --ttt-epochs, or skip TTT with --no-ttt") from None
     return model_config, tc
+
+
+def prepare_out_dir(args, out_dir: Path) -> None:
+    """Make --out-dir ready before any stage runs (rank 0): created and writable, and refused when it
+    holds an earlier run's outputs unless this run continues it (--resume of its own checkpoint) or
+    replaces it (--overwrite, which deletes those outputs first)."""
+    continuing = args.resume is not None and Path(args.resume).resolve().parent == out_dir.resolve()
+    prepare_output_dir(out_dir, "--out-dir", outputs=() if continuing else RUN_OUTPUTS, replace=args.overwrite,
+                       hint=f"continue it with --resume {out_dir / 'checkpoint.pt'}, replace it with --overwrite, "
+                            f"or choose another --out-dir")
 
 
 def run(args) -> dict:
@@ -261,10 +311,19 @@ def run(args) -> dict:
     with distributed(device) as ctx:
         log = print if ctx.is_main else (lambda msg: None)
         t_start = time.perf_counter()
-        data = stage_data(args, model_config)
         stamp = broadcast_object(time.strftime("%Y%m%d-%H%M%S"))
         out_dir = Path(args.out_dir) if args.out_dir else (
             Path(args.resume).parent if args.resume else Path("runs") / f"{args.preset}-{stamp}")
+        error = None
+        if ctx.is_main:
+            try:
+                prepare_out_dir(args, out_dir)
+            except SetupError as e:
+                error = str(e)
+        error = broadcast_object(error)      # every rank stops on rank 0's verdict
+        if error is not None:
+            raise SetupError(error)
+        data = stage_data(args, model_config)
         report = {"stages_s": {"data": time.perf_counter() - t_start}}
         if args.baselines and ctx.is_main:
             report.update(stage_baselines(data, model_config))
@@ -303,13 +362,14 @@ def run(args) -> dict:
 
 
 def main(argv=None) -> int:
+    """The command line; returns the exit status (crawler.cli.run_main: 2 with one `error:` line for a
+    bad option, file or write; 130 when interrupted)."""
     args = build_parser().parse_args(argv)
-    try:
+
+    def body() -> int:
         run(args)
-    except SetupError as e:
-        print(f"train.py: error: {e}", file=sys.stderr)
-        return 2
-    return 0
+        return 0
+    return run_main("train.py", body)
 
 
 if __name__ == "__main__":

@@ -1,16 +1,43 @@
-"""The options every command line shares (train.py and python -m crawler.quantize / evaluate /
-generate), defined once as an argparse parent parser; crawler.runtime turns them into a device, ops and
-data paths (`resolve_device`, `resolve_ops`, `resolve_data`)."""
+"""What every command line shares (train.py and python -m crawler.quantize / evaluate / generate): the
+common options, defined once as an argparse parent parser (crawler.runtime turns them into a device,
+ops and data paths: `resolve_device`, `resolve_ops`, `resolve_data`), argument types that refuse an
+out-of-range number while parsing, and `run_main`, the one way a command turns an expected failure
+into one line and an exit status.
+
+Exit statuses: 0 success; 1 the command's own "no" (quantize: the artifact does not fit the budget);
+2 an error the user can fix (a SetupError, a failed read or write), printed as `<prog>: error: ...`
+without a traceback, as argparse prints a bad option; 130 interrupted. A traceback means a bug.
+"""
 from __future__ import annotations
 
 import argparse
+import sys
+import warnings
+from collections.abc import Callable
 
+from .errors import SetupError, UnverifiedWarning
 from .runtime import OPS_CHOICES
+
+ERROR_EXIT, INTERRUPTED_EXIT = 2, 130
+
+
+def int_at_least(low: int) -> Callable[[str], int]:
+    """An argparse `type`: an integer >= `low`, else the parser's one-line error naming the option."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {value}")
+        return value
+    parse.__name__ = "int"      # argparse names the type in its "invalid int value" fallback
+    return parse
 
 
 def shared_options() -> argparse.ArgumentParser:
-    """A parent parser (pass it as `parents=[shared_options()]`) with --device, --ops, --data-dir and
-    --tokenizer in the groups "device and ops" and "data"."""
+    """A parent parser (pass it as `parents=[shared_options()]`) with --device, --ops, --data-dir,
+    --tokenizer and --allow-tokenizer-mismatch in the groups "device and ops" and "data"."""
     parser = argparse.ArgumentParser(add_help=False)
     run = parser.add_argument_group("device and ops")
     run.add_argument("--device", default="auto",
@@ -26,4 +53,33 @@ def shared_options() -> argparse.ArgumentParser:
     data.add_argument("--tokenizer", default=None,
                       help="SentencePiece .model the shards were encoded with (default: "
                            "<data-dir>/tokenizer.model)")
+    data.add_argument("--allow-tokenizer-mismatch", action="store_true",
+                      help="accept a tokenizer other than the one the model was trained with (its size and "
+                           "SHA-256 are recorded in checkpoints and artifacts), or one with fewer pieces than "
+                           "the model's vocabulary: for a deliberate change only (default: refused)")
     return parser
+
+
+def run_main(prog: str, body: Callable[[], int]) -> int:
+    """Run a command's `body` and return its exit status. An expected failure (a SetupError, including
+    crawler.fileio.WriteError and the artifact and checkpoint errors, or an OSError from the system)
+    prints one `prog: error: ...` line and returns 2; Ctrl-C returns 130. An UnverifiedWarning (a file
+    of an older format that loads without a check) prints one `prog: warning: ...` line. Anything else
+    is a bug and keeps its traceback."""
+    def show(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, UnverifiedWarning):
+            print(f"{prog}: warning: {message}", file=sys.stderr, flush=True)
+        else:
+            original(message, category, filename, lineno, file, line)
+
+    with warnings.catch_warnings():
+        original = warnings.showwarning
+        warnings.showwarning = show
+        try:
+            return body()
+        except (SetupError, OSError) as e:
+            print(f"{prog}: error: {e}", file=sys.stderr, flush=True)
+            return ERROR_EXIT
+        except KeyboardInterrupt:
+            print(f"\n{prog}: interrupted", file=sys.stderr, flush=True)
+            return INTERRUPTED_EXIT

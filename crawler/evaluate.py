@@ -4,22 +4,36 @@ all-reduced across ranks; legal score-first TTT is crawler.ttt, the shared piece
 
 `python -m crawler.evaluate --artifact A --mode {plain,sliding,ttt}` scores an int6 artifact on its own:
 plain and sliding compute on the packed int6 weights (crawler.inference), TTT trains the dequantised
-model. torchrun splits the work across ranks.
+model. torchrun splits the work across ranks. Every option is checked before scoring, the tokenizer
+against the one the artifact records, and the result line is followed by the artifact's size against
+the 16 MB budget; bad options and files end in one `error:` line, exit status 2 (crawler.cli.run_main).
 """
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
+import warnings
 
 import torch
 
-from .artifact import model_from_artifact
+from .artifact import load_artifact, model_from_artifact
 from .bpb import all_reduce_sums, bpb_from_sums, check_stream, luts_on, plan_windows, score_windows, target_bytes
-from .cli import shared_options
+from .cli import int_at_least, run_main, shared_options
 from .data import load_eval_data
+from .errors import SetupError, UnverifiedWarning
 from .inference import load_int6_model
-from .runtime import Progress, autocast, distributed, eval_mode, rank_and_world, resolve_data, resolve_device
+from .runtime import (
+    Progress,
+    autocast,
+    distributed,
+    eval_mode,
+    rank_and_world,
+    resolve_data,
+    resolve_device,
+    resolve_ops,
+)
 from .ttt import TTTConfig, legal_ttt_bpb
 
 MODES = ("plain", "sliding", "ttt")
@@ -113,18 +127,19 @@ def build_parser() -> argparse.ArgumentParser:
     e = p.add_argument_group("evaluation")
     e.add_argument("--artifact", required=True, help="artifact file written by crawler.quantize")
     e.add_argument("--mode", choices=MODES, default="sliding", help="evaluation (default: sliding)")
-    e.add_argument("--seq-len", type=int, help="window length T (default: the artifact's train_seq_len)")
-    e.add_argument("--stride", type=int, default=64, help="sliding-window stride (default 64)")
-    e.add_argument("--batch-seqs", type=int, default=32, help="windows per forward pass (default 32)")
-    e.add_argument("--max-val-tokens", type=int, help="score only the first N validation tokens")
+    e.add_argument("--seq-len", type=int_at_least(1), help="window length T (default: the artifact's train_seq_len)")
+    e.add_argument("--stride", type=int_at_least(1), default=64, help="sliding-window stride (default 64)")
+    e.add_argument("--batch-seqs", type=int_at_least(1), default=32, help="windows per forward pass (default 32)")
+    e.add_argument("--max-val-tokens", type=int, help="score only the first N validation tokens (>= T + 1)")
     e.add_argument("--dequantized", action="store_true",
                    help="score a dequantised float copy instead of computing on the packed int6 weights "
                         "(plain/sliding; TTT always trains the dequantised model)")
-    e.add_argument("--ttt-epochs", type=int, default=d.epochs, help=f"TTT epochs per chunk (default {d.epochs})")
-    e.add_argument("--ttt-chunk-tokens", type=int, default=d.chunk_tokens,
+    e.add_argument("--ttt-epochs", type=int_at_least(0), default=d.epochs,
+                   help=f"TTT epochs per chunk (default {d.epochs})")
+    e.add_argument("--ttt-chunk-tokens", type=int_at_least(1), default=d.chunk_tokens,
                    help=f"TTT chunk size in targets (default {d.chunk_tokens})")
     e.add_argument("--ttt-lr", type=float, default=d.lr, help=f"TTT peak SGD learning rate (default {d.lr})")
-    e.add_argument("--ttt-batch-seqs", type=int, default=d.batch_seqs,
+    e.add_argument("--ttt-batch-seqs", type=int_at_least(1), default=d.batch_seqs,
                    help=f"TTT sequences per step (default {d.batch_seqs})")
     return p
 
@@ -132,40 +147,75 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """The CLI; returns the exit status (2 with a one-line `error: ...` for bad files or arguments)."""
     args = build_parser().parse_args(argv)
+    return run_main("python -m crawler.evaluate", lambda: evaluate(args))
+
+
+def _check_windows(args, seq_len: int) -> TTTConfig | None:
+    """SetupError unless the window options fit windows of `seq_len`; the TTT settings of --mode ttt."""
+    if args.mode != "plain":
+        try:
+            plan_windows(1, seq_len, args.stride)
+        except ValueError:
+            raise SetupError(f"--stride {args.stride} must be in [1, --seq-len {seq_len}]") from None
+    if args.mode != "ttt":
+        return None
+    try:
+        ttt = TTTConfig(chunk_tokens=args.ttt_chunk_tokens, epochs=args.ttt_epochs, lr=args.ttt_lr,
+                        batch_seqs=args.ttt_batch_seqs)
+        ttt.check(seq_len)
+    except ValueError as e:
+        raise SetupError(f"{e} (options --ttt-chunk-tokens, --ttt-epochs, --ttt-lr, --ttt-batch-seqs)") from None
+    return ttt
+
+
+def evaluate(args: argparse.Namespace) -> int:
+    """The command's work for parsed `args`: load and check the artifact, the options and the data, print
+    the artifact's size against the budget, score, and print the result line (which repeats the budget
+    verdict). Returns 0."""
     # Scoring runs on the packed int6 weights (crawler.inference); TTT trains, so it needs the
     # dequantised float model.
     int6 = args.mode != "ttt" and not args.dequantized
-    try:
-        device = resolve_device(args.device)
-        with distributed(device) as ctx:
-            def log(msg: str) -> None:
-                if ctx.is_main:
-                    print(msg, flush=True)
+    device = resolve_device(args.device)
+    resolve_ops(args.ops, device)
+    with distributed(device) as ctx:
+        def log(msg: str) -> None:
+            if ctx.is_main:
+                print(msg, flush=True)
 
-            load = load_int6_model if int6 else model_from_artifact
-            model = load(args.artifact, device=device, ops=args.ops)
-            config = model.config
-            seq_len = args.seq_len or config.train_seq_len
-            data_dir, tokenizer = resolve_data(args.data_dir, args.tokenizer, config.vocab_size, log=log)
-            tokens, luts = load_eval_data(data_dir, tokenizer, config.vocab_size, max_tokens=args.max_val_tokens)
-            t0 = time.perf_counter()
-            if args.mode == "plain":
-                loss, bpb = val_bpb(model, tokens, luts, seq_len=seq_len, batch_seqs=args.batch_seqs)
-            elif args.mode == "sliding":
-                loss, bpb = sliding_window_bpb(model, tokens, luts, seq_len=seq_len, stride=args.stride,
-                                               batch_seqs=args.batch_seqs)
-            else:
-                ttt = TTTConfig(chunk_tokens=args.ttt_chunk_tokens, epochs=args.ttt_epochs, lr=args.ttt_lr,
-                                batch_seqs=args.ttt_batch_seqs)
-                loss, bpb = legal_ttt_bpb(model, tokens, luts, seq_len=seq_len, stride=args.stride,
-                                          batch_seqs=args.batch_seqs, config=ttt, log=log)
-            elapsed = time.perf_counter() - t0
-            log(f"mode:{args.mode} weights:{'int6' if int6 else 'dequantized'} val_loss:{loss:.4f} "
-                f"val_bpb:{bpb:.4f} eval_time:{elapsed:.1f}s seq_len:{seq_len} stride:{args.stride} "
-                f"val_tokens:{tokens.numel()}")
-    except (FileNotFoundError, ValueError, TypeError) as e:   # ArtifactError and SetupError are ValueErrors
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        artifact = load_artifact(args.artifact)
+        model = (load_int6_model if int6 else model_from_artifact)(artifact, device=device, ops=args.ops)
+        config = model.config
+        seq_len = args.seq_len or config.train_seq_len
+        ttt = _check_windows(args, seq_len)
+        if args.max_val_tokens is not None and args.max_val_tokens < seq_len + 1:
+            raise SetupError(f"--max-val-tokens {args.max_val_tokens}: max_val_tokens must be >= one window, "
+                             f"--seq-len {seq_len} + 1")
+        data_dir, tokenizer = resolve_data(args.data_dir, args.tokenizer, config.vocab_size, log=log)
+        if artifact.tokenizer is None:
+            warnings.warn(f"artifact {args.artifact!r} records no tokenizer identity: {str(tokenizer)!r} cannot be "
+                          f"checked against the one it was trained with", UnverifiedWarning, stacklevel=2)
+        tokens, luts = load_eval_data(data_dir, tokenizer, config.vocab_size, max_tokens=args.max_val_tokens,
+                                      trained_with=artifact.tokenizer, allow_mismatch=args.allow_tokenizer_mismatch)
+        if tokens.numel() < seq_len + 1:
+            raise SetupError(f"the validation shards of {str(data_dir)!r} hold {tokens.numel()} tokens, fewer than "
+                             f"one window of --seq-len {seq_len} + 1")
+        # The size report is not part of scoring: imported here, it stays out of the counted code.
+        from .budget import size_report
+        sizes = size_report(os.path.getsize(args.artifact))
+        log(f"budget: {sizes.summary()}")
+        t0 = time.perf_counter()
+        if args.mode == "plain":
+            loss, bpb = val_bpb(model, tokens, luts, seq_len=seq_len, batch_seqs=args.batch_seqs)
+        elif args.mode == "sliding":
+            loss, bpb = sliding_window_bpb(model, tokens, luts, seq_len=seq_len, stride=args.stride,
+                                           batch_seqs=args.batch_seqs)
+        else:
+            loss, bpb = legal_ttt_bpb(model, tokens, luts, seq_len=seq_len, stride=args.stride,
+                                      batch_seqs=args.batch_seqs, config=ttt, log=log)
+        elapsed = time.perf_counter() - t0
+        log(f"mode:{args.mode} weights:{'int6' if int6 else 'dequantized'} val_loss:{loss:.4f} "
+            f"val_bpb:{bpb:.4f} eval_time:{elapsed:.1f}s seq_len:{seq_len} stride:{args.stride} "
+            f"val_tokens:{tokens.numel()} budget:{'fits' if sizes.fits else 'OVER'}")
     return 0
 
 

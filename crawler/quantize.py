@@ -6,7 +6,9 @@ size against the 16,000,000-byte budget; with --eval also the val_bpb before and
 
 The work is crawler.quant's (plan, Hessians, GPTQ driver, pruning, pipeline); this module reads the
 command line and the checkpoint (crawler.checkpoint: trainer files and plain state dicts such as
-PR #1579's) and prints the JSON summary. Exit status 0 when the artifact fits the budget, 1 when not.
+PR #1579's) and prints the JSON summary. Exit status 0 when the artifact fits the budget, 1 when not,
+2 with one `error:` line for a bad option or file (crawler.cli.run_main); every option, the checkpoint
+(its checksum), the data and the output paths are checked before quantising.
 """
 from __future__ import annotations
 
@@ -15,14 +17,16 @@ import dataclasses
 import json
 import sys
 
-from .budget import BUDGET_BYTES
-from .checkpoint import model_from_checkpoint
-from .cli import shared_options
+from .budget import BUDGET_BYTES, size_report
+from .checkpoint import model_from_checkpoint, read_checkpoint
+from .cli import int_at_least, run_main, shared_options
 from .config import PASSTHROUGH_NUMEL
 from .data import load_eval_data
-from .fileio import write_json
+from .errors import SetupError
+from .fileio import check_writable_file, write_json
 from .quant import DEFAULT_N_SEQS, PLANS, ROLES, Calibration, RoleSpec, build_artifact, get_plan, quantize_and_evaluate
-from .runtime import resolve_data, resolve_device
+from .runtime import resolve_data, resolve_device, resolve_ops
+from .tokenizer import load_tokenizer, tokenizer_identity
 
 
 def _parse_role(text: str) -> tuple[str, RoleSpec]:
@@ -53,44 +57,71 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--role", action="append", default=[], type=_parse_role, metavar="ROLE=METHOD[:BITS[:K[:FLOOR]]]",
                    help=f"override one role of the plan, e.g. tok_emb=gptq:8:20 (METHOD gptq|rtn, FLOOR "
                         f"eps|inv_range); roles: {', '.join(ROLES)}")
-    q.add_argument("--small-numel", type=int, default=PASSTHROUGH_NUMEL,
+    q.add_argument("--small-numel", type=int_at_least(0), default=PASSTHROUGH_NUMEL,
                    help="tensors with at most this many elements pass through as fp16")
     q.add_argument("--loop-aware", action="store_true", help="two-phase loop-aware GPTQ (PR #1535)")
-    q.add_argument("--target-bytes", type=int, default=BUDGET_BYTES,
+    q.add_argument("--target-bytes", type=int_at_least(1), default=BUDGET_BYTES,
                    help="prune ±1 codes until artifact + code bytes fit this (decimal bytes)")
-    q.add_argument("--n-seqs", type=int, default=DEFAULT_N_SEQS, help="calibration sequences")
-    q.add_argument("--seq-len", type=int, help="calibration/eval sequence length (default: config's)")
+    q.add_argument("--n-seqs", type=int_at_least(1), default=DEFAULT_N_SEQS, help="calibration sequences")
+    q.add_argument("--seq-len", type=int_at_least(1), help="calibration/eval sequence length (default: config's)")
     q.add_argument("--seed", type=int, default=0, help="calibration sampling seed")
-    q.add_argument("--batch-seqs", type=int, default=8, help="sequences per forward pass")
+    q.add_argument("--batch-seqs", type=int_at_least(1), default=8, help="sequences per forward pass")
     q.add_argument("--eval", action="store_true", help="also measure val_bpb before and after quantisation")
     q.add_argument("--json", help="write the summary as JSON here")
     return ap
 
 
 def main(argv=None) -> int:
-    """The CLI; returns 0 when the artifact fits the budget, 1 when it does not."""
+    """The CLI; returns 0 when the artifact fits the budget, 1 when it does not, 2 for a bad option or
+    file (one `error:` line)."""
     args = build_parser().parse_args(argv)
-    plan = dataclasses.replace(get_plan(args.plan), small_numel=args.small_numel)
-    for role, spec in args.role:
-        plan = plan.with_role(role, spec)
-    model = model_from_checkpoint(args.checkpoint, preset=args.preset, device=resolve_device(args.device),
-                                  ops=args.ops)
+    return run_main("python -m crawler.quantize", lambda: quantize(args))
+
+
+def quantize(args: argparse.Namespace) -> int:
+    """The command's work for parsed `args`: everything checked first, then quantise, write, report."""
+    try:
+        plan = dataclasses.replace(get_plan(args.plan), small_numel=args.small_numel)
+        for role, spec in args.role:
+            plan = plan.with_role(role, spec)
+    except ValueError as e:
+        raise SetupError(f"{e} (options --plan, --role)") from None
+    code = size_report(0).code_bytes
+    if args.target_bytes <= code:
+        raise SetupError(f"--target-bytes {args.target_bytes:,} leaves no room for the artifact: the counted code "
+                         f"alone is {code:,} B")
+    check_writable_file(args.out, "--out")
+    if args.json:
+        check_writable_file(args.json, "--json")
+    device = resolve_device(args.device)
+    resolve_ops(args.ops, device)
+    ckpt = read_checkpoint(args.checkpoint, preset=args.preset)
+    model = model_from_checkpoint(ckpt, device=device, ops=args.ops)
     config = model.config
     seq_len = args.seq_len or config.train_seq_len
     data_dir = tokenizer = None
     if plan.needs_hessians() or args.eval:
         data_dir, tokenizer = resolve_data(args.data_dir, args.tokenizer, config.vocab_size, need_tokenizer=args.eval)
+    # The artifact records the tokenizer the weights were trained with: the checkpoint's, else the one given.
+    trained_with = ckpt.tokenizer
+    if trained_with is None and tokenizer is not None:
+        trained_with = tokenizer_identity(tokenizer, load_tokenizer(tokenizer))
     if args.eval:
-        val_tokens, luts = load_eval_data(data_dir, tokenizer, config.vocab_size)
+        val_tokens, luts = load_eval_data(data_dir, tokenizer, config.vocab_size, trained_with=ckpt.tokenizer,
+                                          allow_mismatch=args.allow_tokenizer_mismatch)
+        if val_tokens.numel() < seq_len + 1:
+            raise SetupError(f"--eval: the validation shards of {str(data_dir)!r} hold {val_tokens.numel()} "
+                             f"tokens, fewer than one window of --seq-len {seq_len} + 1")
         summary = quantize_and_evaluate(model, data_dir, luts, val_tokens, plan=plan, loop_aware=args.loop_aware,
                                         out_path=args.out, target_bytes=args.target_bytes, n_seqs=args.n_seqs,
                                         calib_seq_len=seq_len, eval_seq_len=seq_len, seed=args.seed,
-                                        batch_seqs=args.batch_seqs)
+                                        batch_seqs=args.batch_seqs, tokenizer=trained_with)
     else:
         calib = (Calibration.from_data(model, data_dir, n_seqs=args.n_seqs, seq_len=seq_len, seed=args.seed,
                                        batch_seqs=args.batch_seqs, log=print) if plan.needs_hessians() else None)
         _, summary = build_artifact(model, calib, plan=plan, loop_aware=args.loop_aware,
-                                    target_bytes=args.target_bytes, out_path=args.out, batch_seqs=args.batch_seqs)
+                                    target_bytes=args.target_bytes, out_path=args.out, batch_seqs=args.batch_seqs,
+                                    tokenizer=trained_with)
     if args.json:
         write_json(args.json, summary)
     print(json.dumps(summary, indent=2))

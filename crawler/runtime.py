@@ -25,6 +25,7 @@ import torch.nn as nn
 from tqdm import tqdm
 
 from kernels.modules import select_op  # noqa: F401  (re-exported: the stages import it from here)
+from kernels.utils import interpreting
 
 from .errors import SetupError
 from .tokenizer import TOKENIZER_FILE
@@ -74,8 +75,12 @@ def check_ops(ops) -> None:
 def resolve_ops(ops, device: torch.device | str):
     """The ops kind for inputs on `device`: "auto" is "triton" on CUDA and "reference" elsewhere (on a
     CPU, Triton runs only in its interpreter, which is for tests and far slower than torch). "triton",
-    "reference" and ops objects (see kernels.modules.select_op) are returned as they are."""
+    "reference" and ops objects (see kernels.modules.select_op) are returned as they are; "triton" for a
+    device other than CUDA without the interpreter is a SetupError (the kernels could not run there)."""
     check_ops(ops)
+    if ops == "triton" and torch.device(device).type != "cuda" and not interpreting():
+        raise SetupError(f"--ops triton on {torch.device(device)}: the Triton kernels need a CUDA device (on the "
+                         f"CPU they run only under TRITON_INTERPRET=1, for tests): use --ops reference or auto")
     if ops != "auto":
         return ops
     return "triton" if torch.device(device).type == "cuda" else "reference"

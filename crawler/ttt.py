@@ -47,6 +47,13 @@ class TTTConfig:
         if isinstance(self.frozen_prefixes, str):
             raise TypeError("TTTConfig: frozen_prefixes must be a tuple of str, not a str")
 
+    def check(self, seq_len: int) -> None:
+        """ValueError unless these settings can run with windows of `seq_len` (each chunk must hold a
+        training sequence); the command lines call it before any work, legal_ttt_bpb again."""
+        if self.chunk_tokens < seq_len:
+            raise ValueError(f"TTTConfig.chunk_tokens ({self.chunk_tokens}) must be >= seq_len ({seq_len}) so "
+                             f"each chunk holds at least one training sequence")
+
 
 def _all_reduce_grads(params: list[torch.nn.Parameter]) -> None:
     """Sum the gradients of `params` over ranks in one fp32 buffer (a rank without data in a batch
@@ -108,9 +115,7 @@ def legal_ttt_bpb(model, tokens: torch.Tensor, luts, *, seq_len: int, stride: in
     """
     config = config if config is not None else TTTConfig()
     n_targets = check_stream(tokens, seq_len)
-    if config.chunk_tokens < seq_len:
-        raise ValueError(f"TTTConfig.chunk_tokens ({config.chunk_tokens}) must be >= seq_len ({seq_len}) so "
-                         f"each chunk holds at least one training sequence")
+    config.check(seq_len)
     windows = plan_windows(n_targets, seq_len, stride)
     K = config.chunk_tokens
     n_chunks = -(-n_targets // K)

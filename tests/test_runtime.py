@@ -82,7 +82,7 @@ def test_data_resolution(tmp_path):
 
 def test_every_cli_takes_the_shared_options_from_one_parser():
     shared = {a.dest: a for a in shared_options()._actions if a.option_strings}
-    assert set(shared) == {"device", "ops", "data_dir", "tokenizer"}
+    assert set(shared) == {"device", "ops", "data_dir", "tokenizer", "allow_tokenizer_mismatch"}
     assert shared["ops"].choices == OPS_CHOICES
     parsers = [train_cli.build_parser(), crawler.quantize.build_parser(), crawler.evaluate.build_parser(),
                crawler.generate.build_parser()]

@@ -403,7 +403,7 @@ def test_cli_errors(cli_files, tmp_path, capsys):
     cut.write_bytes((cli_files / "model.int6").read_bytes()[:100])
     code, _, err = run_cli(capsys, "--artifact", cut, *data)
     assert code == 2 and "truncated" in err
-    art = ("--artifact", cli_files / "model.int6")
+    art = ("--artifact", cli_files / "model.int6", "--stride", 8)    # windows fit its train_seq_len of 32
     code, _, err = run_cli(capsys, *art, "--data-dir", tmp_path / "missing")
     assert code == 2 and "does not exist" in err and "missing" in err
     (tmp_path / "notok").mkdir()
