@@ -69,8 +69,8 @@ def check_token_range(tokens: np.ndarray, vocab_size: int, where: str) -> None:
     """SetupError unless every id in `tokens` (a numpy integer array, read from `where`) is below
     `vocab_size`: a larger id would index past the model's embedding."""
     if tokens.size and int(tokens.max()) >= vocab_size:
-        raise SetupError(f"{where} holds token id {int(tokens.max())} >= the model's vocab_size {vocab_size}: the "
-                         f"data was encoded with another tokenizer; use the data and tokenizer of this model")
+        raise SetupError(f"{where}: token id {int(tokens.max())} >= the model's vocab_size {vocab_size}: the data "
+                         f"was encoded with another tokenizer; use the data and tokenizer of this model")
 
 
 def read_shard_array(path: Path, vocab_size: int | None = None) -> np.ndarray:

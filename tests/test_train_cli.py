@@ -4,16 +4,12 @@ import dataclasses
 import json
 
 import pytest
+from trainer_fixtures import CLI_FAST as FAST
+from trainer_fixtures import CLI_SMALL_MODEL as SMALL_MODEL
 from trainer_fixtures import VOCAB, make_dataset, restore_threads  # noqa: F401
 
 import train as train_cli
 from crawler.training import TrainConfig
-
-SMALL_MODEL = ["--vocab-size", str(VOCAB), "--train-seq-len", "16", "--train-batch-tokens", "64",
-               "--model-set", "model_dim=32", "--model-set", "bigram_buckets=64", "--model-set", "bigram_dim=8",
-               "--model-set", "ve_dim=8"]
-FAST = ["--device", "cpu", "--threads", "1", "--max-wallclock-seconds", "0", "--val-every", "0", "--eval-stride", "8",
-        "--val-max-tokens", "129", "--log-every", "1", "--muon-dtype", "float32", "--grad-accum-steps", "1"]
 
 
 @pytest.fixture(scope="module")

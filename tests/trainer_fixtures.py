@@ -14,6 +14,13 @@ from crawler.tokenizer import BOS_ID, train_tokenizer
 from crawler.training import TrainConfig
 
 VOCAB = 320
+# train.py options of a very small, fast CPU run on make_dataset's data (the model of small_config's size).
+CLI_SMALL_MODEL = ["--vocab-size", str(VOCAB), "--train-seq-len", "16", "--train-batch-tokens", "64",
+                   "--model-set", "model_dim=32", "--model-set", "bigram_buckets=64", "--model-set", "bigram_dim=8",
+                   "--model-set", "ve_dim=8"]
+CLI_FAST = ["--device", "cpu", "--threads", "1", "--max-wallclock-seconds", "0", "--val-every", "0",
+            "--eval-stride", "8", "--val-max-tokens", "129", "--log-every", "1", "--muon-dtype", "float32",
+            "--grad-accum-steps", "1"]
 _WORDS = ("the cat dog bird sat ran flew on under over a mat tree roof quickly slowly red green blue "
           "small big and then it was happy sad").split()
 
