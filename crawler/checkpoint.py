@@ -99,11 +99,12 @@ def contents_sha256(contents: dict) -> str:
 def _verify(path: Path, contents: dict, kind: str) -> None:
     """CheckpointError when the stored checksum disagrees with the contents; an UnverifiedWarning for a
     trainer file written before checksums (plain state dicts never carry one)."""
+    if kind == "state_dict":
+        return
     stored = contents.get(INTEGRITY_KEY)
     if stored is None:
-        if kind != "state_dict":
-            warnings.warn(f"checkpoint {str(path)!r} has no checksum (written before checkpoints carried "
-                          f"one): it cannot be verified", UnverifiedWarning, stacklevel=3)
+        warnings.warn(f"checkpoint {str(path)!r} has no checksum (written before checkpoints carried one): it "
+                      f"cannot be verified", UnverifiedWarning, stacklevel=3)
         return
     if stored != contents_sha256(contents):
         raise CheckpointError(f"checkpoint {str(path)!r} is corrupt: its contents do not match the checksum "

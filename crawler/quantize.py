@@ -16,6 +16,7 @@ import argparse
 import dataclasses
 import json
 import sys
+from pathlib import Path
 
 from .budget import BUDGET_BYTES, size_report
 from .checkpoint import model_from_checkpoint, read_checkpoint
@@ -91,6 +92,9 @@ def quantize(args: argparse.Namespace) -> int:
         raise SetupError(f"--target-bytes {args.target_bytes:,} leaves no room for the artifact: the counted code "
                          f"alone is {code:,} B")
     check_writable_file(args.out, "--out")
+    if Path(args.out).resolve() == Path(args.checkpoint).resolve():
+        raise SetupError(f"--out {args.out!r} is the --checkpoint itself: the artifact would replace the weights "
+                         f"it is made from; choose another --out")
     if args.json:
         check_writable_file(args.json, "--json")
     device = resolve_device(args.device)

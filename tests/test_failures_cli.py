@@ -2,6 +2,7 @@
 crawler.generate check every option, file and output path before the work, end every expected failure in
 one `prog: error: ...` line with exit status 2, never replace a finished run without --overwrite, keep
 the trained model when the disk fills at the end, and check the tokenizer against the recorded one."""
+import dataclasses
 import io
 import json
 import os
@@ -17,7 +18,7 @@ from trainer_fixtures import CLI_FAST, CLI_SMALL_MODEL, VOCAB, make_dataset, res
 import crawler.budget
 import train as train_cli
 from crawler import evaluate, generate, quantize
-from crawler.artifact import load_artifact
+from crawler.artifact import load_artifact, save_artifact
 from crawler.budget import REPO_ROOT
 from crawler.checkpoint import read_checkpoint, save_model
 from crawler.config import CrawlerConfig
@@ -184,6 +185,7 @@ def test_quantize_checks_everything_before_quantising(dataset, model_files, othe
         (["--checkpoint", ckpt, "--out", tmp_path / "a.ptz", "--json", tmp_path], "is a directory"),
         (["--checkpoint", ckpt, "--out", tmp_path / "a.ptz", "--target-bytes", "10"], "leaves no room"),
         (["--checkpoint", ckpt, "--out", tmp_path / "a.ptz", "--role", "bogus=rtn"], "unknown role 'bogus'"),
+        (["--checkpoint", ckpt, "--out", ckpt], "is the --checkpoint itself"),
         (["--checkpoint", ckpt, "--out", tmp_path / "a.ptz", "--eval", "--data-dir", data_dir, "--tokenizer",
           other_tokenizer], "is not the one the model was trained with"),
     ):
@@ -225,6 +227,12 @@ def test_evaluate_checks_options_and_the_tokenizer_and_names_the_budget(dataset,
     assert "--allow-tokenizer-mismatch" in err
     code, out, err = run(evaluate.main, [*base[:5], other_tokenizer, *base[6:], "--allow-tokenizer-mismatch"], capsys)
     assert code == 0, err
+    unrecorded = model_files / "unrecorded.ptz"         # written without a tokenizer identity
+    save_artifact(dataclasses.replace(load_artifact(model_files / "model.ptz"), tokenizer=None), unrecorded)
+    code, out, err = run(evaluate.main, [base[0], unrecorded, *base[2:]], capsys)
+    assert code == 0 and err.strip() == (f"{prog}: warning: artifact {str(unrecorded)!r} records no tokenizer "
+                                         f"identity: {str(tok)!r} cannot be checked against the one it was "
+                                         f"trained with"), err
     real = crawler.budget.size_report
     monkeypatch.setattr(crawler.budget, "size_report", lambda n: real(n, budget=1000))
     code, out, err = run(evaluate.main, base, capsys)

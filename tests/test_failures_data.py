@@ -147,3 +147,28 @@ def test_training_data_is_checked_before_training(dataset, tmp_path):
     shard.write_bytes(shard.read_bytes()[:-10])
     with pytest.raises(SetupError, match=r"fineweb_train_000001.bin': size mismatch \(truncated\)"):
         prepare_data(damaged, tok, VOCAB)
+
+
+def test_triton_ops_on_plain_cpu_tensors_give_one_clear_error(monkeypatch):
+    """Without the interpreter, Triton on CPU tensors is refused in one message everywhere (the ops
+    themselves: tests/test_utils.py, in a fresh process): by the model and the CLIs' --ops check as a
+    SetupError naming the option, by the kernels.modules modules with the ops' own message."""
+    from crawler.runtime import resolve_ops
+    from kernels.modules import Attention, ReLU2MLP, SoftcappedCrossEntropyLoss
+    model = filled_crawler()
+    ids = torch.randint(0, 64, (1, 8))
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    model.ops = "triton"
+    with pytest.raises(SetupError, match="--ops triton on cpu: the Triton kernels need a CUDA device"):
+        model(ids, ids)
+    with pytest.raises(SetupError, match="use --ops reference or auto"):
+        resolve_ops("triton", "cpu")
+    assert resolve_ops("auto", "cpu") == "reference"
+    q, kv = torch.randn(1, 4, 2, 8), torch.randn(1, 4, 1, 8)
+    calls = {"attention": lambda: Attention()(q, kv, kv),
+             "relu2_mlp": lambda: ReLU2MLP(8, 16)(torch.randn(3, 8)),
+             "softcapped_cross_entropy": lambda: SoftcappedCrossEntropyLoss()(torch.randn(3, 8), torch.randn(5, 8),
+                                                                               torch.tensor([0, 1, 4]))}
+    for op, call in calls.items():
+        with pytest.raises(ValueError, match=rf"^{op}: \w+ is on cpu; the Triton ops need a CUDA tensor"):
+            call()
