@@ -20,7 +20,7 @@ from .cli import shared_options
 from .data import load_eval_data
 from .inference import load_int6_model
 from .runtime import Progress, autocast, distributed, eval_mode, rank_and_world, resolve_data, resolve_device
-from .ttt import TTTConfig, legal_ttt_bpb
+from .ttt import add_ttt_arguments, legal_ttt_bpb, ttt_config_from_args
 
 MODES = ("plain", "sliding", "ttt")
 
@@ -105,7 +105,6 @@ def sliding_window_bpb(model, tokens: torch.Tensor, luts, *, seq_len: int, strid
 # Command line: score an artifact on its own
 
 def build_parser() -> argparse.ArgumentParser:
-    d = TTTConfig()
     p = argparse.ArgumentParser(prog="python -m crawler.evaluate", parents=[shared_options()],
                                 description="Score a crawler int6 artifact: non-overlapping (plain), sliding "
                                             "window, or legal score-first TTT (docs/math.md §6). torchrun "
@@ -120,12 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--dequantized", action="store_true",
                    help="score a dequantised float copy instead of computing on the packed int6 weights "
                         "(plain/sliding; TTT always trains the dequantised model)")
-    e.add_argument("--ttt-epochs", type=int, default=d.epochs, help=f"TTT epochs per chunk (default {d.epochs})")
-    e.add_argument("--ttt-chunk-tokens", type=int, default=d.chunk_tokens,
-                   help=f"TTT chunk size in targets (default {d.chunk_tokens})")
-    e.add_argument("--ttt-lr", type=float, default=d.lr, help=f"TTT peak SGD learning rate (default {d.lr})")
-    e.add_argument("--ttt-batch-seqs", type=int, default=d.batch_seqs,
-                   help=f"TTT sequences per step (default {d.batch_seqs})")
+    add_ttt_arguments(p)
     return p
 
 
@@ -155,8 +149,7 @@ def main(argv: list[str] | None = None) -> int:
                 loss, bpb = sliding_window_bpb(model, tokens, luts, seq_len=seq_len, stride=args.stride,
                                                batch_seqs=args.batch_seqs)
             else:
-                ttt = TTTConfig(chunk_tokens=args.ttt_chunk_tokens, epochs=args.ttt_epochs, lr=args.ttt_lr,
-                                batch_seqs=args.ttt_batch_seqs)
+                ttt = ttt_config_from_args(args)
                 loss, bpb = legal_ttt_bpb(model, tokens, luts, seq_len=seq_len, stride=args.stride,
                                           batch_seqs=args.batch_seqs, config=ttt, log=log)
             elapsed = time.perf_counter() - t0
