@@ -7,9 +7,8 @@ import re
 
 import pytest
 import torch
-from trainer_fixtures import VOCAB, make_dataset, restore_threads  # noqa: F401
+from trainer_fixtures import VOCAB, kill_at_step, make_dataset, restore_threads  # noqa: F401
 
-import crawler.training.loop as trainer_mod
 import train as train_cli
 from crawler.checkpoint import read_checkpoint
 from crawler.runtime import default_cpu_threads, idle_cpu_threads, resolve_cpu_threads
@@ -38,18 +37,6 @@ def cli(*argv) -> int:
 def base(dataset, out) -> list:
     data_dir, tok = dataset
     return ["--data-dir", data_dir, "--tokenizer", tok, *SMALL_MODEL, *RUN, "--out-dir", out]
-
-
-def kill_at_step(monkeypatch, step: int):
-    original = trainer_mod._Trainer.train_step
-
-    def killed(self, s, multiplier):
-        if s == step:
-            raise KeyboardInterrupt
-        return original(self, s, multiplier)
-
-    monkeypatch.setattr(trainer_mod._Trainer, "train_step", killed)
-    return lambda: monkeypatch.setattr(trainer_mod._Trainer, "train_step", original)
 
 
 def weights(path):

@@ -6,7 +6,14 @@ import json
 
 import pytest
 import torch
-from trainer_fixtures import fast_train_config, make_dataset, restore_threads, run_gloo, small_config  # noqa: F401
+from trainer_fixtures import (  # noqa: F401
+    fast_train_config,
+    kill_at_step,
+    make_dataset,
+    restore_threads,
+    run_gloo,
+    small_config,
+)
 
 import crawler.training.loop as trainer_mod
 import train as train_cli
@@ -178,17 +185,10 @@ def test_resume_keeps_the_schedule_and_late_qat(data, tmp_path, monkeypatch):
     options = dict(iterations=7, checkpoint_every=2, warmdown_frac=0.8, late_qat_threshold=0.95,
                    qat_small_numel=0, progressive_schedule="3:2")
     full = run(data, out_dir=tmp_path / "full", **options)
-    original = trainer_mod._Trainer.train_step
-
-    def dies_at_step_5(self, step, multiplier):
-        if step == 5:
-            raise KeyboardInterrupt
-        return original(self, step, multiplier)
-
-    monkeypatch.setattr(trainer_mod._Trainer, "train_step", dies_at_step_5)
+    restore = kill_at_step(monkeypatch, 5)
     with pytest.raises(KeyboardInterrupt):
         run(data, out_dir=tmp_path / "cut", **options)
-    monkeypatch.setattr(trainer_mod._Trainer, "train_step", original)
+    restore()
     state = read_checkpoint(tmp_path / "cut" / "checkpoint.pt", expect="training").contents
     assert state["step"] == 4 and state["qat_active"]
     seen = spy_steps(monkeypatch)
@@ -294,3 +294,27 @@ def test_train_alpha_under_two_process_ddp(dataset, data, tmp_path):
             assert torch.allclose(ddp.state_dict()[k], v, atol=1e-4, rtol=1e-3), (name, k)
         summary = json.loads((tmp_path / name / "summary.json").read_text())
         assert summary["world_size"] == 2 and summary["steps"] == 4
+
+
+@pytest.mark.gpu
+def test_gpu_compiled_variants_compile_in_the_warmup_only(data, monkeypatch):
+    """On CUDA with torch.compile (inductor): the progressive schedule's two loop counts and late QAT's
+    off/on graphs are all compiled during the warm-up; training then never compiles again."""
+    from torch._dynamo.utils import counters
+    after_warmup = []
+    original = trainer_mod._Trainer.compile_warmup
+
+    def spy(self):
+        original(self)
+        after_warmup.append(counters["stats"]["unique_graphs"])
+
+    monkeypatch.setattr(trainer_mod._Trainer, "compile_warmup", spy)
+    torch._dynamo.reset()
+    ctx = DistContext(rank=0, world_size=1, local_rank=0, device=torch.device("cuda"))
+    log = Recorder()
+    res = train(small_config(model_dim=64), fast_train_config(iterations=8, warmup_steps=4, compile=True,
+                                                              muon_dtype="bfloat16", progressive_schedule="3:2",
+                                                              late_qat_threshold=0.5, qat_small_numel=0),
+                data, ops="auto", ctx=ctx, log=log)
+    assert res.summary["compiled"] and "late_qat:activated at step 6 scale=0.5000 threshold=0.5" in log.lines
+    assert after_warmup and counters["stats"]["unique_graphs"] == after_warmup[0]

@@ -65,6 +65,21 @@ def fast_train_config(**overrides) -> TrainConfig:
     return TrainConfig(**{**base, **overrides})
 
 
+def kill_at_step(monkeypatch, step: int, exc: type[BaseException] = KeyboardInterrupt):
+    """Make the trainer raise `exc` when it is about to run step `step` (a killed run); returns a function
+    that puts the real step back."""
+    import crawler.training.loop as loop
+    original = loop._Trainer.train_step
+
+    def killed(self, s, multiplier):
+        if s == step:
+            raise exc("killed")
+        return original(self, s, multiplier)
+
+    monkeypatch.setattr(loop._Trainer, "train_step", killed)
+    return lambda: monkeypatch.setattr(loop._Trainer, "train_step", original)
+
+
 @pytest.fixture(autouse=True)
 def restore_threads():
     """The trainer tests run on one intra-op thread (cheaper on a shared CPU); give the next tests back
