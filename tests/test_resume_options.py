@@ -106,7 +106,7 @@ def test_identical_cpu_runs_with_the_default_threads_are_bitwise_equal(dataset, 
         argv = base(dataset, tmp_path / name)
         i = argv.index("--threads")
         del argv[i:i + 2]                                             # the default thread count
-        assert cli(*argv, "--no-quantize") == 0
+        assert cli(*argv, "--no-quantize", "--iterations", "3") == 0
         runs.append(weights(tmp_path / name / "final_model.pt"))
     assert all(torch.equal(runs[0][k], runs[1][k]) for k in runs[0])
     saved = read_checkpoint(tmp_path / "a" / "checkpoint.pt", expect="training").contents["run_options"]
