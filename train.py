@@ -95,6 +95,7 @@ def _as_flags(options: dict) -> str:
 
 
 def _threads(text: str) -> int | str:
+    """--threads: a count >= 1 or "idle" (crawler.runtime.resolve_cpu_threads makes it a count)."""
     if text == "idle":
         return text
     try:
