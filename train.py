@@ -12,7 +12,9 @@ budget), evaluates the artifact (non-overlapping, sliding window stride 64, lega
 for the built-in corpus demo, also measures the quantisation gap of the seed's plans for comparison.
 
 Stages (each a function below; all logic lives in crawler/):
-data -> baselines -> train -> quantise -> evaluate -> summary.
+data -> baselines -> train -> quantise -> evaluate -> summary, every stage logging into out-dir/train.log.
+`--resume` continues a run with the options it was started with (recorded in its checkpoint); options
+given again on the command line win and are logged, those that change training named.
 
 Every option, the data and the output directory are checked before the first stage, and every expected
 failure (bad option, missing or damaged file, full disk) ends in one `train.py: error: ...` line and exit
@@ -39,8 +41,9 @@ import torch
 from crawler.artifact import model_from_artifact
 from crawler.bpb import plan_windows
 from crawler.budget import BUDGET_BYTES, size_report
+from crawler.checkpoint import read_checkpoint
 from crawler.cli import int_at_least, run_main, shared_options
-from crawler.config import PASSTHROUGH_NUMEL, PRESETS, CrawlerConfig
+from crawler.config import PRESETS, CrawlerConfig
 from crawler.errors import SetupError
 from crawler.evaluate import sliding_window_bpb, unigram_bpb
 from crawler.fileio import prepare_output_dir, write_json
@@ -48,22 +51,27 @@ from crawler.quant import PLANS, Calibration, get_plan, quantize_and_evaluate
 from crawler.report import print_table, summary_rows
 from crawler.runtime import (
     broadcast_object,
-    default_cpu_threads,
     distributed,
     env_world_size,
+    resolve_cpu_threads,
     resolve_data,
     resolve_device,
     resolve_ops,
 )
 from crawler.training import TrainConfig, prepare_data, resolve_grad_accum, train
-from crawler.ttt import TTTConfig, legal_ttt_bpb
+from crawler.training.log import RunLogger, exact_line, score_line
+from crawler.training.resume import RUN_OPTIONS_KEY, given_options, restore_run_options
+from crawler.ttt import TTTConfig, add_ttt_arguments, legal_ttt_bpb, ttt_config_from_args
 
 # The built-in corpus demo: a few minutes on a CPU. Everything not listed keeps the seed's default.
 # Measured on this demo: twice the seed's learning rates beat 1x by 0.07 bpb and 3-4x by 0.03 bpb (60
 # steps of 4096 tokens); SWA is off because in a 4-minute run its snapshots span too much of the LR
-# decay (10 snapshots: 2.266 bpb vs 2.246 for the last weights).
+# decay (10 snapshots: 2.266 bpb vs 2.246 for the last weights). The tiny model's matrices all have at
+# most 65,536 elements: QAT and the artifact act on all of them (qat_small_numel 0, which the
+# quantiser's --quant-small-numel follows).
 DEMO_TRAIN_DEFAULTS = dict(max_wallclock_seconds=240.0, grad_accum_steps=1, val_every=0, log_every=25,
-                           checkpoint_every=50, swa=False, matrix_lr=0.04, tied_embed_lr=0.04, scalar_lr=0.02)
+                           checkpoint_every=50, swa=False, matrix_lr=0.04, tied_embed_lr=0.04, scalar_lr=0.02,
+                           qat_small_numel=0)
 # No compiler to warm up on the CPU; fp32 Newton-Schulz (bf16 matmuls are slow on most CPUs).
 CPU_TRAIN_DEFAULTS = dict(warmup_steps=0, compile=False, muon_dtype="float32")
 UNIGRAM_MAX_TRAIN_TOKENS = 100_000_000   # counts for the unigram baseline: the first ~shard of FineWeb
@@ -77,6 +85,13 @@ QUANT_COMPARISON = (("(a) round-to-nearest, seed's 1/31 floor", "rtn_seed_floor"
                     ("(b) the seed's plan (GPTQ, 1/31 floor, RTN embeddings)", "seed", False),
                     ("(c) ours: GPTQ + SDClip, GPTQ'd embedding at int8 if it fits", "default", False),
                     ("(d) ours + loop-aware GPTQ", "default", True))
+# Run options (beyond TrainConfig) whose change changes the trained weights: a resume names them.
+TRAINING_RUN_OPTIONS = ("device", "ops", "threads")
+# Options a resume does not take from the checkpoint: where to resume from and write to, and the weights
+# a new run starts from (a resumed run has its own).
+NOT_RESTORED = ("resume", "out_dir", "init_from", "overwrite")
+# Options that shape the model config (a resume compares the config itself, crawler.training.loop).
+MODEL_OPTIONS = ("preset", "vocab_size", "train_seq_len", "train_batch_tokens", "model_set")
 
 
 def _as_flags(options: dict) -> str:
@@ -86,6 +101,19 @@ def _as_flags(options: dict) -> str:
             return f"--{name}" if value else f"--no-{name}"
         return f"--{name} {value}"
     return " ".join(flag(k, v) for k, v in options.items())
+
+
+def _threads(text: str) -> int | str:
+    """--threads: a count >= 1 or "idle" (crawler.runtime.resolve_cpu_threads makes it a count)."""
+    if text == "idle":
+        return text
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a thread count >= 1 or 'idle', got {text!r}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -101,12 +129,18 @@ def build_parser() -> argparse.ArgumentParser:
                      help="directory for train.log, checkpoint.pt, final_model.pt, summary.json "
                           "(default: the --resume checkpoint's directory, else runs/<preset>-<time>)")
     run.add_argument("--resume", default=None, metavar="CHECKPOINT",
-                     help="continue a run from its checkpoint.pt (same preset, model options and data)")
+                     help="continue a run from its checkpoint.pt with the options it was started with; options "
+                          "given here override them (those that change training are named in the log)")
     run.add_argument("--overwrite", action="store_true",
                      help="replace the outputs of an earlier run in --out-dir (default: an --out-dir that holds "
                           "a run is refused, unless --resume continues it)")
-    run.add_argument("--threads", type=int_at_least(1), default=None,
-                     help="CPU intra-op threads (default: the cores not busy by the load average, >= 1)")
+    run.add_argument("--init-from", default=None, metavar="WEIGHTS",
+                     help="start a new run from the weights of a plain state dict or checkpoint (e.g. PR #1579's "
+                          "final_model.pt) with fresh optimisers (the seed's RESUME_FROM)")
+    run.add_argument("--threads", type=_threads, default=None,
+                     help="CPU intra-op threads: a count, or 'idle' for the cores not busy by the load average "
+                          "(faster on a shared machine, not bit-reproducible) (default: the machine's cores, "
+                          "fixed, so identical runs are bitwise equal)")
     data = p.add_argument_group("built-in corpus, validation and baselines")
     data.add_argument("--cache-dir", default=None,
                       help="where the built-in corpus is cached (default: $CRAWLER_CACHE or "
@@ -141,8 +175,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="also measure the round-trip gap of (a) RTN with the seed's floor, (b) the seed's "
                            "plan, (c) ours, (d) ours loop-aware (default: on for the built-in corpus)")
     post.add_argument("--quant-small-numel", type=int_at_least(0), default=None,
-                      help=f"matrices with at most this many elements stay fp16 (default: {PASSTHROUGH_NUMEL:,}, the "
-                           f"seed's; 0 for the built-in corpus demo, whose tiny matrices all fall below it)")
+                      help="matrices with at most this many elements stay fp16 (default: the run's --qat-small-numel, "
+                           "so QAT and the artifact act on the same matrices)")
     post.add_argument("--target-bytes", type=int_at_least(1), default=BUDGET_BYTES,
                       help=f"artifact + code byte target; ±1 codes are pruned to fit (default: {BUDGET_BYTES:,})")
     post.add_argument("--sliding", action=argparse.BooleanOptionalAction, default=True,
@@ -150,14 +184,13 @@ def build_parser() -> argparse.ArgumentParser:
     post.add_argument("--eval-stride", type=int_at_least(1), default=64, help="sliding-window stride (default: 64)")
     post.add_argument("--ttt", action=argparse.BooleanOptionalAction, default=True,
                       help="score the artifact with legal score-first TTT (default: on)")
-    post.add_argument("--ttt-epochs", type=int_at_least(0), default=None,
-                      help=f"TTT epochs per chunk (default: 3, the seed's; {CPU_TTT_EPOCHS} on a CPU)")
-    post.add_argument("--ttt-chunk-tokens", type=int_at_least(1), default=TTTConfig.chunk_tokens,
-                      help=f"TTT chunk size in tokens (default: {TTTConfig.chunk_tokens:,})")
+    add_ttt_arguments(p, epochs_default=f"{TTTConfig.epochs}, the seed's; {CPU_TTT_EPOCHS} on a CPU")
     return p
 
 
-def _model_config(args) -> CrawlerConfig:
+def _model_config(args, base: CrawlerConfig | None = None) -> CrawlerConfig:
+    """The run's CrawlerConfig: `base` (a resumed checkpoint's) or args.preset's, with the model options
+    of args on top."""
     overrides = {}
     for item in args.model_set:
         key, sep, value = item.partition("=")
@@ -171,15 +204,17 @@ def _model_config(args) -> CrawlerConfig:
         if getattr(args, key) is not None:
             overrides[key] = getattr(args, key)
     try:
+        if base is not None:
+            return dataclasses.replace(base, **overrides)
         return CrawlerConfig.preset(args.preset, **overrides)
     except (ValueError, TypeError) as e:
         raise SetupError(f"{e} (check --preset / --model-set / --vocab-size options)") from None
 
 
-def stage_data(args, model_config):
+def stage_data(args, model_config, log):
     """The data directory and tokenizer (the built-in corpus if none is given), checked and loaded."""
     data_dir, tokenizer = resolve_data(args.data_dir, args.tokenizer, model_config.vocab_size,
-                                      cache_dir=args.cache_dir)
+                                      cache_dir=args.cache_dir, log=log)
     return prepare_data(data_dir, tokenizer, model_config.vocab_size, val_max_tokens=args.val_max_tokens,
                         min_val_tokens=model_config.train_seq_len + 1,
                         allow_tokenizer_mismatch=args.allow_tokenizer_mismatch)
@@ -217,13 +252,16 @@ def stage_quantize(args, model, data, train_summary: dict, out_dir: Path, log) -
         out["comparison"].append((label, result))
         if written:
             out["artifact"] = result
+            log(score_line("final_int6_roundtrip", result["quant_val_loss"], result["quant_val_bpb"],
+                           eval_ms=1000.0 * result["quant_eval_seconds"]))
+            log(exact_line("final_int6_roundtrip", result["quant_val_loss"], result["quant_val_bpb"]))
     return out
 
 
 def ttt_config(args, device: torch.device) -> TTTConfig:
-    """The TTT settings of the artifact's evaluation (fewer epochs on a CPU unless --ttt-epochs)."""
-    epochs = args.ttt_epochs if args.ttt_epochs is not None else (CPU_TTT_EPOCHS if device.type == "cpu" else 3)
-    return TTTConfig(epochs=epochs, chunk_tokens=args.ttt_chunk_tokens)
+    """The TTT settings of the artifact's evaluation: the --ttt-* flags over the seed's values, with fewer
+    epochs on a CPU unless --ttt-epochs is given."""
+    return ttt_config_from_args(args, **({"epochs": CPU_TTT_EPOCHS} if device.type == "cpu" else {}))
 
 
 def stage_evaluate(args, artifact_path: Path, data, model_config, device: torch.device, log) -> dict:
@@ -232,30 +270,39 @@ def stage_evaluate(args, artifact_path: Path, data, model_config, device: torch.
     T, out = model_config.train_seq_len, {}
     if args.sliding:
         t0 = time.perf_counter()
-        out["sliding_val_loss"], out["sliding_val_bpb"] = sliding_window_bpb(
-            model, data.val_tokens, data.luts, seq_len=T, stride=args.eval_stride)
-        out["sliding_seconds"] = time.perf_counter() - t0
-        log(f"sliding window (stride {args.eval_stride}): val_bpb {out['sliding_val_bpb']:.4f} "
-            f"({out['sliding_seconds']:.0f} s)")
+        loss, bpb = sliding_window_bpb(model, data.val_tokens, data.luts, seq_len=T, stride=args.eval_stride)
+        out["sliding_val_loss"], out["sliding_val_bpb"], out["sliding_seconds"] = loss, bpb, time.perf_counter() - t0
+        log(score_line("final_int6_sliding_window", loss, bpb, extra=f" stride:{args.eval_stride}",
+                       eval_ms=1000.0 * out["sliding_seconds"]))
+        log(exact_line("final_int6_sliding_window", loss, bpb))
     if args.ttt:
         config = ttt_config(args, device)
         t0 = time.perf_counter()
-        out["ttt_val_loss"], out["ttt_val_bpb"] = legal_ttt_bpb(
-            model, data.val_tokens, data.luts, seq_len=T, stride=args.eval_stride, config=config, log=log)
+        loss, bpb = legal_ttt_bpb(model, data.val_tokens, data.luts, seq_len=T, stride=args.eval_stride,
+                                  config=config, log=log)
+        out["ttt_val_loss"], out["ttt_val_bpb"] = loss, bpb
         out["ttt_seconds"], out["ttt_epochs"] = time.perf_counter() - t0, config.epochs
+        log(score_line("final_ttt_sliding", loss, bpb, eval_ms=1000.0 * out["ttt_seconds"]))
+        log(exact_line("legal_ttt", loss, bpb))
     return out
 
 
-def resolve_options(args, device: torch.device) -> tuple[CrawlerConfig, TrainConfig]:
+def resolve_options(args, device: torch.device, resumed: dict | None = None) -> tuple[CrawlerConfig, TrainConfig]:
     """The model and training configs of this run, and the defaults that depend on it (preset, demo and
-    CPU training defaults, baselines, the quantisation comparison), checked before anything runs: every
-    option of a later stage too (validation length, byte target, evaluation windows, TTT chunks)."""
+    CPU training defaults, baselines, the quantisation comparison, the thread count), checked before
+    anything runs: every option of a later stage too (validation length, byte target, evaluation windows,
+    TTT chunks). `resumed` ({"config", "train_config"} of the checkpoint being resumed) replaces the
+    preset and the defaults: the options on the command line apply on top of the checkpoint's."""
     resolve_ops(args.ops, device)
     builtin = args.data_dir is None
     if args.preset is None:
         args.preset = "pr1579" if device.type == "cuda" and not builtin else "tiny"
-    model_config = _model_config(args)
-    defaults = {**(DEMO_TRAIN_DEFAULTS if builtin else {}), **(CPU_TRAIN_DEFAULTS if device.type == "cpu" else {})}
+    model_config = _model_config(args, resumed["config"] if resumed else None)
+    if resumed:
+        known = {f.name for f in dataclasses.fields(TrainConfig)}
+        defaults = {k: v for k, v in resumed["train_config"].items() if k in known}
+    else:
+        defaults = {**(DEMO_TRAIN_DEFAULTS if builtin else {}), **(CPU_TRAIN_DEFAULTS if device.type == "cpu" else {})}
     try:
         tc = TrainConfig(**{**defaults, **TrainConfig.overrides(args)})
         tc.validate()
@@ -267,10 +314,10 @@ def resolve_options(args, device: torch.device) -> tuple[CrawlerConfig, TrainCon
     if args.compare_quant is None:
         args.compare_quant = builtin
     if args.quant_small_numel is None:
-        args.quant_small_numel = 0 if builtin else PASSTHROUGH_NUMEL
+        args.quant_small_numel = tc.qat_small_numel
+    if device.type == "cpu":
+        args.threads = resolve_cpu_threads(args.threads)
     T = model_config.train_seq_len
-    if args.resume is not None and not Path(args.resume).is_file():
-        raise SetupError(f"--resume {args.resume!r} does not exist: give the checkpoint.pt of the run to continue")
     if args.val_max_tokens is not None and args.val_max_tokens < T + 1:
         raise SetupError(f"--val-max-tokens {args.val_max_tokens} is shorter than one evaluation window "
                          f"(sequence length {T} + 1): raise it, or leave it out to score every validation token")
@@ -303,13 +350,31 @@ def prepare_out_dir(args, out_dir: Path) -> None:
                             f"or choose another --out-dir")
 
 
-def run(args) -> dict:
+def restore_resumed_options(args, given: set[str]) -> tuple[dict, list[str]]:
+    """For --resume: the checkpoint's model and training configs ({"config", "train_config"}; the config
+    None when --preset is given again, which then replaces it) and the log lines of restoring the run's
+    other options into `args` (crawler.training.resume). The checkpoint is read here only for these."""
+    if not Path(args.resume).is_file():
+        raise SetupError(f"--resume {args.resume!r} does not exist: give the checkpoint.pt of the run to continue")
+    ckpt = read_checkpoint(args.resume, expect="training")
+    compared = set(vars(args)) - {f.name for f in dataclasses.fields(TrainConfig)} - set(MODEL_OPTIONS)
+    lines = restore_run_options(args, ckpt.contents.get(RUN_OPTIONS_KEY), given, not_restored=NOT_RESTORED,
+                                compared=compared, trajectory=TRAINING_RUN_OPTIONS, source=str(args.resume))
+    resumed = {"config": None if "preset" in given else ckpt.config, "train_config": ckpt.contents["train_config"]}
+    return resumed, lines
+
+
+def run(args, given: set[str] = frozenset()) -> dict:
+    """Every stage of a run with the options `args` (`given`: the options given on the command line,
+    which win over a resumed checkpoint's)."""
+    if args.resume and args.init_from:
+        raise SetupError("--resume continues a run, --init-from starts a new one from weights: give one of them")
+    resumed, resume_lines = restore_resumed_options(args, given) if args.resume else (None, [])
     device = resolve_device(args.device)
-    model_config, tc = resolve_options(args, device)
+    model_config, tc = resolve_options(args, device, resumed)
     if device.type == "cpu":
-        torch.set_num_threads(args.threads or default_cpu_threads())
+        torch.set_num_threads(args.threads)
     with distributed(device) as ctx:
-        log = print if ctx.is_main else (lambda msg: None)
         t_start = time.perf_counter()
         stamp = broadcast_object(time.strftime("%Y%m%d-%H%M%S"))
         out_dir = Path(args.out_dir) if args.out_dir else (
@@ -323,19 +388,23 @@ def run(args) -> dict:
         error = broadcast_object(error)      # every rank stops on rank 0's verdict
         if error is not None:
             raise SetupError(error)
-        data = stage_data(args, model_config)
+        log = RunLogger(out_dir, enabled=ctx.is_main)
+        for line in resume_lines:
+            log(line)
+        data = stage_data(args, model_config, log)
         report = {"stages_s": {"data": time.perf_counter() - t_start}}
         if args.baselines and ctx.is_main:
             report.update(stage_baselines(data, model_config))
 
         t0 = time.perf_counter()
         try:
-            result = train(model_config, tc, data, out_dir=out_dir, ops=args.ops, resume=args.resume, ctx=ctx)
+            result = train(model_config, tc, data, out_dir=out_dir, ops=args.ops, resume=args.resume,
+                           init_from=args.init_from, run_options=vars(args).copy(), ctx=ctx, log=log)
         except KeyboardInterrupt:
             ckpt = out_dir / "checkpoint.pt"
             if ctx.is_main:
-                hint = (f"continue with: python train.py --resume {ckpt} (and the same options)"
-                        if ckpt.is_file() else "no checkpoint was written yet (see --checkpoint-every)")
+                hint = (f"continue with: python train.py --resume {ckpt}" if ckpt.is_file()
+                        else "no checkpoint was written yet (see --checkpoint-every)")
                 print(f"\ninterrupted: {hint}", file=sys.stderr)
             raise SystemExit(130) from None
         report["stages_s"]["train"] = time.perf_counter() - t0
@@ -356,7 +425,7 @@ def run(args) -> dict:
                 preset=args.preset, train=result.summary, report=report,
                 quantization=quant["comparison"] if quant else None, artifact=quant["artifact"] if quant else None,
                 eval_stride=args.eval_stride, ttt_reduced=device.type == "cpu" and args.ttt_epochs is None,
-                artifact_path=out_dir / ARTIFACT_NAME if quant else None, out_dir=out_dir))
+                artifact_path=out_dir / ARTIFACT_NAME if quant else None, out_dir=out_dir), log=log)
             write_json(out_dir / "summary.json", summary)
         return summary
 
@@ -367,7 +436,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
 
     def body() -> int:
-        run(args)
+        run(args, given_options(build_parser, argv))
         return 0
     return run_main("train.py", body)
 

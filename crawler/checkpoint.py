@@ -8,7 +8,8 @@ Three kinds of file hold a model's weights, and `read_checkpoint` reads them all
   * "state_dict": a plain state dict of tensors, such as PR #1579's `final_model.pt`; its config comes
     from a preset.
 Files are read with `torch.load(weights_only=True)`, so loading a hostile file cannot run code. Prefixes
-added by torch.compile ("_orig_mod.") and DDP ("module.") are removed from parameter names.
+added by torch.compile ("_orig_mod.") and DDP ("module.") are removed from parameter names, and PR #1579's
+(1,)-shaped value-embedding scales become 0-d.
 
 Integrity: the writers store the SHA-256 of everything else in the file (`contents_sha256`: every
 tensor's dtype, shape and bytes and every plain value, in order) under INTEGRITY_KEY, and the reader
@@ -35,7 +36,7 @@ from .artifact import load_state_into
 from .config import CrawlerConfig
 from .errors import SetupError, UnverifiedWarning
 from .fileio import write_bytes
-from .model import CrawlerGPT
+from .model import CrawlerGPT, seed_scale_shapes
 
 TRAINING_FORMAT = "crawler-train-checkpoint"
 TRAINING_VERSION = 1
@@ -159,7 +160,7 @@ def read_checkpoint(path: str | os.PathLike, *, preset: str | None = None, expec
             config = CrawlerConfig.preset(preset)
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"checkpoint {str(path)!r}: invalid model config ({e})") from None
-    state = {_WRAPPER_PREFIX.sub("", k): v for k, v in state.items()}
+    state = seed_scale_shapes({_WRAPPER_PREFIX.sub("", k): v for k, v in state.items()})
     return Checkpoint(path, kind, state, config, contents, _recorded_tokenizer(contents, kind))
 
 

@@ -1,16 +1,22 @@
-"""Model configuration: every field of docs/math.md §1.1, the `pr1579` and `tiny` presets, validation."""
+"""Model configuration: every field of docs/math.md §1.1, the `pr1579`, `pr1579_seed` and `tiny` presets,
+validation."""
 from __future__ import annotations
 
 import dataclasses
 import json
 from dataclasses import dataclass
 
+from kernels.modules import TOK_EMB_STD
+
 XSA_COVERAGES = ("all", "pr1579", "none")
 MLP_ACTIVATIONS = ("relu2", "leaky_relu2")
 EMBED_DTYPES = ("float32", "bfloat16")
+ROPE_FREQ_DTYPES = ("float32", "bfloat16")
 # The seed's size rule for weight matrices (docs/math.md §2, §3): one with more elements than this is
-# fake-quantised by QAT in training and quantised in the artifact; a smaller one is neither (fp16).
+# fake-quantised by QAT in training and quantised in the artifact; a smaller one is neither (fp16). The
+# default of both the trainer's `qat_small_numel` and the quantiser's `small_numel`.
 PASSTHROUGH_NUMEL = 65_536
+QAT_BITS = 6                 # the seed's QAT grid: int6, [-32, 31] (QAT_BITS)
 # Sane upper bounds of the size fields, far above any model this package trains (pr1579: d = 736, 7
 # schedule positions); configs read from checkpoints and artifacts are refused beyond them.
 FIELD_MAXIMA = dict(model_dim=16_384, num_heads=256, num_kv_heads=256, num_flat_blocks=256,
@@ -27,7 +33,9 @@ class CrawlerConfig:
     `num_crawler_blocks` shared crawler blocks, then the remaining (decoder) flat blocks (docs/math.md §1.2).
     `xsa` picks the schedule positions that use Exclusive Self Attention: "all" (default, the seed's
     stated intent), "pr1579" (what the seed's code really does: encoder flat blocks and crawler blocks
-    only), "none", or an explicit tuple of positions.
+    only), "none", or an explicit tuple of positions. `rope_freq_dtype` is the precision of the RoPE
+    inverse frequencies: "float32" (exact) or "bfloat16" (rounded to bf16 as the seed's `.bfloat16()`
+    cast leaves them, docs/math.md §1.8).
     """
     vocab_size: int = 8192
     model_dim: int = 736
@@ -46,11 +54,13 @@ class CrawlerConfig:
     tie_embeddings: bool = True
     logit_softcap: float = 30.0
     rope_base: float = 10000.0
+    rope_freq_dtype: str = "float32"     # the seed's code: bfloat16-rounded inverse frequencies
     qk_gain_init: float = 1.5
     crawler_alpha_init: float = 0.5
     train_alpha: bool = False            # PR #1579 never optimises alpha: frozen in training, trainable in TTT
     xsa: str | tuple = "all"
     embed_dtype: str = "float32"         # dtype of tok_emb / bigram.table / ve.table (the seed: bfloat16)
+    tied_embed_init_std: float = TOK_EMB_STD   # tok_emb ~ N(0, std²) at initialisation (TIED_EMBED_INIT_STD)
     train_seq_len: int = 2048
     train_batch_tokens: int = 524_288
 
@@ -105,6 +115,18 @@ class CrawlerConfig:
         return frozenset(p for p, (kind, i, _) in enumerate(self.schedule())
                          if kind == "crawler" or i < self.num_encoder_blocks)
 
+    def loop_variant(self, loops: int) -> CrawlerConfig:
+        """This config running `loops` of its crawler loops (a step of a progressive loop schedule): the
+        schedule, XSA and value-embedding positions are those of the same model built with
+        crawler_loops=loops, as the seed rebuilds its schedule; the parameters (sized for crawler_loops)
+        are shared, position p using row p. An explicit XSA tuple keeps the positions that exist."""
+        if not 1 <= loops <= self.crawler_loops:
+            raise ValueError(f"loops must be in [1, crawler_loops={self.crawler_loops}], got {loops}")
+        xsa = self.xsa
+        if isinstance(xsa, (tuple, list)):
+            xsa = tuple(p for p in xsa if int(p) < self.num_flat_blocks + self.num_crawler_blocks * loops)
+        return dataclasses.replace(self, crawler_loops=loops, xsa=xsa)
+
     def ve_positions(self) -> tuple[int, ...]:
         """Schedule positions that add the value embedding (the last `ve_last_n`)."""
         if not self.ve_enabled:
@@ -143,6 +165,9 @@ class CrawlerConfig:
              f"mlp_activation must be one of {MLP_ACTIVATIONS}, got {self.mlp_activation!r}")
         need(self.embed_dtype in EMBED_DTYPES,
              f"embed_dtype must be one of {EMBED_DTYPES}, got {self.embed_dtype!r}")
+        need(self.rope_freq_dtype in ROPE_FREQ_DTYPES,
+             f"rope_freq_dtype must be one of {ROPE_FREQ_DTYPES}, got {self.rope_freq_dtype!r}")
+        need(self.tied_embed_init_std > 0, f"tied_embed_init_std must be > 0, got {self.tied_embed_init_std}")
         need(self.tie_embeddings, "only tied embeddings are supported (tie_embeddings=True)")
         need(self.logit_softcap > 0, f"logit_softcap must be > 0, got {self.logit_softcap}")
         if self.ve_enabled:
@@ -159,7 +184,10 @@ class CrawlerConfig:
     # -- presets and serialisation -------------------------------------------------------------
     @classmethod
     def preset(cls, name: str, **overrides) -> CrawlerConfig:
-        """`pr1579`: the seed's submitted run (38,346,836 parameters). `tiny`: a CPU demo size."""
+        """`pr1579`: the seed's submitted run (38,346,836 parameters) with our fixes (XSA at every position,
+        exact RoPE frequencies): train with it. `pr1579_seed`: the same shape computing exactly what the
+        seed's code computes (its XSA coverage, bf16-rounded RoPE frequencies): load a PR #1579
+        checkpoint into it to reproduce the seed's numbers. `tiny`: a CPU demo size."""
         if name not in PRESETS:
             raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
         return dataclasses.replace(PRESETS[name], **overrides)
@@ -187,6 +215,10 @@ class CrawlerConfig:
 
 PRESETS = {
     "pr1579": CrawlerConfig(embed_dtype="bfloat16"),
+    # The seed's code numerics: it enables XSA by a flat-block counter (positions 0-4 of 3f+2cx2) and,
+    # building its model with .bfloat16() before casting the RoPE buffer back to fp32, rotates with
+    # bf16-rounded inverse frequencies (docs/math.md §1.8, §1.9).
+    "pr1579_seed": CrawlerConfig(embed_dtype="bfloat16", xsa="pr1579", rope_freq_dtype="bfloat16"),
     # Sized for a few minutes on a 2-core CPU (train.py's default run): measured on the built-in corpus
     # at equal tokens, d=96 beat d=64 by 0.03 bpb but ran ~1.7x slower per token; batches of 1024 and
     # 2048 tokens tied and both beat 4096 by 0.09 bpb at equal tokens (more steps).

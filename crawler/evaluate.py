@@ -34,7 +34,7 @@ from .runtime import (
     resolve_device,
     resolve_ops,
 )
-from .ttt import TTTConfig, legal_ttt_bpb
+from .ttt import TTTConfig, add_ttt_arguments, legal_ttt_bpb, ttt_config_from_args
 
 MODES = ("plain", "sliding", "ttt")
 
@@ -119,7 +119,6 @@ def sliding_window_bpb(model, tokens: torch.Tensor, luts, *, seq_len: int, strid
 # Command line: score an artifact on its own
 
 def build_parser() -> argparse.ArgumentParser:
-    d = TTTConfig()
     p = argparse.ArgumentParser(prog="python -m crawler.evaluate", parents=[shared_options()],
                                 description="Score a crawler int6 artifact: non-overlapping (plain), sliding "
                                             "window, or legal score-first TTT (docs/math.md §6). torchrun "
@@ -134,13 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--dequantized", action="store_true",
                    help="score a dequantised float copy instead of computing on the packed int6 weights "
                         "(plain/sliding; TTT always trains the dequantised model)")
-    e.add_argument("--ttt-epochs", type=int_at_least(0), default=d.epochs,
-                   help=f"TTT epochs per chunk (default {d.epochs})")
-    e.add_argument("--ttt-chunk-tokens", type=int_at_least(1), default=d.chunk_tokens,
-                   help=f"TTT chunk size in targets (default {d.chunk_tokens})")
-    e.add_argument("--ttt-lr", type=float, default=d.lr, help=f"TTT peak SGD learning rate (default {d.lr})")
-    e.add_argument("--ttt-batch-seqs", type=int_at_least(1), default=d.batch_seqs,
-                   help=f"TTT sequences per step (default {d.batch_seqs})")
+    add_ttt_arguments(p)
     return p
 
 
@@ -160,11 +153,10 @@ def _check_windows(args, seq_len: int) -> TTTConfig | None:
     if args.mode != "ttt":
         return None
     try:
-        ttt = TTTConfig(chunk_tokens=args.ttt_chunk_tokens, epochs=args.ttt_epochs, lr=args.ttt_lr,
-                        batch_seqs=args.ttt_batch_seqs)
+        ttt = ttt_config_from_args(args)
         ttt.check(seq_len)
     except ValueError as e:
-        raise SetupError(f"{e} (options --ttt-chunk-tokens, --ttt-epochs, --ttt-lr, --ttt-batch-seqs)") from None
+        raise SetupError(f"{e} (the --ttt-* options)") from None
     return ttt
 
 

@@ -13,33 +13,38 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import kernels
-from kernels.reference import INT6_MAX, INT6_MIN, rms_norm, rope
+from kernels.modules import BIGRAM_TABLE_STD
+from kernels.reference import quant_max, rms_norm, rope
 
-from .config import PASSTHROUGH_NUMEL, CrawlerConfig
+from .config import PASSTHROUGH_NUMEL, QAT_BITS, CrawlerConfig
 from .runtime import check_ops, resolve_ops, select_op
 
 
-def fake_quantize_int6(w: torch.Tensor) -> torch.Tensor:
-    """QAT straight-through int6: forward sees clamp(round(w/s), -32, 31)·s with the row scale
-    s = max(amax_row|w| / 31, 1e-8); the gradient passes to w unchanged. w (out, in), any float dtype."""
-    scale = (w.detach().abs().amax(dim=1, keepdim=True) / INT6_MAX).clamp_min(1e-8)
-    w_q = torch.clamp(torch.round(w.detach() / scale), INT6_MIN, INT6_MAX) * scale
+def fake_quantize(w: torch.Tensor, bits: int = QAT_BITS) -> torch.Tensor:
+    """QAT straight-through fake quantisation on the seed's grid (docs/math.md §2): forward sees
+    clamp(round(w/s), -R-1, R)·s with R = 2^(bits-1) - 1 and the row scale s = max(amax_row|w| / R, 1e-8)
+    ([-32, 31] for int6); the gradient passes to w unchanged. w (out, in), any float dtype."""
+    R = quant_max(bits)
+    scale = (w.detach().abs().amax(dim=1, keepdim=True) / R).clamp_min(1e-8)
+    w_q = torch.clamp(torch.round(w.detach() / scale), -R - 1, R) * scale
     return w + (w_q - w).detach()
 
 
 class CastedLinear(nn.Linear):
     """Bias-free Linear with an fp32 master weight cast to the input's dtype at the matmul (the seed's
-    CastedLinear). With `qat` on, weights with more than 65,536 elements are fake-quantised (STE)."""
+    CastedLinear). With `qat` on and `qat_bits` set (CrawlerGPT.configure_qat), the weight is
+    fake-quantised on a `qat_bits` grid (STE)."""
 
     def __init__(self, in_features: int, out_features: int, *, zero_init: bool = False):
         super().__init__(in_features, out_features, bias=False)
         self.zero_init = zero_init
-        self.qat = False
+        self.qat = False        # QAT switched on now (set_qat; crawler.runtime.eval_mode turns it off)
+        self.qat_bits = 0       # the grid QAT uses for this weight; 0: QAT never touches it
 
     def effective_weight(self) -> torch.Tensor:
         """The weight the forward pass multiplies by: fake-quantised under QAT, else the weight."""
-        if self.qat and self.weight.numel() > PASSTHROUGH_NUMEL:
-            return fake_quantize_int6(self.weight)
+        if self.qat and self.qat_bits:
+            return fake_quantize(self.weight, self.qat_bits)
         return self.weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -71,10 +76,21 @@ class ValueEmbedding(nn.Module):
         self.table = nn.Embedding(vocab_size, ve_dim)
         self.proj = CastedLinear(ve_dim, kv_dim)
         self.scales = nn.ParameterList([nn.Parameter(torch.tensor(1.0)) for _ in range(num_positions)])
+        self.register_load_state_dict_pre_hook(lambda module, state, prefix, *_: seed_scale_shapes(state, prefix))
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         """ids (B, T) -> unscaled value embedding (B, T, Hkv·D); positions multiply their own scale."""
         return self.proj(self.table(ids))
+
+
+def seed_scale_shapes(state: dict[str, torch.Tensor], prefix: str = "ve.") -> dict[str, torch.Tensor]:
+    """`state` with PR #1579's value-embedding scales made 0-d, in place: the seed stores each
+    `ve.scales.{i}` with shape (1,), this model as a 0-d tensor (docs/math.md §1.11). `prefix` names
+    the value embedding in `state` ("ve." in a whole model's state dict)."""
+    for name in [n for n in state if n.startswith(prefix + "scales.")]:
+        if state[name].shape == (1,):
+            state[name] = state[name].reshape(())
+    return state
 
 
 class KVCache:
@@ -128,7 +144,7 @@ class CausalSelfAttention(nn.Module):
         super().__init__()
         d, kv = config.model_dim, config.kv_dim
         self.num_heads, self.num_kv_heads, self.head_dim = config.num_heads, config.num_kv_heads, config.head_dim
-        self.rope_base = config.rope_base
+        self.rope_base, self.rope_freq_dtype = config.rope_base, getattr(torch, config.rope_freq_dtype)
         self.c_q = CastedLinear(d, d)
         self.c_k = CastedLinear(d, kv)
         self.c_v = CastedLinear(d, kv)
@@ -149,8 +165,9 @@ class CausalSelfAttention(nn.Module):
         v = v.view(B, T, Hkv, D)
         offset = cache.length if cache is not None else 0
         # Under CUDA autocast rms_norm may run in fp32 while v stays bf16: attention takes one dtype.
-        q = (rope(rms_norm(q), self.rope_base, offset) * self.q_gain.to(q.dtype)[:, None]).to(v.dtype)
-        k = rope(rms_norm(k), self.rope_base, offset).to(v.dtype)
+        q = (rope(rms_norm(q), self.rope_base, offset, self.rope_freq_dtype) * self.q_gain.to(q.dtype)[:, None]
+             ).to(v.dtype)
+        k = rope(rms_norm(k), self.rope_base, offset, self.rope_freq_dtype).to(v.dtype)
         if cache is not None:
             # Every key and value cached so far at this position, this step's last: the attention op
             # places the T queries at the last T key positions (causal bottom-right, XSA on their own v).
@@ -198,6 +215,7 @@ class CrawlerGPT(nn.Module):
 
     forward(input_ids (B,T) int64, target_ids (B,T) int64) -> 0-d mean loss (float32).
     forward_logits(input_ids) -> (B, T, V) softcapped logits.
+    `set_active_loops(n)` runs n of the crawler loops (a progressive loop schedule); all by default.
     """
 
     def __init__(self, config: CrawlerConfig, ops: str = "auto"):
@@ -206,9 +224,6 @@ class CrawlerGPT(nn.Module):
         self.config, self.ops = config, ops
         c = config
         P = c.num_positions
-        self.schedule = c.schedule()
-        self.xsa_positions = c.xsa_positions()
-        self.ve_positions = c.ve_positions()
 
         self.tok_emb = nn.Embedding(c.vocab_size, c.model_dim)
         self.bigram = BigramHash(c.bigram_buckets, c.bigram_dim, c.model_dim)
@@ -216,21 +231,23 @@ class CrawlerGPT(nn.Module):
         self.ve = ValueEmbedding(c.vocab_size, c.ve_dim, c.kv_dim, c.ve_last_n) if c.ve_enabled else None
         self.flat_blocks = nn.ModuleList(Block(c) for _ in range(c.num_flat_blocks))
         self.crawler_blocks = nn.ModuleList(Block(c) for _ in range(c.num_crawler_blocks))
-        # alpha (one per loop; alpha[0] unused): frozen while training unless train_alpha (docs/math.md §1.3).
+        # alpha (one per loop; alpha[0] never read): frozen while training unless train_alpha
+        # (docs/math.md §1.3); set_active_loops keeps exactly the alphas of the running loops trainable.
         self.crawler_residual_scales = nn.ParameterList(
-            nn.Parameter(torch.tensor(c.crawler_alpha_init), requires_grad=c.train_alpha)
-            for _ in range(c.crawler_loops))
+            nn.Parameter(torch.tensor(c.crawler_alpha_init)) for _ in range(c.crawler_loops))
         self.attn_scales = nn.Parameter(torch.ones(P, c.model_dim))
         self.mlp_scales = nn.Parameter(torch.ones(P, c.model_dim))
         self.resid_mixes = nn.Parameter(torch.stack((torch.ones(P, c.model_dim), torch.zeros(P, c.model_dim)), 1))
         self.skip_weights = nn.Parameter(torch.ones(c.num_skip_weights, c.model_dim))
         self._init_weights()
+        self.set_active_loops(c.crawler_loops)
+        self.configure_qat()
 
     def _init_weights(self) -> None:
         """docs/math.md §1.10: orthogonal Linears (× 1/sqrt(2P) for names ending in .proj), zero-init projections,
-        N(0, 0.005²) token embedding, N(0, 0.01²) bigram/VE tables."""
-        nn.init.normal_(self.tok_emb.weight, std=0.005)
-        nn.init.normal_(self.bigram.table.weight, std=0.01)
+        N(0, tied_embed_init_std²) token embedding, N(0, 0.01²) bigram/VE tables."""
+        nn.init.normal_(self.tok_emb.weight, std=self.config.tied_embed_init_std)
+        nn.init.normal_(self.bigram.table.weight, std=BIGRAM_TABLE_STD)
         if self.ve is not None:
             nn.init.normal_(self.ve.table.weight, std=0.01)
         proj_scale = 1.0 / math.sqrt(2 * self.config.num_positions)
@@ -253,8 +270,36 @@ class CrawlerGPT(nn.Module):
         tables = [self.tok_emb.weight, self.bigram.table.weight]
         return tables + ([self.ve.table.weight] if self.ve is not None else [])
 
+    def set_active_loops(self, loops: int) -> None:
+        """Run `loops` of the config's crawler loops from now on (CrawlerConfig.loop_variant: the schedule,
+        XSA and value-embedding positions of a model built with that many loops, as the seed's progressive
+        schedule does). Exactly the alphas the running loops read (loops 1 .. loops-1) train when
+        config.train_alpha, so DDP never sees a parameter that takes no part in the step."""
+        variant = self.config.loop_variant(loops)
+        self.active_loops = loops
+        self.schedule = variant.schedule()
+        self.xsa_positions = variant.xsa_positions()
+        self.ve_positions = variant.ve_positions()
+        for loop, alpha in enumerate(self.crawler_residual_scales):
+            alpha.requires_grad_(self.config.train_alpha and 1 <= loop < loops)
+
+    def configure_qat(self, *, bits: int = QAT_BITS, mlp_bits: int = 0, small_numel: int = PASSTHROUGH_NUMEL) -> int:
+        """Which weights QAT fake-quantises, on which grid (the seed's QAT_BITS / QAT_MLP_BITS rule): every
+        CastedLinear with more than `small_numel` elements, at `mlp_bits` for the MLP matrices (mlp.fc,
+        mlp.proj) when mlp_bits > 0 and at `bits` otherwise. QAT itself is switched by `set_qat`.
+        Returns the number of weights QAT acts on."""
+        count = 0
+        for name, module in self.named_modules():
+            if isinstance(module, CastedLinear):
+                is_mlp = name.endswith(("mlp.fc", "mlp.proj"))
+                module.qat_bits = (mlp_bits if is_mlp and mlp_bits > 0 else bits) \
+                    if module.weight.numel() > small_numel else 0
+                count += module.qat_bits > 0
+        return count
+
     def set_qat(self, enabled: bool) -> None:
-        """Turn QAT fake-quantisation on or off for every CastedLinear (on while training, off for eval)."""
+        """Turn QAT fake-quantisation on or off for every CastedLinear (on while training, off for eval);
+        `configure_qat` decides which weights it touches."""
         for module in self.modules():
             if isinstance(module, CastedLinear):
                 module.qat = enabled
@@ -292,7 +337,7 @@ class CrawlerGPT(nn.Module):
             x = self.embed_input(torch.cat((cache.context, input_ids), dim=1), ops)[:, n_ctx:]
         x0 = x
         ve_base = self.ve(input_ids) if self.ve is not None else None
-        first_ve = c.num_positions - c.ve_last_n
+        first_ve = len(self.schedule) - c.ve_last_n
         skips: list[torch.Tensor] = []
         for p, (kind, i, loop) in enumerate(self.schedule):
             ve = self.ve.scales[p - first_ve] * ve_base if p in self.ve_positions else None

@@ -174,13 +174,17 @@ def build_optimizers(model: nn.Module, *, matrix_lr: float = 0.02, tied_embed_lr
 
 
 def lr_multiplier(step: int, elapsed_ms: float, *, iterations: int, max_wallclock_ms: float | None,
-                  warmdown_frac: float = 0.6) -> float:
+                  warmdown_frac: float = 0.6, warmdown_iters: int = 0) -> float:
     """The LR multiplier of docs/math.md §2: 1 until the last `warmdown_frac` of the budget, then linear to 0.
 
     The budget is the wall clock (`elapsed_ms / max_wallclock_ms`) when `max_wallclock_ms` is set, else
-    the iteration count (`step / iterations`, `step` = steps done before this one)."""
+    the iteration count (`step / iterations`, `step` = steps done before this one). Without a wall clock,
+    `warmdown_iters` > 0 is the seed's WARMDOWN_ITERS instead: linear to 0 over the last warmdown_iters
+    steps, (iterations - step) / warmdown_iters from step iterations - warmdown_iters on."""
     if not 0 < warmdown_frac <= 1:
         raise ValueError(f"warmdown_frac must be in (0, 1], got {warmdown_frac}")
+    if warmdown_iters > 0 and not max_wallclock_ms:
+        return min(max((iterations - step) / warmdown_iters, 0.0), 1.0)
     frac = elapsed_ms / max_wallclock_ms if max_wallclock_ms else step / iterations
     if frac < 1.0 - warmdown_frac:
         return 1.0

@@ -6,7 +6,8 @@
 - the autocast it computes under (`autocast`: bf16 on CUDA only) and the evaluation context
   (`eval_mode`: eval mode with QAT off, both restored);
 - the process's place in a torchrun job (`rank_and_world`, `distributed`, `current_context`), the CPU
-  thread count, and running something on rank 0 first;
+  thread count (`resolve_cpu_threads`: fixed per machine unless asked, for bit-identical runs), and
+  running something on rank 0 first;
 - the data directory and tokenizer a run reads (`resolve_data`: given paths or the built-in corpus);
 - whether a long loop draws a progress bar (`Progress`: an interactive terminal, rank 0).
 """
@@ -192,17 +193,40 @@ def broadcast_object(value):
     return box[0]
 
 
+def _per_local_rank(cores: int) -> int:
+    """`cores` shared by the torchrun ranks on this machine (LOCAL_WORLD_SIZE), at least 1."""
+    return max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+
+
 def default_cpu_threads() -> int:
-    """Intra-op threads for a CPU run: the cores not already busy (1-minute load average), at least 1,
-    shared by the torchrun ranks on this machine. OpenMP threads competing for busy cores slow every
-    op down many times over."""
+    """Intra-op threads for a CPU run: the machine's cores shared by the torchrun ranks on it. A count
+    fixed per machine, so two identical runs compute bitwise the same (reductions are split by the
+    thread count; a count that followed the load would not repeat)."""
+    return _per_local_rank(os.cpu_count() or 1)
+
+
+def idle_cpu_threads() -> int:
+    """Intra-op threads on the cores not already busy (1-minute load average), shared by the torchrun
+    ranks on this machine: faster on a shared machine, where OpenMP threads competing for busy cores
+    slow every op down many times over, but not bit-reproducible from run to run."""
     cores = os.cpu_count() or 1
     try:
         busy = int(os.getloadavg()[0])
     except OSError:
         busy = 0
-    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    return max(1, min(cores, cores - busy) // local_world)
+    return _per_local_rank(min(cores, cores - busy))
+
+
+def resolve_cpu_threads(threads: int | str | None) -> int:
+    """The intra-op thread count of a CPU run for `--threads`: a count as given, "idle" for
+    `idle_cpu_threads`, None for the fixed `default_cpu_threads`. ValueError for anything else."""
+    if threads is None:
+        return default_cpu_threads()
+    if threads == "idle":
+        return idle_cpu_threads()
+    if isinstance(threads, int) and not isinstance(threads, bool) and threads >= 1:
+        return threads
+    raise ValueError(f"threads: expected a count >= 1, 'idle' or None, got {threads!r}")
 
 
 # --------------------------------------------------------------------------------------------------

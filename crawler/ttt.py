@@ -3,6 +3,7 @@ each chunk's sliding windows are scored before the model trains on that chunk, s
 an update that saw its target. Scoring reuses crawler.bpb; the sums are all-reduced across ranks."""
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import math
 import time
@@ -13,6 +14,15 @@ import torch.distributed as dist
 
 from .bpb import all_reduce_sums, bpb_from_sums, check_stream, luts_on, plan_windows, score_windows
 from .runtime import Progress, autocast, eval_mode, rank_and_world
+
+TTT_FREEZE_BLOCKS = 1       # the seed's TTT_FREEZE_BLOCKS: flat block 0 and crawler block 0 stay fixed
+
+
+def frozen_block_prefixes(n_blocks: int) -> tuple[str, ...]:
+    """The parameter-name prefixes of the first `n_blocks` flat and crawler blocks, which TTT keeps
+    fixed (the seed's TTT_FREEZE_BLOCKS=n)."""
+    return (tuple(f"flat_blocks.{i}." for i in range(n_blocks)) +
+            tuple(f"crawler_blocks.{i}." for i in range(n_blocks)))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,7 +41,7 @@ class TTTConfig:
     momentum: float = 0.9
     batch_seqs: int = 32
     grad_clip: float = 1.0
-    frozen_prefixes: tuple[str, ...] = ("flat_blocks.0.", "crawler_blocks.0.")
+    frozen_prefixes: tuple[str, ...] = frozen_block_prefixes(TTT_FREEZE_BLOCKS)
 
     def __post_init__(self):
         for name, low in (("chunk_tokens", 1), ("epochs", 0), ("batch_seqs", 1)):
@@ -53,6 +63,45 @@ class TTTConfig:
         if self.chunk_tokens < seq_len:
             raise ValueError(f"TTTConfig.chunk_tokens ({self.chunk_tokens}) must be >= seq_len ({seq_len}) so "
                              f"each chunk holds at least one training sequence")
+
+
+_TTT_FLAGS = (   # (TTTConfig field, flag, type, what it sets)
+    ("chunk_tokens", "--ttt-chunk-tokens", int, "targets per chunk"),
+    ("epochs", "--ttt-epochs", int, "passes over each chunk's sequences"),
+    ("lr", "--ttt-lr", float, "peak SGD learning rate (cosine-decayed over the chunks)"),
+    ("momentum", "--ttt-momentum", float, "SGD momentum"),
+    ("batch_seqs", "--ttt-batch-seqs", int, "sequences per SGD step (global, split across ranks)"),
+    ("grad_clip", "--ttt-grad-clip", float, "global gradient-norm clip"),
+)
+
+
+def add_ttt_arguments(parser: argparse.ArgumentParser, *, epochs_default: str | None = None) -> None:
+    """The legal-TTT flags (the seed's TTT_* knobs), one per TTTConfig field plus --ttt-freeze-blocks, in
+    a group "legal score-first TTT"; each defaults to None (= the seed's value, TTTConfig's default).
+    `epochs_default` replaces the stated default of --ttt-epochs (a caller that picks its own)."""
+    d = TTTConfig()
+    group = parser.add_argument_group("legal score-first TTT (defaults: the seed's)")
+    for name, flag, kind, what in _TTT_FLAGS:
+        default = epochs_default if name == "epochs" and epochs_default else getattr(d, name)
+        group.add_argument(flag, type=kind, default=None, help=f"TTT {what} (default: {default})")
+    group.add_argument("--ttt-freeze-blocks", type=int, default=None,
+                       help=f"TTT keeps flat blocks 0..N-1 and crawler blocks 0..N-1 fixed (default: "
+                            f"{TTT_FREEZE_BLOCKS})")
+
+
+def ttt_config_from_args(args: argparse.Namespace, **defaults) -> TTTConfig:
+    """The TTTConfig of the flags of `add_ttt_arguments` given in `args`; fields not given take
+    `defaults` (e.g. epochs=1), else TTTConfig's. ValueError for an invalid value."""
+    fields = {**defaults}
+    for name, flag, _, _ in _TTT_FLAGS:
+        value = getattr(args, flag[2:].replace("-", "_"))
+        if value is not None:
+            fields[name] = value
+    if args.ttt_freeze_blocks is not None:
+        if args.ttt_freeze_blocks < 0:
+            raise ValueError(f"--ttt-freeze-blocks must be >= 0, got {args.ttt_freeze_blocks}")
+        fields["frozen_prefixes"] = frozen_block_prefixes(args.ttt_freeze_blocks)
+    return TTTConfig(**fields)
 
 
 def _all_reduce_grads(params: list[torch.nn.Parameter]) -> None:

@@ -47,28 +47,32 @@ def rope_rotary_dims(head_dim: int) -> int:
     return 2 * ((head_dim // 2) // 2)
 
 
-def rope_cos_sin(seq_len: int, head_dim: int, base: float, device=None,
-                 offset: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+def rope_cos_sin(seq_len: int, head_dim: int, base: float, device=None, offset: int = 0,
+                 freq_dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
     """cos/sin tables (seq_len, R/2) in float32 for θ_i = base^(-2i/D), i < R/2, at positions
-    offset .. offset + seq_len - 1."""
+    offset .. offset + seq_len - 1. `freq_dtype` rounds the θ_i to that dtype first (bfloat16: what the
+    seed's model, cast with .bfloat16() and back, rotates with; docs/math.md §1.8)."""
     half = rope_rotary_dims(head_dim) // 2
     inv_freq = base ** (-torch.arange(0, half, dtype=torch.float32, device=device) * 2.0 / head_dim)
+    inv_freq = inv_freq.to(freq_dtype).to(torch.float32)
     positions = torch.arange(offset, offset + seq_len, dtype=torch.float32, device=device)
     angles = positions[:, None] * inv_freq[None, :]
     return angles.cos(), angles.sin()
 
 
-def rope(x: torch.Tensor, base: float = 10000.0, offset: int = 0) -> torch.Tensor:
+def rope(x: torch.Tensor, base: float = 10000.0, offset: int = 0,
+         freq_dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Rotary embedding on x (B, T, H, D): dims [:R] rotate in rotate-half layout, dims [R:] pass through.
 
     x1 = x[..., :R/2], x2 = x[..., R/2:R] -> cat(x1*cos + x2*sin, -x1*sin + x2*cos). cos/sin are computed
     in float32 and cast to x.dtype (docs/math.md §1.8). Row t sits at position offset + t (offset > 0: the new
-    tokens of an incremental decoding step). Returns a tensor of x's shape and dtype.
+    tokens of an incremental decoding step). `freq_dtype` as in rope_cos_sin. Returns a tensor of x's
+    shape and dtype.
     """
     B, T, H, D = x.shape
     R = rope_rotary_dims(D)
     half = R // 2
-    cos, sin = rope_cos_sin(T, D, base, device=x.device, offset=offset)
+    cos, sin = rope_cos_sin(T, D, base, device=x.device, offset=offset, freq_dtype=freq_dtype)
     cos = cos.to(x.dtype)[None, :, None, :]
     sin = sin.to(x.dtype)[None, :, None, :]
     x1, x2, rest = x[..., :half], x[..., half:R], x[..., R:]

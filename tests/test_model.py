@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from crawler import CrawlerConfig, CrawlerGPT
-from crawler.model import fake_quantize_int6
+from crawler.model import fake_quantize
 
 SMALL = dict(vocab_size=96, model_dim=64, num_heads=4, num_kv_heads=2, bigram_buckets=37, bigram_dim=8,
              ve_dim=8, train_seq_len=16)
@@ -178,7 +178,7 @@ def test_init_rules():
 def test_qat_fake_quant_rounds_onto_grid_and_passes_gradient():
     torch.manual_seed(6)
     w = torch.randn(8, 16, requires_grad=True)
-    wq = fake_quantize_int6(w)
+    wq = fake_quantize(w)
     s = w.detach().abs().amax(1, keepdim=True) / 31
     codes = wq.detach() / s
     assert torch.allclose(codes, codes.round(), atol=1e-4)

@@ -6,7 +6,7 @@ import json
 import pytest
 from trainer_fixtures import CLI_FAST as FAST
 from trainer_fixtures import CLI_SMALL_MODEL as SMALL_MODEL
-from trainer_fixtures import VOCAB, make_dataset, restore_threads  # noqa: F401
+from trainer_fixtures import VOCAB, kill_at_step, make_dataset, restore_threads  # noqa: F401
 
 import train as train_cli
 from crawler.training import TrainConfig
@@ -91,20 +91,12 @@ def test_run_then_resume_after_a_kill(dataset, tmp_path, capsys, monkeypatch):
     out = tmp_path / "run"
     base = ["--data-dir", data_dir, "--tokenizer", tok, *SMALL_MODEL, *FAST, "--checkpoint-every", "2",
             "--out-dir", out, "--baselines"]
-    import crawler.training.loop as trainer_mod
-    original = trainer_mod._Trainer.train_step
-
-    def killed_at_step_3(self, step, multiplier):
-        if step == 3:
-            raise KeyboardInterrupt
-        return original(self, step, multiplier)
-
-    monkeypatch.setattr(trainer_mod._Trainer, "train_step", killed_at_step_3)
+    restore = kill_at_step(monkeypatch, 3)
     with pytest.raises(SystemExit) as exc:
         run_cli([*base, "--iterations", "5"], capsys)
     assert exc.value.code == 130
     assert f"--resume {out / 'checkpoint.pt'}" in capsys.readouterr().err
-    monkeypatch.setattr(trainer_mod._Trainer, "train_step", original)
+    restore()
     assert (out / "checkpoint.pt").is_file() and not (out / "summary.json").exists()
 
     # The resumed run goes on through every later stage: quantise (all four plans) -> artifact -> evaluate.

@@ -7,11 +7,15 @@ import pickle
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
-from trainer_fixtures import fast_train_config, make_dataset, restore_threads, small_config  # noqa: F401
+from trainer_fixtures import (  # noqa: F401
+    fast_train_config,
+    kill_at_step,
+    make_dataset,
+    restore_threads,
+    run_gloo,
+    small_config,
+)
 
-import crawler.training.loop as trainer_mod
 from crawler.checkpoint import model_from_checkpoint, read_checkpoint
 from crawler.errors import SetupError
 from crawler.model import CastedLinear, CrawlerGPT
@@ -135,17 +139,10 @@ class Interrupt(Exception):
 
 def test_resume_equals_uninterrupted(data, tmp_path, monkeypatch):
     full = run(data, tmp_path / "full", iterations=7, checkpoint_every=3)
-    original = trainer_mod._Trainer.train_step
-
-    def dies_at_step_4(self, step, multiplier):
-        if step == 4:
-            raise Interrupt("killed")
-        return original(self, step, multiplier)
-
-    monkeypatch.setattr(trainer_mod._Trainer, "train_step", dies_at_step_4)
+    restore = kill_at_step(monkeypatch, 4, Interrupt)
     with pytest.raises(Interrupt):
         run(data, tmp_path / "cut", iterations=7, checkpoint_every=3)
-    monkeypatch.setattr(trainer_mod._Trainer, "train_step", original)
+    restore()
     ckpt = read_checkpoint(tmp_path / "cut" / "checkpoint.pt", expect="training").contents
     assert ckpt["step"] == 3 and ckpt["swa"]["count"] == 1
     resumed = run(data, tmp_path / "cut", iterations=7, checkpoint_every=3, resume=tmp_path / "cut" / "checkpoint.pt")
@@ -197,33 +194,32 @@ def test_truncated_checkpoint_is_refused(data, tmp_path):
 
 # ---- two processes (gloo) vs one --------------------------------------------------------------------
 
-def _ddp_worker(rank, world, store, data_dir, tok, out_dir):
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
-    try:
-        data = prepare_data(data_dir, tok, 320, val_max_tokens=16 * 16 + 1)
-        ctx = DistContext(rank=rank, world_size=world, local_rank=rank, device=torch.device("cpu"))
-        train(small_config(), fast_train_config(iterations=5), data, out_dir=out_dir, ops="reference",
-              ctx=ctx, log=quiet)
-        # Muon's rank-sharded step on its own: bitwise equal to the single-process step (checked by the parent)
-        gen = torch.Generator().manual_seed(0)
-        params = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in ((8, 12), (12, 8), (6, 6))]
-        opt = Muon(params, lr=0.1, momentum=0.9, weight_decay=0.05, compute_dtype=torch.float32)
-        for _ in range(2):
-            for p in params:
-                p.grad = torch.randn(p.shape, generator=gen)
-            opt.step()
-        torch.save([p.detach() for p in params], os.path.join(out_dir, f"muon_rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
+def _muon_two_steps() -> list[torch.nn.Parameter]:
+    """Three matrices after two Muon steps on fixed random gradients (sharded over the ranks under DDP)."""
+    gen = torch.Generator().manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in ((8, 12), (12, 8), (6, 6))]
+    opt = Muon(params, lr=0.1, momentum=0.9, weight_decay=0.05, compute_dtype=torch.float32)
+    for _ in range(2):
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=gen)
+        opt.step()
+    return params
+
+
+def _ddp_worker(rank, world, data_dir, tok, out_dir):
+    data = prepare_data(data_dir, tok, 320, val_max_tokens=16 * 16 + 1)
+    ctx = DistContext(rank=rank, world_size=world, local_rank=rank, device=torch.device("cpu"))
+    train(small_config(), fast_train_config(iterations=5), data, out_dir=out_dir, ops="reference",
+          ctx=ctx, log=quiet)
+    # Muon's rank-sharded step on its own: bitwise equal to the single-process step (checked by the parent)
+    torch.save([p.detach() for p in _muon_two_steps()], os.path.join(out_dir, f"muon_rank{rank}.pt"))
 
 
 def test_two_process_ddp_matches_one_process(dataset, data, tmp_path):
     data_dir, tok = dataset
     ddp_dir = tmp_path / "ddp"
     ddp_dir.mkdir()
-    mp.spawn(_ddp_worker, args=(2, str(tmp_path / "store"), str(data_dir), str(tok), str(ddp_dir)),
-             nprocs=2, join=True)
+    run_gloo(_ddp_worker, tmp_path, str(data_dir), str(tok), str(ddp_dir))
     ddp = json.loads((ddp_dir / "summary.json").read_text())
     # one process, same global batch: 2 micro-batches of the same 64-token spans the two ranks read
     single = run(data, iterations=5, grad_accum_steps=2)
@@ -237,13 +233,7 @@ def test_two_process_ddp_matches_one_process(dataset, data, tmp_path):
     for k, v in single.model.state_dict().items():
         assert torch.allclose(ddp_model[k], v, atol=1e-4, rtol=1e-3), k
 
-    gen = torch.Generator().manual_seed(0)
-    params = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in ((8, 12), (12, 8), (6, 6))]
-    opt = Muon(params, lr=0.1, momentum=0.9, weight_decay=0.05, compute_dtype=torch.float32)
-    for _ in range(2):
-        for p in params:
-            p.grad = torch.randn(p.shape, generator=gen)
-        opt.step()
+    params = _muon_two_steps()
     for rank in range(2):
         got = torch.load(ddp_dir / f"muon_rank{rank}.pt", weights_only=True)
         assert all(torch.equal(a, b.detach()) for a, b in zip(got, params))

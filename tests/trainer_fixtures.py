@@ -1,5 +1,5 @@
 """Shared helpers of the trainer tests: a small synthetic FineWeb-format dataset with its own tokenizer,
-a very small model config and a fast TrainConfig."""
+a very small model config, a fast TrainConfig and a two-process gloo (CPU DDP) launcher."""
 from __future__ import annotations
 
 import random
@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 
 from crawler.config import CrawlerConfig
 from crawler.data import write_shard
@@ -70,6 +72,21 @@ def fast_train_config(**overrides) -> TrainConfig:
     return TrainConfig(**{**base, **overrides})
 
 
+def kill_at_step(monkeypatch, step: int, exc: type[BaseException] = KeyboardInterrupt):
+    """Make the trainer raise `exc` when it is about to run step `step` (a killed run); returns a function
+    that puts the real step back."""
+    import crawler.training.loop as loop
+    original = loop._Trainer.train_step
+
+    def killed(self, s, multiplier):
+        if s == step:
+            raise exc("killed")
+        return original(self, s, multiplier)
+
+    monkeypatch.setattr(loop._Trainer, "train_step", killed)
+    return lambda: monkeypatch.setattr(loop._Trainer, "train_step", original)
+
+
 @pytest.fixture(autouse=True)
 def restore_threads():
     """The trainer tests run on one intra-op thread (cheaper on a shared CPU); give the next tests back
@@ -77,3 +94,18 @@ def restore_threads():
     before = torch.get_num_threads()
     yield
     torch.set_num_threads(before)
+
+
+def _gloo_process(rank: int, world: int, store: str, worker, args: tuple) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    try:
+        worker(rank, world, *args)
+    finally:
+        dist.destroy_process_group()
+
+
+def run_gloo(worker, tmp_path: Path, *args, world: int = 2) -> None:
+    """Run `worker(rank, world, *args)` (a module-level function) in `world` processes joined in a gloo
+    process group, the CPU stand-in for a torchrun DDP job; returns when all have finished."""
+    mp.spawn(_gloo_process, args=(world, str(tmp_path / "gloo_store"), worker, args), nprocs=world, join=True)

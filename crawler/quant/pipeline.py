@@ -10,6 +10,7 @@ A `Calibration` passed to several calls (train.py's four-plan comparison) collec
 from __future__ import annotations
 
 import dataclasses
+import time
 from collections.abc import Callable
 
 import torch
@@ -116,8 +117,8 @@ def quantize_and_evaluate(model: CrawlerGPT, data_dir, luts, val_tokens: torch.T
     val_bpb of the dequantised artifact on `val_tokens` (non-overlapping windows of eval_seq_len,
     default the config's train_seq_len). `tokenizer`: the identity the artifact records (build_artifact).
 
-    Returns build_artifact's summary plus pre_quant_val_loss / _bpb, quant_val_loss / _bpb and
-    quant_gap_bpb (round trip minus pre-quant).
+    Returns build_artifact's summary plus pre_quant_val_loss / _bpb, quant_val_loss / _bpb,
+    quant_gap_bpb (round trip minus pre-quant) and quant_eval_seconds (the round trip's scoring time).
 
     Under torch.distributed every rank must call it (val_bpb shards windows and all-reduces): each rank
     quantises the same weights on the same calibration windows, and rank 0 alone writes the file.
@@ -135,10 +136,12 @@ def quantize_and_evaluate(model: CrawlerGPT, data_dir, luts, val_tokens: torch.T
     artifact, summary = build_artifact(model, calibration, plan=plan, loop_aware=loop_aware,
                                        target_bytes=target_bytes, out_path=out_path, batch_seqs=batch_seqs,
                                        tokenizer=tokenizer, log=log)
+    t0 = time.perf_counter()
     q_loss, q_bpb = evaluate_artifact(artifact, val_tokens, luts, seq_len=T, device=device, ops=model.ops,
                                       batch_seqs=batch_seqs)
+    eval_seconds = time.perf_counter() - t0
     gap = q_bpb - pre_quant[1]
     log(f"round trip ({plan.name}{', loop-aware' if loop_aware else ''}): val_loss {q_loss:.4f} "
         f"val_bpb {q_bpb:.4f} (pre-quant {pre_quant[1]:.4f}, gap {gap:+.4f})")
     return {**summary, "pre_quant_val_loss": pre_quant[0], "pre_quant_val_bpb": pre_quant[1],
-            "quant_val_loss": q_loss, "quant_val_bpb": q_bpb, "quant_gap_bpb": gap}
+            "quant_val_loss": q_loss, "quant_val_bpb": q_bpb, "quant_gap_bpb": gap, "quant_eval_seconds": eval_seconds}

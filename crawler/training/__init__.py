@@ -3,8 +3,11 @@
     config.py     TrainConfig (the seed's recipe as defaults, one CLI flag per field), batch arithmetic
     data.py       the checked data directory, tokenizer, validation tokens and the data identity
     stream.py     the rank-aware training stream over the train shards (resumable)
+    schedule.py   the progressive crawler-loop schedule (how many loops each step runs)
+    qat.py        QAT while training: which weights, which grid, from step 0 or late
     averaging.py  SWA and EMA of the weights
     log.py        the run log and its parameter-golf line formats
+    resume.py     what a resume restores (the run's options) and which changes break bit-identity
     loop.py       the training loop: train(), resumable, single process or torchrun DDP
 
 Device, autocast, process group and checkpoint files are decided in crawler.runtime and

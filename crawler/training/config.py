@@ -8,14 +8,17 @@ import dataclasses
 import typing
 from dataclasses import dataclass, field
 
-from ..config import PASSTHROUGH_NUMEL
+from ..config import PASSTHROUGH_NUMEL, QAT_BITS
 from ..errors import SetupError
+from .schedule import parse_switches
 
 GLOBAL_BATCH_MICROSTEPS = 8      # the seed's grad_accum_steps = 8 // world_size
 
 
-def _opt(default, help_text: str, choices=None):
-    return field(default=default, metadata={"help": help_text, "choices": choices})
+def _opt(default, help_text: str, choices=None, trajectory: bool = True):
+    """A TrainConfig field; `trajectory=False` marks one that changes what is logged or saved, never the
+    weights (a resumed run may change it and stay bit-identical to the uninterrupted one)."""
+    return field(default=default, metadata={"help": help_text, "choices": choices, "trajectory": trajectory})
 
 
 @dataclass
@@ -26,6 +29,8 @@ class TrainConfig:
     max_wallclock_seconds: float = _opt(600.0, "stop training after this much training time; also the LR "
                                         "budget (0 = no cap, the iteration count is the budget)")
     warmdown_frac: float = _opt(0.6, "fraction of the budget at its end over which the LR decays linearly to 0")
+    warmdown_iters: int = _opt(0, "without a wall-clock cap: decay the LR linearly to 0 over the last N steps "
+                               "instead of warmdown_frac of them (the seed's WARMDOWN_ITERS; 0 = warmdown_frac)")
     warmup_steps: int = _opt(100, "compile warm-up steps run before training; model, optimiser and loader "
                              "state are restored afterwards")
     grad_accum_steps: int = _opt(0, "micro-batches per step (0 = 8 // world_size, the seed's)")
@@ -47,18 +52,30 @@ class TrainConfig:
     adam_beta2: float = _opt(0.95, "AdamW beta2")
     adam_eps: float = _opt(1e-8, "AdamW epsilon")
     grad_clip_norm: float = _opt(0.3, "global gradient-norm clip (0 = off)")
-    qat: bool = _opt(True, f"int6 QAT (straight-through) on Linears with > {PASSTHROUGH_NUMEL:,} weights, from step 0")
+    qat: bool = _opt(True, "QAT: fake-quantise (straight-through) every Linear with more than qat_small_numel "
+                     "weights while training")
+    qat_small_numel: int = _opt(PASSTHROUGH_NUMEL, "QAT leaves Linears with at most this many weights alone; also "
+                                "the default of the quantiser's --quant-small-numel")
+    qat_bits: int = _opt(QAT_BITS, "QAT grid width in bits (the seed's QAT_BITS)")
+    qat_mlp_bits: int = _opt(0, "QAT grid width of the MLP matrices (mlp.fc, mlp.proj); 0 = qat_bits (the seed's "
+                             "QAT_MLP_BITS)")
+    late_qat_threshold: float = _opt(1.0, "late QAT: switch QAT on once the LR multiplier is <= this (1.0 = from "
+                                     "step 0; the seed's LATE_QAT_THRESHOLD)")
+    progressive_schedule: str = _opt("", "progressive crawler loops 'STEP:LOOPS,...': start with 1 loop and run "
+                                     "LOOPS loops from step STEP on, e.g. '2000:2' (the seed's "
+                                     "PROGRESSIVE_SCHEDULE; empty = all loops from step 0)")
     swa: bool = _opt(True, "SWA: average snapshots taken every swa_every steps while the LR multiplier < "
                      "swa_start_mult, loaded at the end")
     swa_every: int = _opt(50, "steps between SWA snapshots")
     swa_start_mult: float = _opt(0.2, "SWA collects while the LR multiplier is below this")
     ema: bool = _opt(False, "EMA of the weights (replaces SWA at the end when on)")
     ema_decay: float = _opt(0.997, "EMA decay per step")
-    val_every: int = _opt(1000, "validate every N steps (0 = only at the end)")
-    val_at_start: bool = _opt(True, "validate the untrained model at step 0")
-    val_batch_seqs: int = _opt(32, "validation sequences per forward pass per rank")
-    log_every: int = _opt(200, "train-loss log line every N steps (and the first 10 steps)")
-    checkpoint_every: int = _opt(0, "write the resumable checkpoint every N steps (0 = only at the end)")
+    val_every: int = _opt(1000, "validate every N steps (0 = only at the end)", trajectory=False)
+    val_at_start: bool = _opt(True, "validate the untrained model at step 0", trajectory=False)
+    val_batch_seqs: int = _opt(32, "validation sequences per forward pass per rank", trajectory=False)
+    log_every: int = _opt(200, "train-loss log line every N steps (and the first 10 steps)", trajectory=False)
+    checkpoint_every: int = _opt(0, "write the resumable checkpoint every N steps (0 = only at the end)",
+                                 trajectory=False)
     compile: bool | None = _opt(None, "torch.compile the model (default: on CUDA only)")
 
     def validate(self) -> None:
@@ -69,8 +86,16 @@ class TrainConfig:
         for name in ("iterations", "swa_every", "val_batch_seqs", "muon_backend_steps"):
             need(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("warmup_steps", "grad_accum_steps", "val_every", "log_every", "checkpoint_every",
-                     "muon_momentum_warmup_steps", "max_wallclock_seconds", "grad_clip_norm"):
+                     "muon_momentum_warmup_steps", "max_wallclock_seconds", "grad_clip_norm", "warmdown_iters",
+                     "qat_small_numel", "qat_mlp_bits", "late_qat_threshold"):
             need(getattr(self, name) >= 0, f"{name} must be >= 0, got {getattr(self, name)}")
+        need(not (self.warmdown_iters and self.max_wallclock_seconds),
+             f"warmdown_iters ({self.warmdown_iters}) applies only without a wall-clock cap: pass "
+             f"--max-wallclock-seconds 0 with it, or use --warmdown-frac under a cap")
+        need(2 <= self.qat_bits <= 8, f"qat_bits must be in [2, 8], got {self.qat_bits}")
+        need(self.qat_mlp_bits == 0 or 2 <= self.qat_mlp_bits <= 8,
+             f"qat_mlp_bits must be 0 (= qat_bits) or in [2, 8], got {self.qat_mlp_bits}")
+        parse_switches(self.progressive_schedule)
         need(0 < self.warmdown_frac <= 1, f"warmdown_frac must be in (0, 1], got {self.warmdown_frac}")
         need(0 < self.ema_decay < 1, f"ema_decay must be in (0, 1), got {self.ema_decay}")
         need(self.muon_dtype in ("bfloat16", "float32"),
@@ -95,6 +120,12 @@ class TrainConfig:
                 group.add_argument(flag, choices=f.metadata["choices"], default=None, help=help_text)
             else:
                 group.add_argument(flag, type=kind, default=None, metavar=kind.__name__.upper(), help=help_text)
+
+    @classmethod
+    def trajectory_fields(cls) -> frozenset[str]:
+        """The fields whose change changes the trained weights (all but logging, validation and
+        checkpoint cadence)."""
+        return frozenset(f.name for f in dataclasses.fields(cls) if f.metadata["trajectory"])
 
     @classmethod
     def overrides(cls, namespace) -> dict:

@@ -1,26 +1,35 @@
-"""What a training run prints: its log (stdout and `out_dir/train.log`, main rank only) and the line
-formats, the parameter-golf ones (`step:N/M train_loss:... train_time:...ms step_avg:...ms`) plus the
-progress line (budget used, tokens/s, ETA)."""
+"""What a run prints: its log (stdout and `out_dir/train.log`, main rank only) and the line formats.
+
+The lines parameter-golf's tooling parses keep the names and precision the seed's train_gpt.py prints:
+`step:N/M train_loss:... train_time:...ms step_avg:...ms` (and `val_loss`/`val_bpb`), `model_params:N`,
+`stopping_early: wallclock_cap ...`, `peak memory allocated: ... MiB reserved: ... MiB`, `swa_eval` /
+`ema_eval`, and each final score as a rounded line plus an `_exact` line with 8 decimals
+(`final_int6_roundtrip_exact`, `final_int6_sliding_window_exact`, `legal_ttt_exact`). The progress line
+(budget used, tokens/s, ETA) is ours.
+"""
 from __future__ import annotations
 
 import sys
 from pathlib import Path
 
+import torch
+
 
 class RunLogger:
-    """Lines to stdout and `out_dir/train.log` (appended, so a resumed run continues the log), from the
-    main rank only."""
+    """Lines to stdout and `out_dir/train.log` (appended, so a resumed run continues the log; the
+    directory is created with the first line), from the main rank only."""
 
     def __init__(self, out_dir: Path | None, enabled: bool = True, stream=None):
         self.enabled = enabled
         self.stream = stream if stream is not None else sys.stdout
-        self.path = out_dir / "train.log" if (out_dir is not None and enabled) else None
+        self.path = Path(out_dir) / "train.log" if (out_dir is not None and enabled) else None
 
     def __call__(self, msg: str) -> None:
         if not self.enabled:
             return
         print(msg, file=self.stream, flush=True)
         if self.path is not None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
             with open(self.path, "a", encoding="utf-8") as f:
                 f.write(msg + "\n")
 
@@ -48,3 +57,35 @@ def progress_line(step: int, iterations: int, *, done: int, session_ms: float, t
         budget += f", {time_ms / max_wallclock_ms:.0%} of {max_wallclock_ms / 1000:.0f}s"
     return (f"progress: {budget} | {tok_s:,.0f} tok/s | train {format_seconds(time_ms / 1000.0)} | "
             f"ETA {format_seconds(eta)}")
+
+
+def model_params_line(n_params: int) -> str:
+    """The parameter count (the seed's `model_params:38346836`)."""
+    return f"model_params:{n_params}"
+
+
+def stopping_early_line(step: int, iterations: int, time_ms: float) -> str:
+    """Logged after the last validation when the wall-clock cap ended training before `iterations`."""
+    return f"stopping_early: wallclock_cap train_time:{time_ms:.0f}ms step:{step}/{iterations}"
+
+
+def peak_memory_line(device: torch.device) -> str | None:
+    """The CUDA allocator's peak allocated / reserved memory in MiB (floored); None off CUDA, where no
+    allocator keeps these figures."""
+    if torch.device(device).type != "cuda":
+        return None
+    mib = 1024 * 1024
+    return (f"peak memory allocated: {torch.cuda.max_memory_allocated(device) // mib} MiB "
+            f"reserved: {torch.cuda.max_memory_reserved(device) // mib} MiB")
+
+
+def score_line(name: str, val_loss: float, val_bpb: float, *, eval_ms: float | None = None, extra: str = "") -> str:
+    """`{name} val_loss:{:.4f} val_bpb:{:.4f}{extra}[ eval_time:{ms}ms]`, e.g. `swa_eval val_loss:...` or
+    `final_int6_sliding_window val_loss:... val_bpb:... stride:64 eval_time:57395ms`."""
+    timing = f" eval_time:{eval_ms:.0f}ms" if eval_ms is not None else ""
+    return f"{name} val_loss:{val_loss:.4f} val_bpb:{val_bpb:.4f}{extra}{timing}"
+
+
+def exact_line(name: str, val_loss: float, val_bpb: float) -> str:
+    """`{name}_exact val_loss:{:.8f} val_bpb:{:.8f}`: the full-precision line log parsers read."""
+    return f"{name}_exact val_loss:{val_loss:.8f} val_bpb:{val_bpb:.8f}"

@@ -7,10 +7,15 @@ the three optimisers, then SWA collection / EMA update, logging, the wall-clock 
 Every rank takes the same decisions: the elapsed time that drives the LR, SWA and the stop is
 all-reduced (MAX).
 
+QAT (crawler.training.qat) is on from step 0 or switches on late; a progressive loop schedule
+(crawler.training.schedule) runs fewer crawler loops early on, each variant compiled in the warm-up.
+
 Checkpoints (crawler.checkpoint) hold only tensors and plain containers and are written atomically. A
 run resumed from a checkpoint produces the same weights as the uninterrupted run (iteration budget,
-same world size, deterministic device such as the CPU); under a wall-clock budget the LR follows the
-restored elapsed time.
+same world size and thread count, deterministic device such as the CPU); under a wall-clock budget the
+LR follows the restored elapsed time. Options that differ from the checkpoint's are logged, those that
+change training named (crawler.training.resume). `init_from` instead starts a new run from a weights
+file with fresh optimisers (the seed's RESUME_FROM).
 """
 from __future__ import annotations
 
@@ -24,6 +29,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from ..artifact import load_state_into
 from ..checkpoint import TRAINING_FORMAT, TRAINING_VERSION, Checkpoint, read_checkpoint, save_checkpoint, save_model
 from ..config import CrawlerConfig
 from ..errors import SetupError
@@ -35,30 +41,48 @@ from ..runtime import DistContext, autocast, current_context
 from .averaging import EMA, WeightAverager
 from .config import TrainConfig, check_batch_shape, resolve_grad_accum
 from .data import TrainData
-from .log import RunLogger, progress_line, step_line
+from .log import (
+    RunLogger,
+    model_params_line,
+    peak_memory_line,
+    progress_line,
+    score_line,
+    step_line,
+    stopping_early_line,
+)
+from .qat import QATSwitch
+from .resume import RUN_OPTIONS_KEY, option_changes
+from .schedule import LoopSchedule
 from .stream import DistributedTokenLoader
 
-# Config fields that describe how a run feeds data, not the model: they may differ on resume.
-_NON_ARCH_FIELDS = ("train_seq_len", "train_batch_tokens")
+# Model-config fields that may differ on resume: how a run feeds data (changing them changes training)
+# and the token embedding's initial std (read only when the weights are initialised).
+_FEED_FIELDS = ("train_seq_len", "train_batch_tokens")
+_NON_ARCH_FIELDS = (*_FEED_FIELDS, "tied_embed_init_std")
+
+
+def _architecture_differences(saved: CrawlerConfig, now: CrawlerConfig) -> str | None:
+    """"field: checkpoint A vs now B, ..." for the architecture fields that differ; None if none do."""
+    a, b = saved.to_dict(), now.to_dict()
+    diff = sorted(k for k in b if k not in _NON_ARCH_FIELDS and a.get(k) != b[k])
+    return ", ".join(f"{k}: checkpoint {a.get(k)!r} vs now {b[k]!r}" for k in diff) or None
 
 
 def check_resume_compatible(ckpt: Checkpoint, model_config: CrawlerConfig, data: TrainData) -> list[str]:
     """SetupError unless the checkpoint's model architecture and data/tokenizer match this run's.
-    Returns warnings for fields that may differ (batch size, sequence length)."""
+    Returns warnings for fields that may differ (batch size, sequence length, initial embedding std)."""
     path, state = ckpt.path, ckpt.contents
-    saved = ckpt.config.to_dict()
-    now = model_config.to_dict()
-    arch_diff = {k: (saved[k], now[k]) for k in now if k not in _NON_ARCH_FIELDS and saved[k] != now[k]}
-    if arch_diff:
-        detail = ", ".join(f"{k}: checkpoint {a!r} vs now {b!r}" for k, a, b in
-                           ((k, *v) for k, v in sorted(arch_diff.items())))
+    detail = _architecture_differences(ckpt.config, model_config)
+    if detail:
         raise SetupError(f"cannot resume {str(path)!r}: its model config differs ({detail}); rerun with the "
                          f"same --preset and model options as the run that wrote it")
     if state["data"] != data.identity:
         diff = sorted(k for k in data.identity if state["data"].get(k) != data.identity[k])
         raise SetupError(f"cannot resume {str(path)!r}: it was trained on other data or another tokenizer "
                          f"(differs in: {', '.join(diff)}); rerun with the same --data-dir and --tokenizer")
-    return [f"resume: {k} was {saved[k]!r}, now {now[k]!r}" for k in _NON_ARCH_FIELDS if saved[k] != now[k]]
+    saved, now = ckpt.config.to_dict(), model_config.to_dict()
+    changes = option_changes(saved, {k: now[k] for k in _NON_ARCH_FIELDS}, trajectory=_FEED_FIELDS)
+    return [f"resume: model options changed: {changes}"] if changes else []
 
 
 @dataclass
@@ -71,9 +95,9 @@ class TrainResult:
 
 
 class _Trainer:
-    def __init__(self, model_config, tc, data, out_dir, ops, ctx, log):
+    def __init__(self, model_config, tc, data, out_dir, ops, ctx, log, init_from=None, run_options=None):
         self.mc, self.tc, self.data, self.ctx, self.log = model_config, tc, data, ctx, log
-        self.out_dir = out_dir
+        self.out_dir, self.run_options = out_dir, run_options
         self.device = ctx.device
         self.seq_len = model_config.train_seq_len
         self.grad_accum = resolve_grad_accum(tc, ctx.world_size)
@@ -85,7 +109,11 @@ class _Trainer:
         if self.device.type == "cuda":
             torch.cuda.manual_seed_all(tc.seed)
         self.model = CrawlerGPT(model_config, ops=ops).to(self.device)
-        self.model.set_qat(tc.qat)
+        if init_from is not None:
+            self.load_initial_weights(init_from)
+        self.qat = QATSwitch(tc, self.model)
+        # The optimisers see every parameter the full schedule trains; set_active_loops below may freeze
+        # the alphas of loops that do not run yet (they train once their loop does).
         self.optimizers = build_optimizers(
             self.model, matrix_lr=tc.matrix_lr, tied_embed_lr=tc.tied_embed_lr, scalar_lr=tc.scalar_lr,
             muon_momentum=tc.muon_momentum, muon_backend_steps=tc.muon_backend_steps,
@@ -94,6 +122,7 @@ class _Trainer:
             muon_row_normalize=tc.muon_row_normalize, muon_polar_express=tc.muon_polar_express,
             muon_dtype=getattr(torch, tc.muon_dtype))
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
+        self.loops = LoopSchedule.parse(tc.progressive_schedule, model_config.crawler_loops)
         self.loader = DistributedTokenLoader(data.data_dir, rank=ctx.rank, world_size=ctx.world_size,
                                              vocab_size=model_config.vocab_size)
         self.swa = WeightAverager()
@@ -102,12 +131,46 @@ class _Trainer:
         self.history = {"train_loss": [], "val": []}
 
         use_compile = tc.compile if tc.compile is not None else self.device.type == "cuda"
-        module = torch.compile(self.model, dynamic=False, fullgraph=True) if use_compile else self.model
-        if ctx.distributed:
+        # One compiled module for every loop / QAT variant: each variant's graph is compiled on first
+        # use (guarded by the model's attributes) and cached, so the warm-up compiles them all.
+        self.compiled_model = torch.compile(self.model, dynamic=False, fullgraph=True) if use_compile else self.model
+        self.compiled, self.module = use_compile, None
+        self.set_loops(self.loops.loops_at(0))
+
+    def set_loops(self, loops: int) -> None:
+        """Run `loops` crawler loops from the next step on, and (re)wrap the module in DDP, whose set of
+        parameters taking part in a step is fixed when it is built (train_alpha's alphas depend on the
+        variant)."""
+        if self.module is not None and loops == self.model.active_loops:
+            return
+        self.model.set_active_loops(loops)
+        module = self.compiled_model
+        if self.ctx.distributed:
             from torch.nn.parallel import DistributedDataParallel as DDP
+            self.module = None      # the previous wrapper's gradient hooks go before the new one's come
             ids = [self.device.index] if self.device.type == "cuda" else None
             module = DDP(module, device_ids=ids, broadcast_buffers=False)
-        self.module, self.compiled = module, use_compile
+        self.module = module
+
+    def depth(self) -> int:
+        """Schedule positions of the variant running now."""
+        return len(self.model.schedule)
+
+    def load_initial_weights(self, path) -> None:
+        """Start from the weights of `path` (a plain state dict such as the seed's final_model.pt, our
+        final_model.pt, or a trainer checkpoint's weights) with fresh optimisers at step 0: the seed's
+        RESUME_FROM. SetupError if the file's own config has another architecture or its tensors do not
+        fit the model."""
+        ckpt = read_checkpoint(path)
+        detail = _architecture_differences(ckpt.config, self.mc) if ckpt.config is not None else None
+        if detail:
+            raise SetupError(f"--init-from {str(path)!r}: its model config differs ({detail})")
+        try:
+            load_state_into(self.model, ckpt.state_dict)
+        except ValueError as e:
+            raise SetupError(f"--init-from {str(path)!r}: {e}") from None
+        self.log(f"resuming_from:{path}")
+        self.log("resume:loaded model weights (optimizer states reset)")
 
     # -- state ---------------------------------------------------------------------------------
     def checkpoint_state(self) -> dict:
@@ -121,7 +184,8 @@ class _Trainer:
                 "step": self.step, "train_time_ms": self.train_time_ms,
                 "model": self.model.state_dict(), "optimizers": [o.state_dict() for o in self.optimizers],
                 "swa": self.swa.state_dict(), "ema": self.ema.state_dict() if self.ema else None,
-                "loader": self.loader.state_dict(), "rng": rng, "history": self.history}
+                "loader": self.loader.state_dict(), "rng": rng, "history": self.history,
+                "qat_active": self.qat.active, RUN_OPTIONS_KEY: self.run_options}
 
     def restore(self, ckpt: Checkpoint) -> None:
         """Continue from a "training" checkpoint (checked against this run's model and data first)."""
@@ -131,11 +195,10 @@ class _Trainer:
         if state["world_size"] != self.ctx.world_size:
             self.log(f"resume: checkpoint was written with world size {state['world_size']}, now "
                      f"{self.ctx.world_size}; the data order differs from an uninterrupted run")
-        saved_tc = state["train_config"]
-        changed = sorted(k for k, v in dataclasses.asdict(self.tc).items() if saved_tc.get(k) != v)
-        if changed:
-            self.log("resume: training options changed: " +
-                     ", ".join(f"{k} {saved_tc.get(k)!r} -> {getattr(self.tc, k)!r}" for k in changed))
+        changes = option_changes(state["train_config"], dataclasses.asdict(self.tc),
+                                 trajectory=TrainConfig.trajectory_fields())
+        if changes:
+            self.log(f"resume: training options changed: {changes}")
         self.model.load_state_dict(ckpt.state_dict, strict=True)
         for opt, sd in zip(self.optimizers, state["optimizers"]):
             # load_state_dict also restores the saved hyper-parameters; this run's options win.
@@ -158,6 +221,8 @@ class _Trainer:
             torch.cuda.set_rng_state(state["rng"]["cuda"], self.device)
         self.step, self.train_time_ms = int(state["step"]), float(state["train_time_ms"])
         self.history = state["history"]
+        self.qat.set_active(bool(state.get("qat_active", self.qat.active)))
+        self.set_loops(self.loops.loops_at(self.step))
         self.log(f"resume: continuing {str(path)!r} at step {self.step}, train_time {self.train_time_ms:.0f}ms")
 
     # -- one optimiser step ----------------------------------------------------------------------
@@ -193,22 +258,37 @@ class _Trainer:
 
     def compile_warmup(self) -> None:
         """Run `warmup_steps` steps so compilation (and autotuning) happens before the clock starts,
-        then put model, optimisers and loader back as they were."""
-        if self.tc.warmup_steps <= 0:
+        shared among the variants the run will use (each crawler-loop count of a progressive schedule;
+        QAT off and on when it switches on late), at least one step each; then put model, optimisers,
+        loader and variant back as they were."""
+        tc = self.tc
+        if tc.warmup_steps <= 0:
             return
         t0 = time.perf_counter()
         model_state = copy.deepcopy(self.model.state_dict())
         opt_states = [copy.deepcopy(o.state_dict()) for o in self.optimizers]
         loader_state = self.loader.state_dict()
-        for i in range(self.tc.warmup_steps):
-            self.train_step(self.step + i, 1.0)
+        loops_now, qat_now = self.model.active_loops, self.qat.active
+        later = [loops for loops in self.loops.variants() if loops != loops_now]
+        qat_states = [qat_now, True] if tc.qat and not qat_now else [qat_now]
+        variants = [(loops, qat) for loops in [loops_now, *later] for qat in qat_states]
+        steps = 0
+        for loops, qat in variants:
+            self.set_loops(loops)
+            self.model.set_qat(qat)
+            if len(variants) > 1:
+                self.log(f"warmup:precompile variant={loops} loops, depth={self.depth()}, qat {'on' if qat else 'off'}")
+            for _ in range(max(1, tc.warmup_steps // len(variants))):
+                self.train_step(self.step + steps, 1.0)
+                steps += 1
         self.model.load_state_dict(model_state, strict=True)
         for opt, sd in zip(self.optimizers, opt_states):
             opt.load_state_dict(sd)
         self.loader.load_state_dict(loader_state)
+        self.set_loops(loops_now)
+        self.qat.set_active(qat_now)
         self._sync()
-        self.log(f"warmup: {self.tc.warmup_steps} compile warm-up steps in {time.perf_counter() - t0:.1f}s "
-                 f"(state restored)")
+        self.log(f"warmup: {steps} compile warm-up steps in {time.perf_counter() - t0:.1f}s (state restored)")
 
     # -- helpers ---------------------------------------------------------------------------------
     def _sync(self) -> None:
@@ -243,6 +323,11 @@ class _Trainer:
                              session_ms=time_ms - self.start_time_ms, time_ms=time_ms,
                              batch_tokens=self.mc.train_batch_tokens, max_wallclock_ms=self.max_wallclock_ms)
 
+    def _multiplier(self, step: int, elapsed_ms: float) -> float:
+        tc = self.tc
+        return lr_multiplier(step, elapsed_ms, iterations=tc.iterations, max_wallclock_ms=self.max_wallclock_ms,
+                             warmdown_frac=tc.warmdown_frac, warmdown_iters=tc.warmdown_iters)
+
     def _save(self, path: Path, state: dict | None = None) -> None:
         if self.ctx.is_main and self.out_dir is not None:
             save_checkpoint(path, state if state is not None else self.checkpoint_state())
@@ -251,14 +336,16 @@ class _Trainer:
     def run(self) -> dict:
         tc, log = self.tc, self.log
         self.start_step, self.start_time_ms = self.step, self.train_time_ms
+        if self.loops.enabled:
+            log(f"progressive:enabled schedule={list(self.loops.switches)} starting with "
+                f"{self.model.active_loops} crawler loop(s), depth={self.depth()}")
         self.compile_warmup()
         stop_after: int | None = None
         ckpt_path = self.out_dir / "checkpoint.pt" if self.out_dir is not None else None
         self.module.train()
         self._sync()
         t0 = time.perf_counter()
-        multiplier = lr_multiplier(self.step, self.train_time_ms, iterations=tc.iterations,
-                                   max_wallclock_ms=self.max_wallclock_ms, warmdown_frac=tc.warmdown_frac)
+        multiplier = self._multiplier(self.step, self.train_time_ms)
         while True:
             step = self.step
             last = step >= tc.iterations or (stop_after is not None and step >= stop_after)
@@ -274,10 +361,17 @@ class _Trainer:
                 self._sync()
                 t0 = time.perf_counter()
             if last:
+                if stop_after is not None and step < tc.iterations:
+                    log(stopping_early_line(step, tc.iterations, self.train_time_ms))
                 break
 
+            self.qat.update(step, multiplier, log)
             loss = self.train_step(step, multiplier)
             self.step = step = step + 1
+            loops = self.loops.loops_at(step)
+            if loops != self.model.active_loops:
+                self.set_loops(loops)
+                log(f"progressive:step {step} -> {loops} crawler loops, depth={self.depth()}")
             if self.ema is not None:
                 self.ema.update(self.model)
             # SWA uses the multiplier this step ran at, as the seed does.
@@ -285,8 +379,7 @@ class _Trainer:
                 self.swa.collect(self.model)
 
             elapsed = self._agree_max(self.train_time_ms + 1000.0 * (time.perf_counter() - t0))
-            multiplier = lr_multiplier(step, elapsed, iterations=tc.iterations,
-                                       max_wallclock_ms=self.max_wallclock_ms, warmdown_frac=tc.warmdown_frac)
+            multiplier = self._multiplier(step, elapsed)
             if stop_after is None and self.max_wallclock_ms is not None and elapsed >= self.max_wallclock_ms:
                 stop_after = step
             if tc.log_every > 0 and (step <= 10 or step % tc.log_every == 0 or stop_after == step):
@@ -300,6 +393,9 @@ class _Trainer:
                 self.train_time_ms += 1000.0 * (time.perf_counter() - t0)
                 self._save(ckpt_path)
                 t0 = time.perf_counter()
+        memory = peak_memory_line(self.device)
+        if memory is not None:
+            log(memory)
         if ckpt_path is None:
             return self._finish()
         # The final model is written before the last checkpoint, so a disk that fills up at the end
@@ -318,20 +414,25 @@ class _Trainer:
     def _finish(self) -> dict:
         tc, log = self.tc, self.log
         last_val = self.history["val"][-1]
+        if self.model.active_loops != self.mc.crawler_loops:
+            self.model.set_active_loops(self.mc.crawler_loops)
+            log(f"eval:restored full crawler loops={self.mc.crawler_loops}, depth={self.depth()}")
         averaged = None
         if self.ema is not None:
+            log("ema:loading averaged weights")
             self.model.load_state_dict(self.ema.average(self.model.state_dict()), strict=True)
             averaged = "ema"
         elif tc.swa and self.swa.count > 0:
+            log(f"swa:averaging {self.swa.count} checkpoints")
             self.model.load_state_dict(self.swa.average(self.model.state_dict()), strict=True)
             averaged = f"swa ({self.swa.count} snapshots)"
         final_loss, final_bpb = last_val["val_loss"], last_val["val_bpb"]
         if averaged is not None:
             t0 = time.perf_counter()
             final_loss, final_bpb = self.evaluate()
-            log(f"{averaged.split()[0]}: averaged weights val_loss:{final_loss:.4f} val_bpb:{final_bpb:.4f} "
-                f"({averaged}; eval {time.perf_counter() - t0:.1f}s)")
-        self.model.set_qat(False)
+            log(score_line(f"{averaged.split()[0]}_eval", final_loss, final_bpb,
+                           eval_ms=1000.0 * (time.perf_counter() - t0)))
+        self.qat.set_active(False)
         self.model.eval()
         steps_run = self.step - self.start_step
         run_ms = self.train_time_ms - self.start_time_ms
@@ -359,30 +460,38 @@ class _Trainer:
 
 
 def train(model_config: CrawlerConfig, tc: TrainConfig, data: TrainData, *, out_dir=None, ops: str = "auto",
-          resume=None, ctx: DistContext | None = None, log=None) -> TrainResult:
+          resume=None, init_from=None, run_options: dict | None = None, ctx: DistContext | None = None,
+          log=None) -> TrainResult:
     """Train a CrawlerGPT of `model_config` with `tc` on `data` (from `prepare_data`).
 
     `out_dir` (created) receives train.log, checkpoint.pt (every `checkpoint_every` steps and at the
     end), final_model.pt (the averaged weights) and summary.json; None writes nothing. `resume` is a
-    checkpoint path to continue from (SetupError if its model config or data differ). `ctx` defaults to
-    the current process group (or a single process). Runs on every rank of a torchrun job.
-    Returns a TrainResult whose model is ready for evaluation/quantisation.
+    checkpoint path to continue from (SetupError if its model config or data differ); `init_from` a
+    weights file to start a new run from, with fresh optimisers (the seed's RESUME_FROM; not with
+    `resume`). `run_options` (JSON-ready) is recorded in every checkpoint, for a later resume to restore
+    (crawler.training.resume). `ctx` defaults to the current process group (or a single process). Runs on
+    every rank of a torchrun job. Returns a TrainResult whose model is ready for evaluation/quantisation.
     """
     tc.validate()
+    if resume is not None and init_from is not None:
+        raise SetupError("--resume continues a run, --init-from starts a new one from weights: give one of them")
     ctx = ctx or current_context()
     out_dir = Path(out_dir) if out_dir is not None else None
     if out_dir is not None and ctx.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
     log = log or RunLogger(out_dir, enabled=ctx.is_main)
     ckpt = read_checkpoint(resume, expect="training") if resume is not None else None
-    trainer = _Trainer(model_config, tc, data, out_dir, ops, ctx, log)
+    trainer = _Trainer(model_config, tc, data, out_dir, ops, ctx, log, init_from=init_from, run_options=run_options)
     if ckpt is not None:
         trainer.restore(ckpt)
         del ckpt
     n_params = sum(p.numel() for p in trainer.model.parameters())
+    log(model_params_line(n_params))
     log(f"model: {n_params:,} parameters, {model_config.num_positions} schedule positions, ops "
         f"{trainer.model.resolve_ops(ctx.device)}, device {ctx.device}, world {ctx.world_size}, "
         f"grad_accum {trainer.grad_accum}, batch {model_config.train_batch_tokens} tokens "
         f"(seq {trainer.seq_len}), compile {trainer.compiled}")
+    for line in trainer.qat.describe():
+        log(line)
     summary = trainer.run()
     return TrainResult(model=trainer.model, summary=summary, data=data)
