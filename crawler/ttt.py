@@ -13,6 +13,7 @@ import torch
 import torch.distributed as dist
 
 from .bpb import all_reduce_sums, bpb_from_sums, check_stream, luts_on, plan_windows, score_windows
+from .cli import int_at_least
 from .runtime import Progress, autocast, eval_mode, rank_and_world
 
 TTT_FREEZE_BLOCKS = 1       # the seed's TTT_FREEZE_BLOCKS: flat block 0 and crawler block 0 stay fixed
@@ -66,11 +67,11 @@ class TTTConfig:
 
 
 _TTT_FLAGS = (   # (TTTConfig field, flag, type, what it sets)
-    ("chunk_tokens", "--ttt-chunk-tokens", int, "targets per chunk"),
-    ("epochs", "--ttt-epochs", int, "passes over each chunk's sequences"),
+    ("chunk_tokens", "--ttt-chunk-tokens", int_at_least(1), "targets per chunk"),
+    ("epochs", "--ttt-epochs", int_at_least(0), "passes over each chunk's sequences"),
     ("lr", "--ttt-lr", float, "peak SGD learning rate (cosine-decayed over the chunks)"),
     ("momentum", "--ttt-momentum", float, "SGD momentum"),
-    ("batch_seqs", "--ttt-batch-seqs", int, "sequences per SGD step (global, split across ranks)"),
+    ("batch_seqs", "--ttt-batch-seqs", int_at_least(1), "sequences per SGD step (global, split across ranks)"),
     ("grad_clip", "--ttt-grad-clip", float, "global gradient-norm clip"),
 )
 
@@ -84,7 +85,7 @@ def add_ttt_arguments(parser: argparse.ArgumentParser, *, epochs_default: str | 
     for name, flag, kind, what in _TTT_FLAGS:
         default = epochs_default if name == "epochs" and epochs_default else getattr(d, name)
         group.add_argument(flag, type=kind, default=None, help=f"TTT {what} (default: {default})")
-    group.add_argument("--ttt-freeze-blocks", type=int, default=None,
+    group.add_argument("--ttt-freeze-blocks", type=int_at_least(0), default=None,
                        help=f"TTT keeps flat blocks 0..N-1 and crawler blocks 0..N-1 fixed (default: "
                             f"{TTT_FREEZE_BLOCKS})")
 

@@ -113,10 +113,12 @@ def test_options_are_refused_before_anything_runs(dataset, tmp_path, capsys, mon
     code, _, err = run(train_cli.main, [*base, "--ops", "triton"], capsys)
     assert code == 2 and "--ops triton on cpu: the Triton kernels need a CUDA device" in err
     monkeypatch.undo()
-    for extra in (["--val-max-tokens", "-5"], ["--threads", "0"], ["--ttt-chunk-tokens", "x"]):
+    for extra, expected in ((["--val-max-tokens", "-5"], "expected an integer"),
+                            (["--threads", "0"], "expected a thread count >= 1 or 'idle'"),
+                            (["--ttt-chunk-tokens", "x"], "expected an integer")):
         with pytest.raises(SystemExit) as exc:
             run(train_cli.main, [*base, *extra], capsys)
-        assert exc.value.code == 2 and f"argument {extra[0]}: expected an integer" in capsys.readouterr().err
+        assert exc.value.code == 2 and f"argument {extra[0]}: {expected}" in capsys.readouterr().err
     (tmp_path / "file").write_text("x")
     code, _, err = run(train_cli.main, [*base[:-1], tmp_path / "file"], capsys)
     assert code == 2 and "is a file, not a directory" in one_error_line(err, "train.py")
