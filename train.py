@@ -178,7 +178,7 @@ def stage_baselines(data, model_config) -> dict:
     return {"unigram_val_loss": loss, "unigram_val_bpb": bpb}
 
 
-def stage_quantize(args, model, data, train_summary: dict, out_dir: Path, log) -> dict:
+def stage_quantize(args, model, data, train_summary: dict, out_dir: Path, log, *, doc_isolated: bool) -> dict:
     """The int6 artifact of the trained model and its round-trip val_bpb; with --compare-quant, the gaps of
     the QUANT_COMPARISON plans measured on the same model, all from one Calibration (the Hessians are
     collected once). Returns {"artifact": summary of the written artifact, "comparison": [(label,
@@ -198,21 +198,24 @@ def stage_quantize(args, model, data, train_summary: dict, out_dir: Path, log) -
         result = quantize_and_evaluate(model, data.data_dir, data.luts, data.val_tokens, plan=plan_spec,
                                        loop_aware=loop_aware, target_bytes=args.target_bytes,
                                        out_path=out_dir / ARTIFACT_NAME if written else None,
-                                       calibration=calibration, pre_quant=pre_quant, log=log)
+                                       calibration=calibration, pre_quant=pre_quant, doc_isolated=doc_isolated,
+                                       log=log)
         out["comparison"].append((label, result))
         if written:
             out["artifact"] = result
     return out
 
 
-def stage_evaluate(args, artifact_path: Path, data, model_config, device: torch.device, log) -> dict:
-    """Sliding-window and legal score-first TTT val_bpb of the artifact (dequantised), with timings."""
+def stage_evaluate(args, artifact_path: Path, data, model_config, device: torch.device, log, *,
+                   doc_isolated: bool) -> dict:
+    """Sliding-window and legal score-first TTT val_bpb of the artifact (dequantised), with timings;
+    document-isolated when the run trained so."""
     model = model_from_artifact(artifact_path, device=device, ops=args.ops)
     T, out = model_config.train_seq_len, {}
     if args.sliding:
         t0 = time.perf_counter()
         out["sliding_val_loss"], out["sliding_val_bpb"] = sliding_window_bpb(
-            model, data.val_tokens, data.luts, seq_len=T, stride=args.eval_stride)
+            model, data.val_tokens, data.luts, seq_len=T, stride=args.eval_stride, doc_isolated=doc_isolated)
         out["sliding_seconds"] = time.perf_counter() - t0
         log(f"sliding window (stride {args.eval_stride}): val_bpb {out['sliding_val_bpb']:.4f} "
             f"({out['sliding_seconds']:.0f} s)")
@@ -221,7 +224,8 @@ def stage_evaluate(args, artifact_path: Path, data, model_config, device: torch.
         config = TTTConfig(epochs=epochs, chunk_tokens=args.ttt_chunk_tokens)
         t0 = time.perf_counter()
         out["ttt_val_loss"], out["ttt_val_bpb"] = legal_ttt_bpb(
-            model, data.val_tokens, data.luts, seq_len=T, stride=args.eval_stride, config=config, log=log)
+            model, data.val_tokens, data.luts, seq_len=T, stride=args.eval_stride, config=config, log=log,
+            doc_isolated=doc_isolated)
         out["ttt_seconds"], out["ttt_epochs"] = time.perf_counter() - t0, epochs
     return out
 
@@ -265,7 +269,8 @@ def run(args) -> dict:
         stamp = broadcast_object(time.strftime("%Y%m%d-%H%M%S"))
         out_dir = Path(args.out_dir) if args.out_dir else (
             Path(args.resume).parent if args.resume else Path("runs") / f"{args.preset}-{stamp}")
-        report = {"stages_s": {"data": time.perf_counter() - t_start}}
+        # Every val_bpb of the run (training's, the round trips', the artifact's) isolates documents or none does.
+        report = {"stages_s": {"data": time.perf_counter() - t_start}, "doc_isolated": tc.doc_isolated}
         if args.baselines and ctx.is_main:
             report.update(stage_baselines(data, model_config))
 
@@ -283,12 +288,13 @@ def run(args) -> dict:
         quant = None
         if args.quantize:
             t0 = time.perf_counter()
-            quant = stage_quantize(args, result.model, data, result.summary, out_dir, log)
+            quant = stage_quantize(args, result.model, data, result.summary, out_dir, log, doc_isolated=tc.doc_isolated)
             report["stages_s"]["quantize"] = time.perf_counter() - t0
             report["quantization"] = [{"label": label, **r} for label, r in quant["comparison"]]
             if args.sliding or args.ttt:
                 t0 = time.perf_counter()
-                report.update(stage_evaluate(args, out_dir / ARTIFACT_NAME, data, model_config, device, log))
+                report.update(stage_evaluate(args, out_dir / ARTIFACT_NAME, data, model_config, device, log,
+                                             doc_isolated=tc.doc_isolated))
                 report["stages_s"]["evaluate"] = time.perf_counter() - t0
 
         summary = {**result.summary, **report, "out_dir": str(out_dir)}

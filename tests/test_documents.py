@@ -125,7 +125,7 @@ def test_triton_ops_match_the_references_with_documents():
 
 
 def test_ops_without_varlen_are_refused():
-    from bench.baselines import SEED_OPS   # the seed's SDPA attention: no cu_seqlens
+    from bench.baselines import SEED_OPS  # the seed's SDPA attention: no cu_seqlens
     model = CrawlerGPT(filled_crawler(0).config, ops=SEED_OPS)
     ids = packed_batch(1, 16, {0: [6]})
     with pytest.raises(ValueError, match="documents: the ops SeedOps cannot isolate documents"):

@@ -29,10 +29,10 @@ Log = Callable[[str], None]
 
 
 def evaluate_artifact(artifact: Artifact, val_tokens: torch.Tensor, luts, *, seq_len: int, device="cpu",
-                      ops: str = "auto", batch_seqs: int = 8) -> tuple[float, float]:
+                      ops: str = "auto", batch_seqs: int = 8, doc_isolated: bool = False) -> tuple[float, float]:
     """(val_loss, val_bpb) of the dequantised artifact (non-overlapping windows, crawler.evaluate)."""
     model = model_from_artifact(artifact, device=device, ops=ops)
-    return val_bpb(model, val_tokens, luts, seq_len=seq_len, batch_seqs=batch_seqs)
+    return val_bpb(model, val_tokens, luts, seq_len=seq_len, batch_seqs=batch_seqs, doc_isolated=doc_isolated)
 
 
 def _upgrade_tok_emb(model: CrawlerGPT, calib: Calibration | None, result: QuantizeResult, byte_room: int,
@@ -102,13 +102,14 @@ def quantize_and_evaluate(model: CrawlerGPT, data_dir, luts, val_tokens: torch.T
                           target_bytes: int = BUDGET_BYTES, calibration: Calibration | None = None,
                           n_seqs: int = DEFAULT_N_SEQS, calib_seq_len: int | None = None,
                           eval_seq_len: int | None = None, seed: int = 0, batch_seqs: int = 8,
-                          pre_quant: tuple[float, float] | None = None, log: Log | None = print) -> dict:
+                          pre_quant: tuple[float, float] | None = None, doc_isolated: bool = False,
+                          log: Log | None = print) -> dict:
     """The train -> artifact -> score stage for train.py: pre-quant val_bpb (unless `pre_quant` =
     (val_loss, val_bpb) is given), the calibration (`calibration`, shared with earlier calls on the same
     weights; else `n_seqs` windows of calib_seq_len from `data_dir`'s train shards), `build_artifact`
     (quantisation per `plan`, pruning to `target_bytes`, the file at `out_path`), and the round-trip
     val_bpb of the dequantised artifact on `val_tokens` (non-overlapping windows of eval_seq_len,
-    default the config's train_seq_len).
+    default the config's train_seq_len; document-isolated with `doc_isolated`, as `pre_quant` must be).
 
     Returns build_artifact's summary plus pre_quant_val_loss / _bpb, quant_val_loss / _bpb and
     quant_gap_bpb (round trip minus pre-quant).
@@ -121,7 +122,7 @@ def quantize_and_evaluate(model: CrawlerGPT, data_dir, luts, val_tokens: torch.T
     device = next(model.parameters()).device
     T = eval_seq_len or model.config.train_seq_len
     if pre_quant is None:
-        pre_quant = val_bpb(model, val_tokens, luts, seq_len=T, batch_seqs=batch_seqs)
+        pre_quant = val_bpb(model, val_tokens, luts, seq_len=T, batch_seqs=batch_seqs, doc_isolated=doc_isolated)
         log(f"pre-quant: val_loss {pre_quant[0]:.4f} val_bpb {pre_quant[1]:.4f}")
     if calibration is None and plan.needs_hessians():
         calibration = Calibration.from_data(model, data_dir, n_seqs=n_seqs, seq_len=calib_seq_len, seed=seed,
@@ -129,7 +130,7 @@ def quantize_and_evaluate(model: CrawlerGPT, data_dir, luts, val_tokens: torch.T
     artifact, summary = build_artifact(model, calibration, plan=plan, loop_aware=loop_aware,
                                        target_bytes=target_bytes, out_path=out_path, batch_seqs=batch_seqs, log=log)
     q_loss, q_bpb = evaluate_artifact(artifact, val_tokens, luts, seq_len=T, device=device, ops=model.ops,
-                                      batch_seqs=batch_seqs)
+                                      batch_seqs=batch_seqs, doc_isolated=doc_isolated)
     gap = q_bpb - pre_quant[1]
     log(f"round trip ({plan.name}{', loop-aware' if loop_aware else ''}): val_loss {q_loss:.4f} "
         f"val_bpb {q_bpb:.4f} (pre-quant {pre_quant[1]:.4f}, gap {gap:+.4f})")

@@ -60,6 +60,8 @@ class TrainConfig:
     log_every: int = _opt(200, "train-loss log line every N steps (and the first 10 steps)")
     checkpoint_every: int = _opt(0, "write the resumable checkpoint every N steps (0 = only at the end)")
     compile: bool | None = _opt(None, "torch.compile the model (default: on CUDA only)")
+    doc_isolated: bool = _opt(False, "document isolation: attention and the embedding never cross a BOS "
+                              "(training, validation and the artifact's evaluations; docs/evaluation.md)")
 
     def validate(self) -> None:
         """Raise SetupError naming the field and what is expected."""
