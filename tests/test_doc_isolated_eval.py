@@ -24,12 +24,7 @@ T, STRIDE = 16, 4
 V = 64
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def context_model(seed: int = 7, **overrides) -> CrawlerGPT:

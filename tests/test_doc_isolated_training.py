@@ -10,7 +10,6 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from trainer_fixtures import VOCAB, fast_train_config, make_dataset, restore_threads, small_config  # noqa: F401
 
-import crawler.training.loop as trainer_mod
 import train as train_cli
 from crawler.artifact import model_from_artifact
 from crawler.checkpoint import model_from_checkpoint
@@ -63,23 +62,21 @@ def test_every_forward_gets_its_batch_segments(data, monkeypatch):
     assert bos_inside > 0                                          # the batches really hold several documents
 
 
-class Interrupt(Exception):
+class Killed(Exception):
     pass
 
 
-def test_resume_equals_uninterrupted(data, tmp_path, monkeypatch):
+def killed_after_step_3(msg):
+    if msg.startswith("step:3/5 train_loss"):
+        raise Killed(msg)
+
+
+def test_resume_equals_uninterrupted(data, tmp_path):
     full = run(data, tmp_path / "full", iterations=5, checkpoint_every=2)
-    original = trainer_mod._Trainer.train_step
-
-    def dies_at_step_3(self, step, multiplier):
-        if step == 3:
-            raise Interrupt("killed")
-        return original(self, step, multiplier)
-
-    monkeypatch.setattr(trainer_mod._Trainer, "train_step", dies_at_step_3)
-    with pytest.raises(Interrupt):
-        run(data, tmp_path / "cut", iterations=5, checkpoint_every=2)
-    monkeypatch.setattr(trainer_mod._Trainer, "train_step", original)
+    torch.set_num_threads(1)
+    tc = fast_train_config(doc_isolated=True, iterations=5, checkpoint_every=2)
+    with pytest.raises(Killed):        # the run dies after step 3; its checkpoint holds step 2
+        train(small_config(), tc, data, out_dir=tmp_path / "cut", ops="reference", log=killed_after_step_3)
     resumed = run(data, tmp_path / "cut", iterations=5, checkpoint_every=2, resume=tmp_path / "cut" / "checkpoint.pt")
     assert resumed.summary["resumed_from_step"] == 2
     full_state, resumed_state = full.model.state_dict(), resumed.model.state_dict()

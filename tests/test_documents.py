@@ -18,12 +18,7 @@ from crawler.tokenizer import BOS_ID
 V = 64
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def packed_batch(rows: int, T: int, bos_at: dict[int, list[int]], seed: int = 0) -> torch.Tensor:
