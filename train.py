@@ -227,7 +227,7 @@ def stage_baselines(data, model_config) -> dict:
     return {"unigram_val_loss": loss, "unigram_val_bpb": bpb}
 
 
-def stage_quantize(args, model, data, train_summary: dict, out_dir: Path, log) -> dict:
+def stage_quantize(args, model, data, train_summary: dict, out_dir: Path, log, *, doc_isolated: bool) -> dict:
     """The int6 artifact of the trained model and its round-trip val_bpb; with --compare-quant, the gaps of
     the QUANT_COMPARISON plans measured on the same model, all from one Calibration (the Hessians are
     collected once). Returns {"artifact": summary of the written artifact, "comparison": [(label,
@@ -248,6 +248,7 @@ def stage_quantize(args, model, data, train_summary: dict, out_dir: Path, log) -
                                        loop_aware=loop_aware, target_bytes=args.target_bytes,
                                        out_path=out_dir / ARTIFACT_NAME if written else None,
                                        calibration=calibration, pre_quant=pre_quant, tokenizer=data.tokenizer,
+                                       doc_isolated=doc_isolated,
                                        log=log)
         out["comparison"].append((label, result))
         if written:
@@ -264,13 +265,16 @@ def ttt_config(args, device: torch.device) -> TTTConfig:
     return ttt_config_from_args(args, **({"epochs": CPU_TTT_EPOCHS} if device.type == "cpu" else {}))
 
 
-def stage_evaluate(args, artifact_path: Path, data, model_config, device: torch.device, log) -> dict:
-    """Sliding-window and legal score-first TTT val_bpb of the artifact (dequantised), with timings."""
+def stage_evaluate(args, artifact_path: Path, data, model_config, device: torch.device, log, *,
+                   doc_isolated: bool) -> dict:
+    """Sliding-window and legal score-first TTT val_bpb of the artifact (dequantised), with timings;
+    document-isolated when the run trained so."""
     model = model_from_artifact(artifact_path, device=device, ops=args.ops)
     T, out = model_config.train_seq_len, {}
     if args.sliding:
         t0 = time.perf_counter()
-        loss, bpb = sliding_window_bpb(model, data.val_tokens, data.luts, seq_len=T, stride=args.eval_stride)
+        loss, bpb = sliding_window_bpb(model, data.val_tokens, data.luts, seq_len=T, stride=args.eval_stride,
+                                       doc_isolated=doc_isolated)
         out["sliding_val_loss"], out["sliding_val_bpb"], out["sliding_seconds"] = loss, bpb, time.perf_counter() - t0
         log(score_line("final_int6_sliding_window", loss, bpb, extra=f" stride:{args.eval_stride}",
                        eval_ms=1000.0 * out["sliding_seconds"]))
@@ -279,7 +283,7 @@ def stage_evaluate(args, artifact_path: Path, data, model_config, device: torch.
         config = ttt_config(args, device)
         t0 = time.perf_counter()
         loss, bpb = legal_ttt_bpb(model, data.val_tokens, data.luts, seq_len=T, stride=args.eval_stride,
-                                  config=config, log=log)
+                                  config=config, log=log, doc_isolated=doc_isolated)
         out["ttt_val_loss"], out["ttt_val_bpb"] = loss, bpb
         out["ttt_seconds"], out["ttt_epochs"] = time.perf_counter() - t0, config.epochs
         log(score_line("final_ttt_sliding", loss, bpb, eval_ms=1000.0 * out["ttt_seconds"]))
@@ -392,7 +396,8 @@ def run(args, given: set[str] = frozenset()) -> dict:
         for line in resume_lines:
             log(line)
         data = stage_data(args, model_config, log)
-        report = {"stages_s": {"data": time.perf_counter() - t_start}}
+        # Every val_bpb of the run (training's, the round trips', the artifact's) isolates documents or none does.
+        report = {"stages_s": {"data": time.perf_counter() - t_start}, "doc_isolated": tc.doc_isolated}
         if args.baselines and ctx.is_main:
             report.update(stage_baselines(data, model_config))
 
@@ -411,12 +416,13 @@ def run(args, given: set[str] = frozenset()) -> dict:
         quant = None
         if args.quantize:
             t0 = time.perf_counter()
-            quant = stage_quantize(args, result.model, data, result.summary, out_dir, log)
+            quant = stage_quantize(args, result.model, data, result.summary, out_dir, log, doc_isolated=tc.doc_isolated)
             report["stages_s"]["quantize"] = time.perf_counter() - t0
             report["quantization"] = [{"label": label, **r} for label, r in quant["comparison"]]
             if args.sliding or args.ttt:
                 t0 = time.perf_counter()
-                report.update(stage_evaluate(args, out_dir / ARTIFACT_NAME, data, model_config, device, log))
+                report.update(stage_evaluate(args, out_dir / ARTIFACT_NAME, data, model_config, device, log,
+                                             doc_isolated=tc.doc_isolated))
                 report["stages_s"]["evaluate"] = time.perf_counter() - t0
 
         summary = {**result.summary, **report, "out_dir": str(out_dir)}

@@ -10,6 +10,7 @@ from typing import NamedTuple
 import torch
 import torch.distributed as dist
 
+from .documents import document_segments
 from .runtime import Progress, autocast, rank_and_world
 
 
@@ -70,12 +71,23 @@ def plan_windows(n_targets: int, seq_len: int, stride: int = 64) -> torch.Tensor
     return torch.stack((starts, lengths, score_from), dim=1)
 
 
+def window_nll(model, x: torch.Tensor, y: torch.Tensor, *, doc_isolated: bool) -> torch.Tensor:
+    """`model.token_nll(x, y)`: per-token nats (B, T) of windows x, y (B, T) int64; with `doc_isolated`,
+    with the windows' document segments (crawler.documents), so no window attends across a BOS. Any model
+    with a `token_nll(x, y)` works without isolation."""
+    if not doc_isolated:
+        return model.token_nll(x, y)
+    return model.token_nll(x, y, document_segments(x))
+
+
 def score_windows(model, tokens: torch.Tensor, luts, windows: torch.Tensor, *, seq_len: int,
-                  batch_seqs: int, sums: torch.Tensor, progress: Progress | None = None) -> None:
+                  batch_seqs: int, sums: torch.Tensor, progress: Progress | None = None,
+                  doc_isolated: bool = False) -> None:
     """Add (nats, targets, bytes) over the scored positions of `windows` ((W, 3) rows from plan_windows,
     sorted by start) to `sums` (float64 (3,), on the model's device). Windows run `batch_seqs` at a time,
     padded to seq_len; padding repeats the last real position and is never counted (causal model).
-    `progress` advances by one per window."""
+    With `doc_isolated`, each window is cut at its BOS tokens (`window_nll`): a target is predicted from
+    its own document's tokens in the window only. `progress` advances by one per window."""
     device = sums.device
     pos = torch.arange(seq_len)
     for b0 in range(0, windows.shape[0], batch_seqs):
@@ -87,7 +99,7 @@ def score_windows(model, tokens: torch.Tensor, luts, windows: torch.Tensor, *, s
         scored = ((pos >= score_from[:, None]) & (pos < lengths[:, None])).to(device)
         x, y = span[rel], span[rel + 1]
         with autocast(device):
-            nll = model.token_nll(x, y)
+            nll = window_nll(model, x, y, doc_isolated=doc_isolated)
         sums[0] += nll.double()[scored].sum()
         sums[1] += scored.sum()
         sums[2] += target_bytes(x, y, luts)[scored].sum()

@@ -19,7 +19,16 @@ import warnings
 import torch
 
 from .artifact import load_artifact, model_from_artifact
-from .bpb import all_reduce_sums, bpb_from_sums, check_stream, luts_on, plan_windows, score_windows, target_bytes
+from .bpb import (
+    all_reduce_sums,
+    bpb_from_sums,
+    check_stream,
+    luts_on,
+    plan_windows,
+    score_windows,
+    target_bytes,
+    window_nll,
+)
 from .cli import int_at_least, run_main, shared_options
 from .data import load_eval_data
 from .errors import SetupError, UnverifiedWarning
@@ -58,13 +67,15 @@ def unigram_bpb(train_counts: torch.Tensor, tokens: torch.Tensor, luts, *, seq_l
 
 
 @torch.no_grad()
-def val_bpb(model, tokens: torch.Tensor, luts, *, seq_len: int, batch_seqs: int = 8) -> tuple[float, float]:
+def val_bpb(model, tokens: torch.Tensor, luts, *, seq_len: int, batch_seqs: int = 8,
+            doc_isolated: bool = False) -> tuple[float, float]:
     """Non-overlapping validation: (val_loss in nats/token, val_bpb).
 
     tokens (N,) int token stream (BOS-separated documents); it is truncated to a multiple of seq_len
     (+1 for the shifted targets) and cut into windows of seq_len. Windows are split across ranks when
     torch.distributed is initialised; the float64 sums are all-reduced. `model.token_nll(x, y)` gives
-    per-token nats. Runs in crawler.runtime's eval_mode (QAT off) and restores the previous mode.
+    per-token nats; with `doc_isolated` every window is cut at its BOS tokens (crawler.bpb.window_nll).
+    Runs in crawler.runtime's eval_mode (QAT off) and restores the previous mode.
     """
     n_windows = (tokens.numel() - 1) // seq_len
     if n_windows < 1:
@@ -82,7 +93,7 @@ def val_bpb(model, tokens: torch.Tensor, luts, *, seq_len: int, batch_seqs: int 
             x = x_all[start: min(start + batch_seqs, hi)].to(device)
             y = y_all[start: min(start + batch_seqs, hi)].to(device)
             with autocast(device):
-                nll = model.token_nll(x, y)
+                nll = window_nll(model, x, y, doc_isolated=doc_isolated)
             sums[0] += nll.double().sum()
             sums[1] += y.numel()
             sums[2] += target_bytes(x, y, luts).sum()
@@ -93,14 +104,16 @@ def val_bpb(model, tokens: torch.Tensor, luts, *, seq_len: int, batch_seqs: int 
 
 @torch.no_grad()
 def sliding_window_bpb(model, tokens: torch.Tensor, luts, *, seq_len: int, stride: int = 64,
-                       batch_seqs: int = 32) -> tuple[float, float]:
+                       batch_seqs: int = 32, doc_isolated: bool = False) -> tuple[float, float]:
     """Sliding-window validation (docs/math.md §6): (val_loss in nats/token, val_bpb).
 
     tokens (N + 1,) int token stream (uint16 is fine: each batch's span is cast to int64); windows from
     `plan_windows(N, seq_len, stride)`, every target scored exactly once. Windows run `batch_seqs` per
     forward and are split across ranks (contiguous ranges) when torch.distributed is initialised; the
     float64 sums (nats, targets, bytes) are all-reduced. `model.token_nll(x, y)` gives per-token nats
-    (B, T). Runs in crawler.runtime's eval_mode (QAT off) and restores the previous mode.
+    (B, T); with `doc_isolated` a window never attends across a BOS (crawler.documents), the windows
+    and the scored targets unchanged. Runs in crawler.runtime's eval_mode (QAT off) and restores the
+    previous mode.
     """
     n_targets = check_stream(tokens, seq_len)
     windows = plan_windows(n_targets, seq_len, stride)
@@ -111,7 +124,7 @@ def sliding_window_bpb(model, tokens: torch.Tensor, luts, *, seq_len: int, strid
     sums = torch.zeros(3, dtype=torch.float64, device=device)
     with eval_mode(model), Progress(mine.shape[0], "sliding window", unit="window") as progress:
         score_windows(model, tokens, luts_on(luts, device), mine, seq_len=seq_len, batch_seqs=batch_seqs,
-                      sums=sums, progress=progress)
+                      sums=sums, progress=progress, doc_isolated=doc_isolated)
     return bpb_from_sums(*all_reduce_sums(sums).tolist())
 
 
@@ -130,6 +143,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--stride", type=int_at_least(1), default=64, help="sliding-window stride (default 64)")
     e.add_argument("--batch-seqs", type=int_at_least(1), default=32, help="windows per forward pass (default 32)")
     e.add_argument("--max-val-tokens", type=int, help="score only the first N validation tokens (>= T + 1)")
+    e.add_argument("--doc-isolated", action="store_true",
+                   help="document isolation: no window attends or embeds across a BOS, TTT trains within "
+                        "documents; the scored targets are unchanged (docs/evaluation.md)")
     e.add_argument("--dequantized", action="store_true",
                    help="score a dequantised float copy instead of computing on the packed int6 weights "
                         "(plain/sliding; TTT always trains the dequantised model)")
@@ -197,17 +213,20 @@ def evaluate(args: argparse.Namespace) -> int:
         log(f"budget: {sizes.summary()}")
         t0 = time.perf_counter()
         if args.mode == "plain":
-            loss, bpb = val_bpb(model, tokens, luts, seq_len=seq_len, batch_seqs=args.batch_seqs)
+            loss, bpb = val_bpb(model, tokens, luts, seq_len=seq_len, batch_seqs=args.batch_seqs,
+                              doc_isolated=args.doc_isolated)
         elif args.mode == "sliding":
             loss, bpb = sliding_window_bpb(model, tokens, luts, seq_len=seq_len, stride=args.stride,
-                                           batch_seqs=args.batch_seqs)
+                                           batch_seqs=args.batch_seqs, doc_isolated=args.doc_isolated)
         else:
             loss, bpb = legal_ttt_bpb(model, tokens, luts, seq_len=seq_len, stride=args.stride,
-                                      batch_seqs=args.batch_seqs, config=ttt, log=log)
+                                      batch_seqs=args.batch_seqs, config=ttt, log=log,
+                                      doc_isolated=args.doc_isolated)
         elapsed = time.perf_counter() - t0
         log(f"mode:{args.mode} weights:{'int6' if int6 else 'dequantized'} val_loss:{loss:.4f} "
             f"val_bpb:{bpb:.4f} eval_time:{elapsed:.1f}s seq_len:{seq_len} stride:{args.stride} "
-            f"val_tokens:{tokens.numel()} budget:{'fits' if sizes.fits else 'OVER'}")
+            f"val_tokens:{tokens.numel()} doc_isolated:{int(args.doc_isolated)} "
+            f"budget:{'fits' if sizes.fits else 'OVER'}")
     return 0
 
 

@@ -23,10 +23,11 @@ import torch
 import torch.nn as nn
 
 import kernels
-from kernels.reference import bigram_hash, relu2, rms_norm, smear
+from kernels.reference import bigram_hash, document_starts, relu2, rms_norm, smear
 
 from .artifact import Artifact, ArtifactError, QuantizedTensor, load_artifact, load_state_into
 from .config import CrawlerConfig
+from .documents import Documents
 from .model import CastedLinear, CrawlerGPT, KVCache
 from .runtime import autocast, check_ops, eval_mode, resolve_ops, select_op
 
@@ -160,15 +161,16 @@ class Int6CrawlerGPT(CrawlerGPT):
                 if isinstance(block.mlp.fc, QuantMatrix) or isinstance(block.mlp.proj, QuantMatrix):
                     block.mlp = Int6MLP(block.mlp.fc, block.mlp.proj, block.mlp.negative_slope)
 
-    def embed_input(self, input_ids: torch.Tensor, ops: str) -> torch.Tensor:
+    def embed_input(self, input_ids: torch.Tensor, ops: str, bos_id: int | None = None) -> torch.Tensor:
         """x0 = smear(rms_norm(tok_emb[ids] + bigram(ids))) from gathered rows, in float32 as the fused
-        op computes it (autocast off), returned in the table dtype."""
+        op computes it (autocast off), returned in the table dtype; `bos_id` as in CrawlerGPT."""
         with torch.autocast(input_ids.device.type, enabled=False):
             tok = self.tok_emb(input_ids)
-            rows = self.bigram.table(bigram_hash(input_ids, self.config.bigram_buckets))
+            rows = self.bigram.table(bigram_hash(input_ids, self.config.bigram_buckets, bos_id))
             cd = torch.float64 if tok.dtype == torch.float64 else torch.float32
             x = tok.to(cd) + self.bigram.proj(rows.to(cd))
-            return smear(rms_norm(x), self.smear.gate.to(cd)).to(tok.dtype)
+            starts = None if bos_id is None else document_starts(input_ids, bos_id)
+            return smear(rms_norm(x), self.smear.gate.to(cd), starts).to(tok.dtype)
 
     def head_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Softcapped tied head on tok_emb's codes: softcap · tanh(int6_linear(hidden) / softcap)."""
@@ -177,11 +179,13 @@ class Int6CrawlerGPT(CrawlerGPT):
         cap = self.config.logit_softcap
         return cap * torch.tanh(self.tok_emb.linear(hidden) / cap)
 
-    def forward(self, input_ids: torch.Tensor, target_ids: torch.Tensor) -> torch.Tensor:
-        """Mean cross-entropy (0-d float32) over all targets, on float32 logits of the int6 head."""
+    def forward(self, input_ids: torch.Tensor, target_ids: torch.Tensor,
+                documents: Documents | None = None) -> torch.Tensor:
+        """Mean cross-entropy (0-d float32) over all targets, on float32 logits of the int6 head;
+        `documents` as in CrawlerGPT.forward_hidden."""
         if target_ids.shape != input_ids.shape:
             raise ValueError(f"target_ids: expected shape {tuple(input_ids.shape)}, got {tuple(target_ids.shape)}")
-        return self.token_nll(input_ids, target_ids).mean()
+        return self.token_nll(input_ids, target_ids, documents).mean()
 
 
 def load_int6_model(artifact: Artifact | str | os.PathLike, device="cpu", ops: str = "auto") -> Int6CrawlerGPT:

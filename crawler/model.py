@@ -3,6 +3,8 @@
 Parameter and module names follow PR #1579 so its `final_model.pt` state dict loads with strict=True.
 The ops (attention, embedding, MLP, head loss) come from `kernels`: the plain-PyTorch references or
 the Triton kernels, picked by `ops` ("reference" | "triton" | "auto" = Triton on CUDA, reference on CPU).
+With `documents` (crawler.documents) the forward is document-isolated: attention runs varlen over the
+batch's segments and the embedding starts a document at every BOS.
 """
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ from kernels.modules import BIGRAM_TABLE_STD
 from kernels.reference import quant_max, rms_norm, rope
 
 from .config import PASSTHROUGH_NUMEL, QAT_BITS, CrawlerConfig
+from .documents import Documents, ops_isolate_documents
 from .runtime import check_ops, resolve_ops, select_op
 
 
@@ -152,9 +155,11 @@ class CausalSelfAttention(nn.Module):
         self.q_gain = nn.Parameter(torch.full((config.num_heads,), config.qk_gain_init))
 
     def forward(self, n: torch.Tensor, ve: torch.Tensor | None, use_xsa: bool, ops: str,
-                cache: KVCache | None = None, position: int = 0) -> torch.Tensor:
+                cache: KVCache | None = None, position: int = 0,
+                documents: Documents | None = None) -> torch.Tensor:
         """n (B, T, d) normalised input; ve (B, T, Hkv·D) or None. With a `cache`, n holds the tokens
-        after the cached ones and schedule `position` selects the cache's k, v. Returns (B, T, d)."""
+        after the cached ones and schedule `position` selects the cache's k, v. With `documents`, the
+        B·T tokens attend as the packed segments of `documents.cu_seqlens`. Returns (B, T, d)."""
         B, T, d = n.shape
         H, Hkv, D = self.num_heads, self.num_kv_heads, self.head_dim
         q = self.c_q(n).view(B, T, H, D)
@@ -172,7 +177,14 @@ class CausalSelfAttention(nn.Module):
             # Every key and value cached so far at this position, this step's last: the attention op
             # places the T queries at the last T key positions (causal bottom-right, XSA on their own v).
             k, v = cache.append(position, k, v)
-        y = select_op(ops, "attention")(q, k, v, causal=True, xsa=use_xsa)
+        attention = select_op(ops, "attention")
+        if documents is None:
+            y = attention(q, k, v, causal=True, xsa=use_xsa)
+        else:
+            # (1, B·T, heads, D) views: the rows are one packed stream whose segments never cross a row.
+            q, k, v = (t.reshape(1, B * T, t.shape[2], D) for t in (q, k, v))
+            y = attention(q, k, v, causal=True, xsa=use_xsa, cu_seqlens=documents.cu_seqlens,
+                          max_seqlen=documents.max_seqlen)
         return self.proj(y.reshape(B, T, d))
 
 
@@ -200,12 +212,13 @@ class Block(nn.Module):
         self.mlp = MLP(config)
 
     def forward(self, x, x0, attn_scale, mlp_scale, resid_mix, ve, use_xsa: bool, ops: str,
-                cache: KVCache | None = None, position: int = 0):
+                cache: KVCache | None = None, position: int = 0, documents: Documents | None = None):
         """x, x0 (B, T, d); attn_scale, mlp_scale (d,); resid_mix (2, d); ve (B, T, Hkv·D) or None;
-        `cache` and schedule `position` for incremental decoding (see CausalSelfAttention)."""
+        `cache` and schedule `position` for incremental decoding, `documents` for document-isolated
+        attention (see CausalSelfAttention)."""
         mix = resid_mix.to(x.dtype)
         x = mix[0] * x + mix[1] * x0
-        x = x + attn_scale.to(x.dtype) * self.attn(rms_norm(x), ve, use_xsa, ops, cache, position)
+        x = x + attn_scale.to(x.dtype) * self.attn(rms_norm(x), ve, use_xsa, ops, cache, position, documents)
         return x + mlp_scale.to(x.dtype) * self.mlp(rms_norm(x), ops)
 
 
@@ -213,15 +226,17 @@ class CrawlerGPT(nn.Module):
     """The crawler transformer (docs/math.md §1): flat encoder blocks, `crawler_loops` passes over the shared
     crawler blocks (loop >= 1 damped by alpha), flat decoder blocks with a U-Net skip, tied softcapped head.
 
-    forward(input_ids (B,T) int64, target_ids (B,T) int64) -> 0-d mean loss (float32).
+    forward(input_ids (B,T) int64, target_ids (B,T) int64, documents=None) -> 0-d mean loss (float32).
     forward_logits(input_ids) -> (B, T, V) softcapped logits.
     `set_active_loops(n)` runs n of the crawler loops (a progressive loop schedule); all by default.
+    `documents` (crawler.documents.document_segments of input_ids) makes every forward document-isolated.
     """
 
     def __init__(self, config: CrawlerConfig, ops: str = "auto"):
         super().__init__()
         check_ops(ops)
         self.config, self.ops = config, ops
+        self.isolates_documents = ops_isolate_documents(ops)   # decided once: forward only reads the flag
         c = config
         P = c.num_positions
 
@@ -308,28 +323,41 @@ class CrawlerGPT(nn.Module):
         """The ops kind this model runs with for inputs on `device` (crawler.runtime.resolve_ops)."""
         return resolve_ops(self.ops, device)
 
-    def embed_input(self, input_ids: torch.Tensor, ops: str) -> torch.Tensor:
-        """x0 (B, T, d) = smear(rms_norm(tok_emb[ids] + bigram(ids))) (docs/math.md §1.3, §1.5-1.6)."""
-        return select_op(ops, "embed")(input_ids, self.tok_emb.weight, self.bigram.table.weight,
-                                       self.bigram.proj.effective_weight(), self.smear.gate)
+    def embed_input(self, input_ids: torch.Tensor, ops: str, bos_id: int | None = None) -> torch.Tensor:
+        """x0 (B, T, d) = smear(rms_norm(tok_emb[ids] + bigram(ids))) (docs/math.md §1.3, §1.5-1.6); with
+        `bos_id`, every BOS starts a document (no bigram pair or smear across it)."""
+        embed = select_op(ops, "embed")
+        args = (input_ids, self.tok_emb.weight, self.bigram.table.weight, self.bigram.proj.effective_weight(),
+                self.smear.gate)
+        return embed(*args) if bos_id is None else embed(*args, bos_id=bos_id)
 
     def head_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Softcapped tied-head logits (..., V) in hidden's dtype (exact reference head)."""
         return kernels.reference.softcapped_logits(hidden, self.tok_emb.weight, self.config.logit_softcap)
 
-    def forward_hidden(self, input_ids: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+    def forward_hidden(self, input_ids: torch.Tensor, cache: KVCache | None = None,
+                       documents: Documents | None = None) -> torch.Tensor:
         """input_ids (B, T) int -> final rms_norm'd hidden states (B, T, d).
 
         With a `cache` (incremental decoding), input_ids are the tokens after the cached ones: attention
-        also reads the cached keys and values, and the new ones are added to the cache."""
+        also reads the cached keys and values, and the new ones are added to the cache. With `documents`
+        (crawler.documents.document_segments(input_ids)), no token attends to or embeds another
+        document's; not with a cache."""
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids: expected (B, T), got shape {tuple(input_ids.shape)}")
+        if documents is not None:
+            if cache is not None:
+                raise ValueError("documents: document isolation is not supported with a KV cache")
+            if not self.isolates_documents:
+                raise ValueError(f"documents: the ops {type(self.ops).__name__} cannot isolate documents "
+                                 f"(their attention takes no cu_seqlens or their embed no bos_id); use "
+                                 f"ops='triton' or 'reference', or run without document isolation")
         ops = self.resolve_ops(input_ids.device)
         c = self.config
         if cache is not None:
             cache.check_step(input_ids)
         if cache is None or cache.context is None:
-            x = self.embed_input(input_ids, ops)
+            x = self.embed_input(input_ids, ops, documents.bos_id if documents is not None else None)
         else:
             # BigramHash and SmearGate look one token back: re-embedding the last two cached tokens in
             # front makes the new tokens' x0 exact (the first context token's own x0 is not needed).
@@ -342,7 +370,7 @@ class CrawlerGPT(nn.Module):
         for p, (kind, i, loop) in enumerate(self.schedule):
             ve = self.ve.scales[p - first_ve] * ve_base if p in self.ve_positions else None
             args = (self.attn_scales[p], self.mlp_scales[p], self.resid_mixes[p], ve, p in self.xsa_positions, ops,
-                    cache, p)
+                    cache, p, documents)
             if kind == "crawler":
                 out = self.crawler_blocks[i](x, x0, *args)
                 # loop 0 replaces the stream; later loops interpolate towards the block's output.
@@ -358,21 +386,26 @@ class CrawlerGPT(nn.Module):
             cache.advance(input_ids)
         return rms_norm(x)
 
-    def forward(self, input_ids: torch.Tensor, target_ids: torch.Tensor) -> torch.Tensor:
-        """Mean cross-entropy (0-d float32) of the softcapped tied head over all B·T targets."""
+    def forward(self, input_ids: torch.Tensor, target_ids: torch.Tensor,
+                documents: Documents | None = None) -> torch.Tensor:
+        """Mean cross-entropy (0-d float32) of the softcapped tied head over all B·T targets;
+        `documents` as in forward_hidden."""
         if target_ids.shape != input_ids.shape:
             raise ValueError(f"target_ids: expected shape {tuple(input_ids.shape)}, got {tuple(target_ids.shape)}")
-        hidden = self.forward_hidden(input_ids)
+        hidden = self.forward_hidden(input_ids, documents=documents)
         loss_fn = select_op(self.resolve_ops(input_ids.device), "softcapped_cross_entropy")
         return loss_fn(hidden.reshape(-1, hidden.shape[-1]), self.tok_emb.weight, target_ids.reshape(-1),
                        self.config.logit_softcap)
 
-    def forward_logits(self, input_ids: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
-        """Softcapped logits (B, T, V) in the hidden dtype (exact reference head); `cache` as in
-        forward_hidden."""
-        return self.head_logits(self.forward_hidden(input_ids, cache))
+    def forward_logits(self, input_ids: torch.Tensor, cache: KVCache | None = None,
+                       documents: Documents | None = None) -> torch.Tensor:
+        """Softcapped logits (B, T, V) in the hidden dtype (exact reference head); `cache` and
+        `documents` as in forward_hidden."""
+        return self.head_logits(self.forward_hidden(input_ids, cache, documents))
 
-    def token_nll(self, input_ids: torch.Tensor, target_ids: torch.Tensor) -> torch.Tensor:
-        """Per-token cross-entropy (B, T) in float32 nats, on float32 logits (evaluation)."""
-        logits = self.forward_logits(input_ids).float()
+    def token_nll(self, input_ids: torch.Tensor, target_ids: torch.Tensor,
+                  documents: Documents | None = None) -> torch.Tensor:
+        """Per-token cross-entropy (B, T) in float32 nats, on float32 logits (evaluation); `documents`
+        as in forward_hidden."""
+        logits = self.forward_logits(input_ids, documents=documents).float()
         return F.cross_entropy(logits.transpose(1, 2), target_ids.long(), reduction="none")

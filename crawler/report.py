@@ -23,7 +23,9 @@ def summary_rows(*, preset: str, train: dict, report: dict, quantization: list[t
             ("train time", f"{s['train_time_ms'] / 1000:.1f} s"),
             ("step_avg", f"{_fmt(s['step_avg_ms'], '.2f')} ms"),
             ("tokens/s (this session)", _fmt(s["tokens_per_s"], ",.0f")),
-            ("val tokens scored", f"{s['val_tokens']:,}")]
+            ("val tokens scored", f"{s['val_tokens']:,}"),
+            ("documents (training and every val_bpb)",
+             "isolated at each BOS" if report.get("doc_isolated") else "attention crosses BOS")]
     if "unigram_val_bpb" in report:
         rows.append(("unigram baseline val_bpb", _fmt(report["unigram_val_bpb"])))
     rows += [("untrained val_bpb", _fmt(s["initial_val_bpb"])),

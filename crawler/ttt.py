@@ -14,6 +14,7 @@ import torch.distributed as dist
 
 from .bpb import all_reduce_sums, bpb_from_sums, check_stream, luts_on, plan_windows, score_windows
 from .cli import int_at_least
+from .documents import document_segments
 from .runtime import Progress, autocast, eval_mode, rank_and_world
 
 TTT_FREEZE_BLOCKS = 1       # the seed's TTT_FREEZE_BLOCKS: flat block 0 and crawler block 0 stay fixed
@@ -116,12 +117,13 @@ def _all_reduce_grads(params: list[torch.nn.Parameter]) -> None:
 
 
 def _train_chunk(model, tokens: torch.Tensor, start: int, end: int, *, seq_len: int, config: TTTConfig,
-                 optimizer: torch.optim.Optimizer, params: list[torch.nn.Parameter]) -> None:
+                 optimizer: torch.optim.Optimizer, params: list[torch.nn.Parameter], doc_isolated: bool) -> None:
     """TTT on the chunk's targets [start, end): cut into floor((end − start)/seq_len) non-overlapping
     sequences (inputs tokens[start + i·T : start + (i+1)·T], targets shifted by one; the remainder of
     fewer than seq_len targets is not trained on, as in the seed), `config.epochs` passes in batches of
     `config.batch_seqs` sequences. A batch is split across ranks; each rank weights its mean loss by its
-    share of the batch and the gradients are summed, so the step equals the single-process one."""
+    share of the batch and the gradients are summed, so the step equals the single-process one. With
+    `doc_isolated` the sequences are cut at their BOS tokens, as in doc-isolated training."""
     n_seqs = (end - start) // seq_len
     if n_seqs == 0:
         return
@@ -135,8 +137,9 @@ def _train_chunk(model, tokens: torch.Tensor, start: int, end: int, *, seq_len: 
             lo, hi = b0 + (b1 - b0) * rank // world, b0 + (b1 - b0) * (rank + 1) // world
             optimizer.zero_grad(set_to_none=True)
             if hi > lo:
+                x, y = x_all[lo:hi], y_all[lo:hi]
                 with autocast(device):
-                    loss = model(x_all[lo:hi], y_all[lo:hi])
+                    loss = model(x, y, document_segments(x)) if doc_isolated else model(x, y)
                 (loss * ((hi - lo) / (b1 - b0))).backward()
             if world > 1:
                 _all_reduce_grads(params)
@@ -145,8 +148,8 @@ def _train_chunk(model, tokens: torch.Tensor, start: int, end: int, *, seq_len: 
 
 
 def legal_ttt_bpb(model, tokens: torch.Tensor, luts, *, seq_len: int, stride: int = 64, batch_seqs: int = 32,
-                  config: TTTConfig | None = None,
-                  log: Callable[[str], None] | None = print) -> tuple[float, float]:
+                  config: TTTConfig | None = None, log: Callable[[str], None] | None = print,
+                  doc_isolated: bool = False) -> tuple[float, float]:
     """Legal score-first TTT (docs/math.md §6) on `model` (the dequantised int6 artifact): (val_loss, val_bpb).
 
     The N = len(tokens) − 1 targets are cut into C = ceil(N / chunk_tokens) chunks; each sliding window
@@ -161,7 +164,8 @@ def legal_ttt_bpb(model, tokens: torch.Tensor, luts, *, seq_len: int, stride: in
     PLACE (its weights are the TTT-adapted ones afterwards); requires_grad flags, QAT flags and
     train/eval mode are restored. Pass
     the plain model, not a DDP/compile wrapper (the frozen names would not match: a ValueError).
-    Progress per chunk goes to `log` on rank 0 (None: silent).
+    Progress per chunk goes to `log` on rank 0 (None: silent). With `doc_isolated`, scoring and training
+    never attend or embed across a BOS (crawler.documents); chunks, windows and scored targets are unchanged.
     """
     config = config if config is not None else TTTConfig()
     n_targets = check_stream(tokens, seq_len)
@@ -186,7 +190,8 @@ def legal_ttt_bpb(model, tokens: torch.Tensor, luts, *, seq_len: int, stride: in
     n_frozen = sum(p.numel() for name, p in named if name in frozen)
     if log is not None and rank == 0:
         log(f"ttt: {n_chunks} chunks of {K} targets, {windows.shape[0]} windows (T={seq_len}, stride {stride}), "
-            f"epochs {config.epochs}, lr {config.lr}, trainable {n_train:,} / frozen {n_frozen:,} params")
+            f"epochs {config.epochs}, lr {config.lr}, trainable {n_train:,} / frozen {n_frozen:,} params"
+            f"{', documents isolated' if doc_isolated else ''}")
     sums = torch.zeros(3, dtype=torch.float64, device=device)
     t0 = time.perf_counter()
     with eval_mode(model), Progress(n_chunks, "ttt", unit="chunk", log=log if rank == 0 else None) as progress:
@@ -199,14 +204,15 @@ def legal_ttt_bpb(model, tokens: torch.Tensor, luts, *, seq_len: int, stride: in
                 mine = mine[mine.shape[0] * rank // world: mine.shape[0] * (rank + 1) // world]
                 model.eval()
                 with torch.no_grad():
-                    score_windows(model, tokens, luts, mine, seq_len=seq_len, batch_seqs=batch_seqs, sums=sums)
+                    score_windows(model, tokens, luts, mine, seq_len=seq_len, batch_seqs=batch_seqs, sums=sums,
+                                  doc_isolated=doc_isolated)
                 lr_c = config.lr * 0.5 * (1.0 + math.cos(math.pi * c / (n_chunks - 1))) if n_chunks > 1 else 0.0
                 if c < n_chunks - 1 and config.epochs > 0 and optimizer is not None:
                     for group in optimizer.param_groups:
                         group["lr"] = lr_c
                     model.train()
                     _train_chunk(model, tokens, c * K, min((c + 1) * K, n_targets), seq_len=seq_len,
-                                 config=config, optimizer=optimizer, params=params)
+                                 config=config, optimizer=optimizer, params=params, doc_isolated=doc_isolated)
                 totals = all_reduce_sums(sums.clone()).tolist()
                 elapsed = time.perf_counter() - t0
                 progress.write(f"ttt chunk {c + 1}/{n_chunks} lr:{lr_c:.3e} "

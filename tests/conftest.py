@@ -58,3 +58,14 @@ def filled_crawler(seed: int = 0, **overrides):
             elif p.dim() <= 1 or name in ("attn_scales", "mlp_scales"):
                 p.add_(torch.randn_like(p) * 0.1)
     return model
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module of tiny models (on a shared 2-core machine ~10x faster than two:
+    thread hand-offs dominate); the previous count is restored after the module. Request it with
+    `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

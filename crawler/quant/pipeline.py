@@ -30,10 +30,10 @@ Log = Callable[[str], None]
 
 
 def evaluate_artifact(artifact: Artifact, val_tokens: torch.Tensor, luts, *, seq_len: int, device="cpu",
-                      ops: str = "auto", batch_seqs: int = 8) -> tuple[float, float]:
+                      ops: str = "auto", batch_seqs: int = 8, doc_isolated: bool = False) -> tuple[float, float]:
     """(val_loss, val_bpb) of the dequantised artifact (non-overlapping windows, crawler.evaluate)."""
     model = model_from_artifact(artifact, device=device, ops=ops)
-    return val_bpb(model, val_tokens, luts, seq_len=seq_len, batch_seqs=batch_seqs)
+    return val_bpb(model, val_tokens, luts, seq_len=seq_len, batch_seqs=batch_seqs, doc_isolated=doc_isolated)
 
 
 def _upgrade_tok_emb(model: CrawlerGPT, calib: Calibration | None, result: QuantizeResult, byte_room: int,
@@ -109,13 +109,15 @@ def quantize_and_evaluate(model: CrawlerGPT, data_dir, luts, val_tokens: torch.T
                           n_seqs: int = DEFAULT_N_SEQS, calib_seq_len: int | None = None,
                           eval_seq_len: int | None = None, seed: int = 0, batch_seqs: int = 8,
                           pre_quant: tuple[float, float] | None = None, tokenizer: dict | None = None,
+                          doc_isolated: bool = False,
                           log: Log | None = print) -> dict:
     """The train -> artifact -> score stage for train.py: pre-quant val_bpb (unless `pre_quant` =
     (val_loss, val_bpb) is given), the calibration (`calibration`, shared with earlier calls on the same
     weights; else `n_seqs` windows of calib_seq_len from `data_dir`'s train shards), `build_artifact`
     (quantisation per `plan`, pruning to `target_bytes`, the file at `out_path`), and the round-trip
     val_bpb of the dequantised artifact on `val_tokens` (non-overlapping windows of eval_seq_len,
-    default the config's train_seq_len). `tokenizer`: the identity the artifact records (build_artifact).
+    default the config's train_seq_len). Document-isolated with `doc_isolated`, as
+    `pre_quant` must be. `tokenizer`: the identity the artifact records (build_artifact).
 
     Returns build_artifact's summary plus pre_quant_val_loss / _bpb, quant_val_loss / _bpb,
     quant_gap_bpb (round trip minus pre-quant) and quant_eval_seconds (the round trip's scoring time).
@@ -128,7 +130,7 @@ def quantize_and_evaluate(model: CrawlerGPT, data_dir, luts, val_tokens: torch.T
     device = next(model.parameters()).device
     T = eval_seq_len or model.config.train_seq_len
     if pre_quant is None:
-        pre_quant = val_bpb(model, val_tokens, luts, seq_len=T, batch_seqs=batch_seqs)
+        pre_quant = val_bpb(model, val_tokens, luts, seq_len=T, batch_seqs=batch_seqs, doc_isolated=doc_isolated)
         log(f"pre-quant: val_loss {pre_quant[0]:.4f} val_bpb {pre_quant[1]:.4f}")
     if calibration is None and plan.needs_hessians():
         calibration = Calibration.from_data(model, data_dir, n_seqs=n_seqs, seq_len=calib_seq_len, seed=seed,
@@ -138,7 +140,7 @@ def quantize_and_evaluate(model: CrawlerGPT, data_dir, luts, val_tokens: torch.T
                                        tokenizer=tokenizer, log=log)
     t0 = time.perf_counter()
     q_loss, q_bpb = evaluate_artifact(artifact, val_tokens, luts, seq_len=T, device=device, ops=model.ops,
-                                      batch_seqs=batch_seqs)
+                                      batch_seqs=batch_seqs, doc_isolated=doc_isolated)
     eval_seconds = time.perf_counter() - t0
     gap = q_bpb - pre_quant[1]
     log(f"round trip ({plan.name}{', loop-aware' if loop_aware else ''}): val_loss {q_loss:.4f} "

@@ -77,6 +77,8 @@ class TrainConfig:
     checkpoint_every: int = _opt(0, "write the resumable checkpoint every N steps (0 = only at the end)",
                                  trajectory=False)
     compile: bool | None = _opt(None, "torch.compile the model (default: on CUDA only)")
+    doc_isolated: bool = _opt(False, "document isolation: attention and the embedding never cross a BOS "
+                              "(training, validation and the artifact's evaluations; docs/evaluation.md)")
 
     def validate(self) -> None:
         """Raise SetupError naming the field and what is expected."""

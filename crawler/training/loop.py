@@ -32,6 +32,7 @@ import torch.distributed as dist
 from ..artifact import load_state_into
 from ..checkpoint import TRAINING_FORMAT, TRAINING_VERSION, Checkpoint, read_checkpoint, save_checkpoint, save_model
 from ..config import CrawlerConfig
+from ..documents import document_segments, segment_capacity
 from ..errors import SetupError
 from ..evaluate import val_bpb
 from ..fileio import WriteError, write_json
@@ -131,6 +132,9 @@ class _Trainer:
         self.history = {"train_loss": [], "val": []}
 
         use_compile = tc.compile if tc.compile is not None else self.device.type == "cuda"
+        # A compiled model needs one cu_seqlens shape: pad to a fixed capacity. Eager runs take the exact
+        # segments (the reference attention loops over them).
+        self.segment_capacity = segment_capacity(self.local_tokens // self.seq_len) if use_compile else None
         # One compiled module for every loop / QAT variant: each variant's graph is compiled on first
         # use (guarded by the model's attributes) and cached, so the warm-up compiles them all.
         self.compiled_model = torch.compile(self.model, dynamic=False, fullgraph=True) if use_compile else self.model
@@ -232,6 +236,9 @@ class _Trainer:
         total = torch.zeros((), device=self.device)
         for micro in range(self.grad_accum):
             x, y = self.loader.next_batch(self.local_tokens, self.seq_len)
+            # Segments from the CPU batch: no device sync.
+            documents = (document_segments(x, capacity=self.segment_capacity).to(self.device)
+                         if self.tc.doc_isolated else None)
             x = x.to(self.device, non_blocking=True)
             y = y.to(self.device, non_blocking=True)
             # DDP all-reduces gradients only on the last micro-batch (no_sync covers forward + backward).
@@ -239,7 +246,7 @@ class _Trainer:
                     else contextlib.nullcontext())
             with sync:
                 with autocast(self.device):
-                    loss = self.module(x, y)
+                    loss = self.module(x, y, documents)
                 (loss / self.grad_accum).backward()
             total += loss.detach()
         tc = self.tc
@@ -313,7 +320,7 @@ class _Trainer:
     def evaluate(self) -> tuple[float, float]:
         """(val_loss, val_bpb) of the current weights on all ranks (val_bpb turns QAT off inside)."""
         return val_bpb(self.model, self.data.val_tokens, self.data.luts, seq_len=self.seq_len,
-                       batch_seqs=self.tc.val_batch_seqs)
+                       batch_seqs=self.tc.val_batch_seqs, doc_isolated=self.tc.doc_isolated)
 
     def _step_line(self, step: int, rest: str, time_ms: float) -> str:
         return step_line(step, self.tc.iterations, rest, time_ms)
@@ -490,7 +497,7 @@ def train(model_config: CrawlerConfig, tc: TrainConfig, data: TrainData, *, out_
     log(f"model: {n_params:,} parameters, {model_config.num_positions} schedule positions, ops "
         f"{trainer.model.resolve_ops(ctx.device)}, device {ctx.device}, world {ctx.world_size}, "
         f"grad_accum {trainer.grad_accum}, batch {model_config.train_batch_tokens} tokens "
-        f"(seq {trainer.seq_len}), compile {trainer.compiled}")
+        f"(seq {trainer.seq_len}), compile {trainer.compiled}{', documents isolated' if tc.doc_isolated else ''}")
     for line in trainer.qat.describe():
         log(line)
     summary = trainer.run()
