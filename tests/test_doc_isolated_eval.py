@@ -150,7 +150,7 @@ def test_cli_doc_isolated_scores_the_int6_model_isolated(cli_files, capsys):
         out = capsys.readouterr()
         assert code == 0, out.err
         lines[isolated] = out.out.strip().splitlines()[-1]
-    assert lines[True].endswith("doc_isolated:1") and lines[False].endswith("doc_isolated:0")
+    assert " doc_isolated:1 " in lines[True] and " doc_isolated:0 " in lines[False]   # before the budget word
     tokens = load_validation_tokens(data_dir, max_tokens=400)
     sp_luts = byte_luts(load_tokenizer(tok), VOCAB)
     direct = sliding_window_bpb(load_int6_model(root / "model.int6", ops="reference"), tokens, sp_luts, seq_len=T,
