@@ -30,7 +30,7 @@ import torch
 import torch.distributed as dist
 
 from ..artifact import load_state_into
-from ..checkpoint import TRAINING_FORMAT, TRAINING_VERSION, Checkpoint, read_checkpoint, save_checkpoint, save_model
+from ..checkpoint import TRAINING_FORMAT, TRAINING_VERSION, read_checkpoint, save_checkpoint, save_model
 from ..config import CrawlerConfig
 from ..documents import document_segments, segment_capacity
 from ..errors import SetupError
@@ -52,38 +52,9 @@ from .log import (
     stopping_early_line,
 )
 from .qat import QATSwitch
-from .resume import RUN_OPTIONS_KEY, option_changes
+from .resume import RUN_OPTIONS_KEY, architecture_differences, restore_training_state
 from .schedule import LoopSchedule
 from .stream import DistributedTokenLoader
-
-# Model-config fields that may differ on resume: how a run feeds data (changing them changes training)
-# and the token embedding's initial std (read only when the weights are initialised).
-_FEED_FIELDS = ("train_seq_len", "train_batch_tokens")
-_NON_ARCH_FIELDS = (*_FEED_FIELDS, "tied_embed_init_std")
-
-
-def _architecture_differences(saved: CrawlerConfig, now: CrawlerConfig) -> str | None:
-    """"field: checkpoint A vs now B, ..." for the architecture fields that differ; None if none do."""
-    a, b = saved.to_dict(), now.to_dict()
-    diff = sorted(k for k in b if k not in _NON_ARCH_FIELDS and a.get(k) != b[k])
-    return ", ".join(f"{k}: checkpoint {a.get(k)!r} vs now {b[k]!r}" for k in diff) or None
-
-
-def check_resume_compatible(ckpt: Checkpoint, model_config: CrawlerConfig, data: TrainData) -> list[str]:
-    """SetupError unless the checkpoint's model architecture and data/tokenizer match this run's.
-    Returns warnings for fields that may differ (batch size, sequence length, initial embedding std)."""
-    path, state = ckpt.path, ckpt.contents
-    detail = _architecture_differences(ckpt.config, model_config)
-    if detail:
-        raise SetupError(f"cannot resume {str(path)!r}: its model config differs ({detail}); rerun with the "
-                         f"same --preset and model options as the run that wrote it")
-    if state["data"] != data.identity:
-        diff = sorted(k for k in data.identity if state["data"].get(k) != data.identity[k])
-        raise SetupError(f"cannot resume {str(path)!r}: it was trained on other data or another tokenizer "
-                         f"(differs in: {', '.join(diff)}); rerun with the same --data-dir and --tokenizer")
-    saved, now = ckpt.config.to_dict(), model_config.to_dict()
-    changes = option_changes(saved, {k: now[k] for k in _NON_ARCH_FIELDS}, trajectory=_FEED_FIELDS)
-    return [f"resume: model options changed: {changes}"] if changes else []
 
 
 @dataclass
@@ -166,7 +137,7 @@ class _Trainer:
         RESUME_FROM. SetupError if the file's own config has another architecture or its tensors do not
         fit the model."""
         ckpt = read_checkpoint(path)
-        detail = _architecture_differences(ckpt.config, self.mc) if ckpt.config is not None else None
+        detail = architecture_differences(ckpt.config, self.mc) if ckpt.config is not None else None
         if detail:
             raise SetupError(f"--init-from {str(path)!r}: its model config differs ({detail})")
         try:
@@ -190,44 +161,6 @@ class _Trainer:
                 "swa": self.swa.state_dict(), "ema": self.ema.state_dict() if self.ema else None,
                 "loader": self.loader.state_dict(), "rng": rng, "history": self.history,
                 "qat_active": self.qat.active, RUN_OPTIONS_KEY: self.run_options}
-
-    def restore(self, ckpt: Checkpoint) -> None:
-        """Continue from a "training" checkpoint (checked against this run's model and data first)."""
-        state, path = ckpt.contents, ckpt.path
-        for warning in check_resume_compatible(ckpt, self.mc, self.data):
-            self.log(warning)
-        if state["world_size"] != self.ctx.world_size:
-            self.log(f"resume: checkpoint was written with world size {state['world_size']}, now "
-                     f"{self.ctx.world_size}; the data order differs from an uninterrupted run")
-        changes = option_changes(state["train_config"], dataclasses.asdict(self.tc),
-                                 trajectory=TrainConfig.trajectory_fields())
-        if changes:
-            self.log(f"resume: training options changed: {changes}")
-        self.model.load_state_dict(ckpt.state_dict, strict=True)
-        for opt, sd in zip(self.optimizers, state["optimizers"]):
-            # load_state_dict also restores the saved hyper-parameters; this run's options win.
-            current = [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]
-            opt.load_state_dict(sd)
-            for group, hyper in zip(opt.param_groups, current):
-                group.update(hyper)
-        self.swa.load_state_dict(state["swa"])
-        if self.ema is not None:
-            if state["ema"] is None:
-                self.log("resume: EMA was off in the checkpoint; starting it from the current weights")
-            else:
-                self.ema.load_state_dict(state["ema"])
-        try:
-            self.loader.load_state_dict(state["loader"])
-        except ValueError as e:
-            raise SetupError(f"cannot resume {str(path)!r}: {e}") from None
-        torch.set_rng_state(state["rng"]["torch"])
-        if self.device.type == "cuda" and "cuda" in state["rng"]:
-            torch.cuda.set_rng_state(state["rng"]["cuda"], self.device)
-        self.step, self.train_time_ms = int(state["step"]), float(state["train_time_ms"])
-        self.history = state["history"]
-        self.qat.set_active(bool(state.get("qat_active", self.qat.active)))
-        self.set_loops(self.loops.loops_at(self.step))
-        self.log(f"resume: continuing {str(path)!r} at step {self.step}, train_time {self.train_time_ms:.0f}ms")
 
     # -- one optimiser step ----------------------------------------------------------------------
     def train_step(self, step: int, multiplier: float) -> torch.Tensor:
@@ -490,7 +423,7 @@ def train(model_config: CrawlerConfig, tc: TrainConfig, data: TrainData, *, out_
     ckpt = read_checkpoint(resume, expect="training") if resume is not None else None
     trainer = _Trainer(model_config, tc, data, out_dir, ops, ctx, log, init_from=init_from, run_options=run_options)
     if ckpt is not None:
-        trainer.restore(ckpt)
+        restore_training_state(trainer, ckpt)
         del ckpt
     n_params = sum(p.numel() for p in trainer.model.parameters())
     log(model_params_line(n_params))

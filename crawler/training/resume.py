@@ -1,6 +1,8 @@
 """What a resumed run restores: the options the run was started with (recorded in its checkpoint under
 RUN_OPTIONS_KEY), the ones given again on the command line (they win, and are logged as such), and
-which changes make the resumed run differ from the uninterrupted one (those are named).
+which changes make the resumed run differ from the uninterrupted one (those are named); whether a
+checkpoint fits this run at all (model architecture, data and tokenizer); and the training state itself
+(`restore_training_state`, the inverse of the loop's `checkpoint_state`).
 
 A resume on the same machine with no option changed (the same world size, thread count and ops) trains
 bit-identically to the uninterrupted run (docs/math.md §2); `option_changes` names every option whose
@@ -9,7 +11,16 @@ change breaks that.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from collections.abc import Callable, Collection
+
+import torch
+
+from ..checkpoint import Checkpoint
+from ..config import CrawlerConfig
+from ..errors import SetupError
+from .config import TrainConfig
+from .data import TrainData
 
 RUN_OPTIONS_KEY = "run_options"        # the checkpoint entry holding the command line's resolved options
 NOT_BIT_IDENTICAL = "the resumed run is not bit-identical to an uninterrupted one"
@@ -66,3 +77,76 @@ def restore_run_options(args: argparse.Namespace, saved: dict | None, given: set
         if changes:
             lines.append(f"resume: options changed: {changes}")
     return lines
+
+
+# Model-config fields that may differ on resume: how a run feeds data (changing them changes training)
+# and the token embedding's initial std (read only when the weights are initialised).
+_FEED_FIELDS = ("train_seq_len", "train_batch_tokens")
+_NON_ARCH_FIELDS = (*_FEED_FIELDS, "tied_embed_init_std")
+
+
+def architecture_differences(saved: CrawlerConfig, now: CrawlerConfig) -> str | None:
+    """"field: checkpoint A vs now B, ..." for the architecture fields that differ; None if none do."""
+    a, b = saved.to_dict(), now.to_dict()
+    diff = sorted(k for k in b if k not in _NON_ARCH_FIELDS and a.get(k) != b[k])
+    return ", ".join(f"{k}: checkpoint {a.get(k)!r} vs now {b[k]!r}" for k in diff) or None
+
+
+def check_resume_compatible(ckpt: Checkpoint, model_config: CrawlerConfig, data: TrainData) -> list[str]:
+    """SetupError unless the checkpoint's model architecture and data/tokenizer match this run's.
+    Returns warnings for fields that may differ (batch size, sequence length, initial embedding std)."""
+    path, state = ckpt.path, ckpt.contents
+    detail = architecture_differences(ckpt.config, model_config)
+    if detail:
+        raise SetupError(f"cannot resume {str(path)!r}: its model config differs ({detail}); rerun with the "
+                         f"same --preset and model options as the run that wrote it")
+    if state["data"] != data.identity:
+        diff = sorted(k for k in data.identity if state["data"].get(k) != data.identity[k])
+        raise SetupError(f"cannot resume {str(path)!r}: it was trained on other data or another tokenizer "
+                         f"(differs in: {', '.join(diff)}); rerun with the same --data-dir and --tokenizer")
+    saved, now = ckpt.config.to_dict(), model_config.to_dict()
+    changes = option_changes(saved, {k: now[k] for k in _NON_ARCH_FIELDS}, trajectory=_FEED_FIELDS)
+    return [f"resume: model options changed: {changes}"] if changes else []
+
+
+def restore_training_state(trainer, ckpt: Checkpoint) -> None:
+    """Continue `trainer` (crawler.training.loop's) from a "training" checkpoint, as its
+    `checkpoint_state` wrote it: checked against this run's model and data first, then the weights,
+    optimisers (this run's hyper-parameters win), SWA/EMA, data position, RNG, step, history, QAT state
+    and loop variant."""
+    state, path = ckpt.contents, ckpt.path
+    for warning in check_resume_compatible(ckpt, trainer.mc, trainer.data):
+        trainer.log(warning)
+    if state["world_size"] != trainer.ctx.world_size:
+        trainer.log(f"resume: checkpoint was written with world size {state['world_size']}, now "
+                    f"{trainer.ctx.world_size}; the data order differs from an uninterrupted run")
+    changes = option_changes(state["train_config"], dataclasses.asdict(trainer.tc),
+                             trajectory=TrainConfig.trajectory_fields())
+    if changes:
+        trainer.log(f"resume: training options changed: {changes}")
+    trainer.model.load_state_dict(ckpt.state_dict, strict=True)
+    for opt, sd in zip(trainer.optimizers, state["optimizers"]):
+        # load_state_dict also restores the saved hyper-parameters; this run's options win.
+        current = [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]
+        opt.load_state_dict(sd)
+        for group, hyper in zip(opt.param_groups, current):
+            group.update(hyper)
+    trainer.swa.load_state_dict(state["swa"])
+    if trainer.ema is not None:
+        if state["ema"] is None:
+            trainer.log("resume: EMA was off in the checkpoint; starting it from the current weights")
+        else:
+            trainer.ema.load_state_dict(state["ema"])
+    try:
+        trainer.loader.load_state_dict(state["loader"])
+    except ValueError as e:
+        raise SetupError(f"cannot resume {str(path)!r}: {e}") from None
+    torch.set_rng_state(state["rng"]["torch"])
+    if trainer.device.type == "cuda" and "cuda" in state["rng"]:
+        torch.cuda.set_rng_state(state["rng"]["cuda"], trainer.device)
+    trainer.step, trainer.train_time_ms = int(state["step"]), float(state["train_time_ms"])
+    trainer.history = state["history"]
+    trainer.qat.set_active(bool(state.get("qat_active", trainer.qat.active)))
+    trainer.set_loops(trainer.loops.loops_at(trainer.step))
+    trainer.log(f"resume: continuing {str(path)!r} at step {trainer.step}, "
+                f"train_time {trainer.train_time_ms:.0f}ms")
