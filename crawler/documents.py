@@ -19,9 +19,9 @@ from typing import NamedTuple
 
 import torch
 
+from kernels.modules import select_op
 from kernels.reference import document_starts
 
-from .runtime import select_op
 from .tokenizer import BOS_ID
 
 # The padded capacity allows this many segments per row on average: FineWeb's documents average about

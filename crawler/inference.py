@@ -23,13 +23,14 @@ import torch
 import torch.nn as nn
 
 import kernels
+from kernels.modules import select_op
 from kernels.reference import bigram_hash, document_starts, relu2, rms_norm, smear
 
 from .artifact import Artifact, ArtifactError, QuantizedTensor, load_artifact, load_state_into
 from .config import CrawlerConfig
 from .documents import Documents
 from .model import CastedLinear, CrawlerGPT, KVCache
-from .runtime import autocast, check_ops, eval_mode, resolve_ops, select_op
+from .runtime import autocast, check_ops, eval_mode, resolve_ops
 
 INT6_MAX_BITS = 6                                    # codes of up to 6 bits fit the packed int6 layout
 ROW_TILE = kernels.reference.INT6_REF_ROW_TILE       # weight rows dequantised at a time on the int8 path

@@ -15,12 +15,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import kernels
-from kernels.modules import BIGRAM_TABLE_STD
+from kernels.modules import BIGRAM_TABLE_STD, select_op
 from kernels.reference import quant_max, rms_norm, rope
 
 from .config import PASSTHROUGH_NUMEL, QAT_BITS, CrawlerConfig
 from .documents import Documents, ops_isolate_documents
-from .runtime import check_ops, resolve_ops, select_op
+from .runtime import check_ops, resolve_ops
 
 
 def fake_quantize(w: torch.Tensor, bits: int = QAT_BITS) -> torch.Tensor:

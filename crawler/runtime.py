@@ -1,8 +1,8 @@
 """Runtime policy, decided here once for every stage (training, quantisation, evaluation, generation):
 
 - the device a run computes on (`resolve_device`) and the ops it uses there (`resolve_ops`: "auto" is
-  Triton on CUDA and the plain-PyTorch references everywhere else; `select_op`, re-exported from
-  kernels.modules, maps a resolved kind to the functions);
+  Triton on CUDA and the plain-PyTorch references everywhere else; kernels.modules.select_op then maps
+  the resolved kind to the functions);
 - the autocast it computes under (`autocast`: bf16 on CUDA only) and the evaluation context
   (`eval_mode`: eval mode with QAT off, both restored);
 - the process's place in a torchrun job (`rank_and_world`, `distributed`, `current_context`), the CPU
@@ -25,7 +25,6 @@ import torch.distributed as dist
 import torch.nn as nn
 from tqdm import tqdm
 
-from kernels.modules import select_op  # noqa: F401  (re-exported: the stages import it from here)
 from kernels.utils import interpreting
 
 from .errors import SetupError

@@ -13,7 +13,8 @@ import train as train_cli
 from crawler.cli import shared_options
 from crawler.errors import SetupError
 from crawler.model import CastedLinear
-from crawler.runtime import OPS_CHOICES, Progress, eval_mode, resolve_data, resolve_device, resolve_ops, select_op
+from crawler.runtime import OPS_CHOICES, Progress, eval_mode, resolve_data, resolve_device, resolve_ops
+from kernels.modules import select_op
 
 
 def test_auto_ops_are_triton_on_cuda_and_the_references_elsewhere():
