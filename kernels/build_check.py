@@ -307,8 +307,7 @@ def build_plan(multiprocessors: int = SM90["multiprocessors"]) -> list[Unit]:
             jit_fn = _jit_fn(launch.kernel)
             nargs = dict(zip(launch.kernel.arg_names, launch.args))
             if isinstance(launch.kernel, triton.runtime.Autotuner):
-                launch.kernel.nargs = nargs             # what its early_config_prune reads
-                configs = launch.kernel.prune_configs(launch.kwargs)
+                configs = utils.launch_candidates(launch.kernel, nargs | launch.kwargs)
             else:
                 configs = [None]
             for config in configs:
@@ -784,6 +783,22 @@ def run(use_subset: bool, jobs: int, target: str | None, cache_dir: str | None) 
                             "command": " ".join(["python -m kernels.build_check", *sys.argv[1:]])}}
 
 
+def compile_seconds(result: dict) -> dict:
+    """The compact record of what compiling costs (`--seconds`, committed as bench/compile_seconds.json, from
+    which `python -m bench.gpu_check` sizes its stages): per kernel its compilations and their single-core
+    compile seconds, the total, and the run's wall time with its job count (their difference from
+    total / jobs is each job's start-up)."""
+    kernels: dict[str, dict] = {}
+    for r in result["rows"]:
+        k = kernels.setdefault(r["kernel"], {"compilations": 0, "compile_s": 0.0})
+        k["compilations"] += 1
+        k["compile_s"] = round(k["compile_s"] + r["compile_s"], 2)
+    env = result["environment"]
+    return {"triton": env["triton"], "target": env["target"], "date": env["date"], "subset": env["subset"],
+            "jobs": env["jobs"], "wall_s": env["wall_s"], "total_compile_s": result["summary"]["total_compile_s"],
+            "kernels": kernels}
+
+
 def _write_json(path: str, result: dict) -> None:
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -800,6 +815,8 @@ def main(argv=None) -> int:
     scope.add_argument("--subset", action="store_true", help="one compilation per kernel (the CI test's)")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel compile processes")
     parser.add_argument("--json", metavar="PATH", help="also write the rows and summary as JSON")
+    parser.add_argument("--seconds", metavar="PATH", help="also write the compile seconds per kernel as JSON "
+                        "(bench/compile_seconds.json, which sizes the stages of `make gpu-check`)")
     parser.add_argument("--target", metavar="sm_XY", help="architecture (default: the local GPU, else sm_90)")
     parser.add_argument("--list", action="store_true", help="list the compilations (kernel, config, "
                         "specialisation, programs, workloads) without compiling")
@@ -841,6 +858,8 @@ def main(argv=None) -> int:
           f"{args.jobs} job(s)")
     if args.json:
         _write_json(args.json, result)
+    if args.seconds:
+        _write_json(args.seconds, compile_seconds(result))
     return 1 if s["with_problems"] else 0
 
 
