@@ -3,14 +3,16 @@
 `load_int6_model(artifact, device, ops)` builds an `Int6CrawlerGPT` straight from an artifact: the model
 is constructed on the meta device, every quantised matrix's module is swapped for a code-holding one, and
 only then are tensors allocated, so no full-precision copy of a quantised weight ever exists:
-  * block Linears, bigram.proj (and ve.proj when quantised) -> `Int6Linear`: buffers `packed` uint8
-    (N, 3K/4) (kernels.pack_int6's layout) + `scales` fp16 (N,); forward = int6_linear;
-  * tok_emb, bigram.table, ve.table -> `Int6Embedding`: the same buffers, gathered row-wise (only the
-    looked-up rows are dequantised); tok_emb's codes also serve as the tied LM head through int6_linear.
-Codes of a 7- or 8-bit plan (e.g. tok_emb int8 k=20), or of a matrix whose K is not a multiple of 4,
-have no packed layout: they are kept as int8 `codes` (N, K) and multiplied 256 rows at a time (like
-kernels.reference.int6_linear), never dequantised whole. Passthrough tensors load as in the float model.
-Everything else is CrawlerGPT's own code (blocks, attention, schedule); only the modules differ.
+  * block Linears, bigram.proj (and ve.proj when quantised) -> `kernels.modules.Int6Linear`, the package's
+    one int6 linear: buffers `packed` uint8 (N, 3K/4) + `scales` fp16 (N,); forward = int6_linear;
+  * tok_emb, bigram.table, ve.table -> `QuantEmbedding` around the same module, whose rows are gathered
+    (only the looked-up rows are dequantised); tok_emb's matrix also serves as the tied LM head.
+Codes the int6 packing cannot hold, those of a 7- or 8-bit plan (e.g. tok_emb int8 k=20) or of a matrix
+whose K is not a multiple of 4, go to `Int8Linear` instead: int8 `codes` (N, K) multiplied 256 rows at a
+time (like kernels.reference.int6_linear), never dequantised whole. It lives here, not in kernels, because
+which codes exist beyond int6 is the artifact's business (the quantisation plan's bits), and no kernel
+serves them. Passthrough tensors load as in the float model. Everything else is CrawlerGPT's own code
+(blocks, attention, schedule); only the modules differ.
 
 `generate(model, prompt_ids, ...)` decodes incrementally with a per-schedule-position KV cache
 (crawler.model.KVCache) and works for the float and the int6 model alike.
@@ -23,99 +25,83 @@ import torch
 import torch.nn as nn
 
 import kernels
-from kernels.modules import select_op
+from kernels.modules import Int6Linear, autocast_input
 from kernels.reference import bigram_hash, document_starts, relu2, rms_norm, smear
 
 from .artifact import Artifact, ArtifactError, QuantizedTensor, load_artifact, load_state_into
 from .config import CrawlerConfig
 from .documents import Documents
 from .model import CastedLinear, CrawlerGPT, KVCache
-from .runtime import autocast, check_ops, eval_mode, resolve_ops
+from .runtime import autocast, eval_mode, resolve_ops
 
 INT6_MAX_BITS = 6                                    # codes of up to 6 bits fit the packed int6 layout
 ROW_TILE = kernels.reference.INT6_REF_ROW_TILE       # weight rows dequantised at a time on the int8 path
 
 
-def _autocast_input(x: torch.Tensor) -> torch.Tensor:
-    """x in the autocast dtype when autocast is on for its device (what F.linear would compute in), so
-    the int6 model runs at the float model's precision under evaluation's bf16 autocast."""
-    if torch.is_autocast_enabled(x.device.type):
-        return x.to(torch.get_autocast_dtype(x.device.type))
-    return x
+class Int8Linear(nn.Module):
+    """Bias-free Linear on int8 codes, for the codes `Int6Linear` cannot pack (see the module docstring):
+    buffers `codes` int8 (out, in), `scales` fp16 (out,). forward(x (..., in)) -> (..., out) in x's dtype
+    (the autocast dtype under autocast), 256 weight rows dequantised at a time; `weight_rows(idx)` and
+    `codes_state(codes, scales)` as Int6Linear's."""
 
-
-class QuantMatrix(nn.Module):
-    """A row-quantised matrix W (N, K) ≈ codes · scales[:, None], held as codes only.
-
-    Buffers: `packed` uint8 (N, 3K/4) (kernels.pack_int6 layout) when bits <= 6 and K % 4 == 0, else
-    `codes` int8 (N, K); `scales` fp16 (N,). `ops` picks the int6 matmul: "triton" (kernels.int6_linear),
-    "reference" (kernels.reference.int6_linear) or "auto" (crawler.runtime.resolve_ops: Triton on CUDA).
-    """
-
-    def __init__(self, rows: int, cols: int, bits: int, ops: str = "auto"):
+    def __init__(self, in_features: int, out_features: int):
         super().__init__()
-        check_ops(ops)
-        self.rows, self.cols, self.bits, self.ops = rows, cols, bits, ops
-        self.is_packed = bits <= INT6_MAX_BITS and cols % 4 == 0
-        if self.is_packed:
-            self.register_buffer("packed", torch.empty(rows, 3 * cols // 4, dtype=torch.uint8))
-        else:
-            self.register_buffer("codes", torch.empty(rows, cols, dtype=torch.int8))
-        self.register_buffer("scales", torch.empty(rows, dtype=torch.float16))
+        self.in_features, self.out_features = in_features, out_features
+        self.register_buffer("codes", torch.zeros(out_features, in_features, dtype=torch.int8))
+        self.register_buffer("scales", torch.ones(out_features, dtype=torch.float16))
+
+    @staticmethod
+    def codes_state(codes: torch.Tensor, scales: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"codes": codes, "scales": scales.to(torch.float16)}
 
     def extra_repr(self) -> str:
-        return f"rows={self.rows}, cols={self.cols}, bits={self.bits}, " \
-               f"{'packed int6' if self.is_packed else 'int8 codes'}, ops={self.ops}"
+        return f"in_features={self.in_features}, out_features={self.out_features}, int8 codes"
 
-    def encode(self, q: QuantizedTensor) -> dict[str, torch.Tensor]:
-        """This module's buffers (name -> tensor, on q's device) for the artifact entry `q`."""
-        if tuple(q.codes.shape) != (self.rows, self.cols) or q.bits > self.bits:
-            raise ValueError(f"quantised tensor int{q.bits} {tuple(q.codes.shape)} does not fit a module of "
-                             f"int{self.bits} ({self.rows}, {self.cols})")
-        codes = kernels.pack_int6(q.codes) if self.is_packed else q.codes
-        return {"packed" if self.is_packed else "codes": codes, "scales": q.scales}
-
-    def gather(self, idx: torch.Tensor) -> torch.Tensor:
-        """Rows idx (...) int of W as float32 (..., K); only those rows are dequantised."""
+    def weight_rows(self, idx: torch.Tensor) -> torch.Tensor:
         flat = idx.reshape(-1).long()
-        codes = kernels.unpack_int6(self.packed[flat], self.cols) if self.is_packed else self.codes[flat]
-        return kernels.reference.dequantize(codes, self.scales[flat]).view(*idx.shape, self.cols)
+        return kernels.reference.dequantize(self.codes[flat], self.scales[flat]).view(*idx.shape, self.in_features)
 
-    def linear(self, x: torch.Tensor) -> torch.Tensor:
-        """x (..., K) float -> x @ Wᵀ (..., N) in x's dtype (the autocast dtype under autocast)."""
-        x = _autocast_input(x)
-        if self.is_packed:
-            return select_op(resolve_ops(self.ops, x.device), "int6_linear")(x, self.packed, self.scales)
-        out = x.new_empty(*x.shape[:-1], self.rows)
-        for n0 in range(0, self.rows, ROW_TILE):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = autocast_input(x)
+        out = x.new_empty(*x.shape[:-1], self.out_features)
+        for n0 in range(0, self.out_features, ROW_TILE):
             tile = slice(n0, n0 + ROW_TILE)
             out[..., tile] = x @ kernels.reference.dequantize(self.codes[tile], self.scales[tile]).to(x.dtype).T
         return out
 
 
-class Int6Linear(QuantMatrix):
-    """Bias-free Linear on codes (see QuantMatrix): forward(x (..., in)) -> (..., out) = x @ (codes·s)ᵀ."""
-
-    def __init__(self, in_features: int, out_features: int, bits: int = 6, ops: str = "auto"):
-        super().__init__(out_features, in_features, bits, ops)
-        self.in_features, self.out_features = in_features, out_features
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.linear(x)
+def quantized_linear(in_features: int, out_features: int, bits: int, ops: str) -> Int6Linear | Int8Linear:
+    """The module that holds a quantised (out, in) matrix of `bits`-bit codes: Int6Linear (on `ops`,
+    "triton" or "reference") when the int6 packing can hold them (bits <= 6, in % 4 == 0), else Int8Linear."""
+    if bits <= INT6_MAX_BITS and in_features % 4 == 0:
+        return Int6Linear(in_features, out_features, ops=ops)
+    return Int8Linear(in_features, out_features)
 
 
-class Int6Embedding(QuantMatrix):
-    """Embedding table on codes (see QuantMatrix): forward(ids (...)) -> rows (..., dim) in `dtype`
-    (the float model's table dtype, config.embed_dtype), dequantised per gathered row. `linear` gives
-    the tied head's x @ tableᵀ."""
+class QuantEmbedding(nn.Module):
+    """Embedding table on codes: `matrix` (Int6Linear or Int8Linear, see `quantized_linear`) holds the
+    (num_embeddings, embedding_dim) table. forward(ids (...)) -> rows (..., dim) in `dtype` (the float
+    model's table dtype, config.embed_dtype), dequantised per gathered row; `linear(x)` gives the tied
+    head's x @ tableᵀ."""
 
-    def __init__(self, num_embeddings: int, embedding_dim: int, bits: int = 6, ops: str = "auto",
-                 dtype: torch.dtype = torch.float32):
-        super().__init__(num_embeddings, embedding_dim, bits, ops)
+    def __init__(self, num_embeddings: int, embedding_dim: int, bits: int, ops: str, dtype: torch.dtype):
+        super().__init__()
+        self.matrix = quantized_linear(embedding_dim, num_embeddings, bits, ops)
         self.dtype = dtype
 
+    def codes_state(self, codes: torch.Tensor, scales: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {f"matrix.{n}": t for n, t in self.matrix.codes_state(codes, scales).items()}
+
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.gather(ids).to(self.dtype)
+        return self.matrix.weight_rows(ids).to(self.dtype)
+
+    def linear(self, x: torch.Tensor) -> torch.Tensor:
+        return self.matrix(x)
+
+
+def _code_matrix(module: nn.Module) -> nn.Module:
+    """The module that holds a quantised matrix's codes (an embedding's `matrix`)."""
+    return module.matrix if isinstance(module, QuantEmbedding) else module
 
 
 class Int6MLP(nn.Module):
@@ -136,12 +122,15 @@ class Int6CrawlerGPT(CrawlerGPT):
     `quantized` maps state-dict names of quantised weights to their bits, e.g.
     {"flat_blocks.0.attn.c_q.weight": 6, "tok_emb.weight": 8}. The model is created on the meta device
     with those modules swapped in; fill it with `load_int6_model` (or `load_state_into` with the
-    modules' `encode` output and the passthrough tensors). Inference only (no autograd through codes).
+    modules' `codes_state` output and the passthrough tensors). `ops` is the model's (as CrawlerGPT's);
+    its int6 matmuls run on `resolve_ops(ops, device)` for the `device` the model is to be loaded on
+    (Triton on CUDA under "auto"). Inference only (no autograd through codes).
     """
 
-    def __init__(self, config: CrawlerConfig, quantized: dict[str, int], ops: str = "auto"):
+    def __init__(self, config: CrawlerConfig, quantized: dict[str, int], ops: str = "auto", device="cpu"):
         with torch.device("meta"):       # nothing is allocated: the weights come from the artifact
             super().__init__(config, ops)
+            matmul_ops = resolve_ops(ops, device)
             names = set(self.state_dict())
             unknown = sorted(set(quantized) - names)
             if unknown:
@@ -153,13 +142,13 @@ class Int6CrawlerGPT(CrawlerGPT):
                     raise ValueError(f"{name}: only Linear and embedding weights can be quantised")
                 rows, cols = module.weight.shape
                 if isinstance(module, nn.Embedding):
-                    new = Int6Embedding(rows, cols, bits, ops, dtype=module.weight.dtype)
+                    new = QuantEmbedding(rows, cols, bits, matmul_ops, module.weight.dtype)
                 else:
-                    new = Int6Linear(cols, rows, bits, ops)
+                    new = quantized_linear(cols, rows, bits, matmul_ops)
                 parent, _, child = path.rpartition(".")
                 setattr(self.get_submodule(parent), child, new)
             for block in [*self.flat_blocks, *self.crawler_blocks]:
-                if isinstance(block.mlp.fc, QuantMatrix) or isinstance(block.mlp.proj, QuantMatrix):
+                if not (isinstance(block.mlp.fc, CastedLinear) and isinstance(block.mlp.proj, CastedLinear)):
                     block.mlp = Int6MLP(block.mlp.fc, block.mlp.proj, block.mlp.negative_slope)
 
     def embed_input(self, input_ids: torch.Tensor, ops: str, bos_id: int | None = None) -> torch.Tensor:
@@ -175,7 +164,7 @@ class Int6CrawlerGPT(CrawlerGPT):
 
     def head_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Softcapped tied head on tok_emb's codes: softcap · tanh(int6_linear(hidden) / softcap)."""
-        if not isinstance(self.tok_emb, QuantMatrix):
+        if not isinstance(self.tok_emb, QuantEmbedding):
             return super().head_logits(hidden)
         cap = self.config.logit_softcap
         return cap * torch.tanh(self.tok_emb.linear(hidden) / cap)
@@ -187,6 +176,17 @@ class Int6CrawlerGPT(CrawlerGPT):
         if target_ids.shape != input_ids.shape:
             raise ValueError(f"target_ids: expected shape {tuple(input_ids.shape)}, got {tuple(target_ids.shape)}")
         return self.token_nll(input_ids, target_ids, documents).mean()
+
+
+def _codes_state(module: nn.Module, q: QuantizedTensor) -> dict[str, torch.Tensor]:
+    """The buffers (name relative to `module` -> tensor) that hold the artifact entry `q` in `module`,
+    a quantised matrix's module of Int6CrawlerGPT."""
+    matrix = module.matrix if isinstance(module, QuantEmbedding) else module
+    shape = (matrix.out_features, matrix.in_features)
+    if tuple(q.codes.shape) != shape:
+        raise ValueError(f"quantised tensor int{q.bits} {tuple(q.codes.shape)} does not fit its module's "
+                         f"shape {shape}")
+    return module.codes_state(q.codes, q.scales)
 
 
 def load_int6_model(artifact: Artifact | str | os.PathLike, device="cpu", ops: str = "auto") -> Int6CrawlerGPT:
@@ -203,13 +203,13 @@ def load_int6_model(artifact: Artifact | str | os.PathLike, device="cpu", ops: s
     try:
         config = CrawlerConfig.from_dict(artifact.config)
         quantized = {n: t for n, t in artifact.tensors.items() if isinstance(t, QuantizedTensor)}
-        model = Int6CrawlerGPT(config, {n: q.bits for n, q in quantized.items()}, ops)
+        model = Int6CrawlerGPT(config, {n: q.bits for n, q in quantized.items()}, ops, device)
         state: dict[str, torch.Tensor] = {}
         for name, t in artifact.tensors.items():
             if name in quantized:
                 path = name.rsplit(".", 1)[0]
                 try:
-                    buffers = model.get_submodule(path).encode(t)
+                    buffers = _codes_state(model.get_submodule(path), t)
                 except ValueError as e:
                     raise ValueError(f"{name}: {e}") from None
                 state.update({f"{path}.{b}": v for b, v in buffers.items()})

@@ -15,9 +15,18 @@ from crawler.artifact import Artifact, ArtifactError, QuantizedTensor, model_fro
 from crawler.config import CrawlerConfig
 from crawler.evaluate import val_bpb
 from crawler.generate import main as generate_main
-from crawler.inference import Int6Embedding, Int6Linear, Int6MLP, QuantMatrix, generate, load_int6_model, sample_next
+from crawler.inference import (
+    Int6MLP,
+    Int8Linear,
+    QuantEmbedding,
+    generate,
+    load_int6_model,
+    quantized_linear,
+    sample_next,
+)
 from crawler.model import CrawlerGPT, KVCache
 from crawler.quant import PLANS, RoleSpec, quantize_state_dict
+from kernels.modules import Int6Linear
 
 RTN = RoleSpec("rtn")
 # Round to nearest (no Hessians: fast), small-tensor passthrough off so every matrix is quantised.
@@ -79,12 +88,13 @@ def test_int6_model_matches_the_dequantised_model(plan):
             torch.rand(64, generator=g) < 0.1)
     (l_deq, b_deq), (l_int6, b_int6) = (val_bpb(m, tokens, luts, seq_len=16, batch_seqs=4) for m in (deq, int6))
     assert abs(b_int6 - b_deq) <= 1e-4 * b_deq and abs(l_int6 - l_deq) <= 1e-4 * l_deq
-    # every quantised tensor became a code-holding module; 8-bit codes are kept as int8 codes
+    # every quantised tensor became a code-holding module: kernels' Int6Linear, or int8 codes above 6 bits
     for name, t in art.tensors.items():
         if isinstance(t, QuantizedTensor):
             module = int6.get_submodule(name.rsplit(".", 1)[0])
-            assert isinstance(module, QuantMatrix) and module.is_packed == (t.bits <= 6)
-    assert isinstance(int6.tok_emb, Int6Embedding) and isinstance(int6.flat_blocks[0].mlp, Int6MLP)
+            matrix = module.matrix if isinstance(module, QuantEmbedding) else module
+            assert type(matrix) is (Int6Linear if t.bits <= 6 else Int8Linear), name
+    assert isinstance(int6.tok_emb, QuantEmbedding) and isinstance(int6.flat_blocks[0].mlp, Int6MLP)
 
 
 def test_no_float_copy_of_a_quantised_matrix_is_ever_made(artifact, tmp_path):
@@ -116,7 +126,7 @@ def test_no_float_copy_of_a_quantised_matrix_is_ever_made(artifact, tmp_path):
     quantised = {n.rsplit(".", 1)[0] for n, t in artifact.tensors.items() if isinstance(t, QuantizedTensor)}
     for name, t in [*model.named_parameters(), *model.named_buffers()]:
         assert not (t.is_floating_point() and t.dim() >= 2 and tuple(t.shape[-2:]) in shapes), name
-        if name.rsplit(".", 1)[0] in quantised:
+        if name.rsplit(".", 1)[0].removesuffix(".matrix") in quantised:
             assert (t.dtype, t.dim()) in ((torch.uint8, 2), (torch.float16, 1)), (name, t.dtype)
     float_bytes = sum(t.codes.numel() * 4 for t in artifact.tensors.values() if isinstance(t, QuantizedTensor))
     held = sum(b.numel() * b.element_size() for n, b in model.named_buffers())
@@ -234,17 +244,17 @@ def test_quant_matrix_linear_and_gather(bits, cols):
     R = 2 ** (bits - 1) - 1
     q = QuantizedTensor(torch.randint(-R, R + 1, (300, cols), generator=g, dtype=torch.int8),
                         (torch.rand(300, generator=g) * 0.01 + 1e-3).half(), bits, "rtn")
-    m = Int6Linear(cols, 300, bits, ops="reference")
-    for name, value in m.encode(q).items():
-        getattr(m, name).copy_(value)
-    assert m.is_packed == (bits <= 6 and cols % 4 == 0)
+    m = quantized_linear(cols, 300, bits, "reference")
+    m.load_state_dict(m.codes_state(q.codes, q.scales))
+    assert type(m) is (Int6Linear if bits <= 6 and cols % 4 == 0 else Int8Linear)
     w = q.dequantize(torch.float64)
     x = torch.randn(3, 5, cols, generator=g)
     assert rel_err(m(x), x.double() @ w.T) < 1e-6
     idx = torch.tensor([[0, 299, 17], [256, 3, 3]])
-    assert torch.equal(m.gather(idx), w.float()[idx])
-    with pytest.raises(ValueError, match="does not fit"):
-        m.encode(QuantizedTensor(q.codes[:, :cols - 2].contiguous(), q.scales, bits, "rtn"))
+    assert torch.equal(m.weight_rows(idx), w.float()[idx])
+    emb = QuantEmbedding(300, cols, bits, "reference", torch.bfloat16)
+    emb.load_state_dict(emb.codes_state(q.codes, q.scales))
+    assert torch.equal(emb(idx), w.bfloat16()[idx]) and rel_err(emb.linear(x), x.double() @ w.T) < 1e-6
 
 
 def test_triton_int6_linear_path_under_the_interpreter(artifact):
@@ -256,7 +266,7 @@ def test_triton_int6_linear_path_under_the_interpreter(artifact):
     ref = load_int6_model(artifact, device=device, ops="reference")
     tri = load_int6_model(artifact, device=device, ops="reference")
     for m in tri.modules():
-        if isinstance(m, QuantMatrix):
+        if isinstance(m, Int6Linear):
             m.ops = "triton"
     ids = random_ids((1, 8), seed=8).to(device)
     with torch.no_grad():
@@ -334,7 +344,7 @@ def test_gpu_int6_model_memory_and_outputs_at_pr1579():
     base = torch.cuda.memory_allocated()
     model = load_int6_model(art, device="cuda", ops="reference")
     for m in model.modules():           # the Triton int6 matmul; the rest of the model on reference ops
-        if isinstance(m, QuantMatrix):
+        if isinstance(m, Int6Linear):
             m.ops = "triton"
     torch.cuda.synchronize()
     loaded = torch.cuda.memory_allocated() - base
@@ -361,9 +371,10 @@ def test_gpu_int6_model_under_autocast_matches_the_dequantised_model(artifact):
     deq = model_from_artifact(artifact, device="cuda", ops="reference")
     int6 = load_int6_model(artifact, device="cuda", ops="reference")
     for m in int6.modules():
-        if isinstance(m, QuantMatrix):
+        if isinstance(m, Int6Linear):
             m.ops = "triton"
     ids, targets = random_ids((4, 32)).cuda(), random_ids((4, 32), seed=2).cuda()
     with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
         a, b = deq(ids, targets), int6(ids, targets)
     assert abs(a.item() - b.item()) < 2e-2 * a.item()
+
