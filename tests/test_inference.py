@@ -1,6 +1,8 @@
 """Int6 inference (docs/math.md §5): the model built from an artifact computes on codes only, matches the
-dequantised CrawlerGPT, decodes incrementally with a KV cache exactly like full recomputation, fails
-clearly on bad artifacts; the generate CLI; the Triton int6_linear path under the interpreter."""
+dequantised CrawlerGPT, decodes incrementally with a KV cache exactly like full recomputation (also the
+device-side step a CUDA graph replays, and, on a GPU, graphed decoding equals eager), fails clearly on
+bad artifacts and on lengths the model or memory cannot hold; the generate CLI; the Triton int6_linear path
+under the interpreter."""
 import dataclasses
 
 import pytest
@@ -10,12 +12,14 @@ from conftest import filled_crawler, rel_err
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
+import crawler.inference
 import kernels
 from crawler.artifact import Artifact, ArtifactError, QuantizedTensor, model_from_artifact, save_artifact
 from crawler.config import CrawlerConfig
 from crawler.evaluate import val_bpb
 from crawler.generate import main as generate_main
 from crawler.inference import (
+    Decoder,
     Int6MLP,
     Int8Linear,
     QuantEmbedding,
@@ -174,6 +178,29 @@ def test_kv_cache_refuses_overflow_and_batch_change(artifact):
             model.forward_hidden(random_ids((1, 1)), cache)
 
 
+def test_device_side_decode_steps_give_the_reference_tokens(artifact, monkeypatch):
+    """The step a CUDA graph captures, run eagerly (under the interpreter here): a Decoder of a model on
+    Triton ops keeps its cache static and, after two tokens, steps on the device-side position, attending
+    over the whole buffers with kernels.attention_decode and the lengths read on the device. Its greedy
+    tokens are the reference model's, and stay so when the decoder is reused with another prompt."""
+    calls, real = [], kernels.attention_decode
+
+    def spy(q, k, v, **kw):
+        calls.append((k.shape[1], kw.get("cache_seqlens") is not None))
+        return real(q, k, v, **kw)
+
+    monkeypatch.setattr(kernels, "attention_decode", spy)
+    shallow = make_artifact(num_flat_blocks=2, num_crawler_blocks=1, crawler_loops=1)   # 3 positions (time)
+    ref = load_int6_model(shallow, ops="reference")
+    tri = load_int6_model(shallow, ops="reference")
+    tri.ops = "triton"           # attention on Triton; the int6 matmuls stay on the reference (time)
+    decoder = Decoder(tri, 2, 6, cuda_graph=False)
+    assert decoder.cache.on_device and not decoder.cuda_graph
+    for prompt, n in ((random_ids((2, 2), seed=12), 4), (random_ids((2, 4), seed=13), 2)):
+        assert torch.equal(decoder.generate(prompt, n, temperature=0), generate(ref, prompt, n, temperature=0))
+    assert calls == [(6, True)] * (3 * (3 + 1))       # every step of both generations, on the whole buffer
+
+
 def test_sampling_is_seeded_and_respects_top_k_eos_and_vocab_limit(artifact):
     model = load_int6_model(artifact, ops="reference")
     prompt = random_ids((3, 4), seed=7)
@@ -198,6 +225,18 @@ def test_sampling_is_seeded_and_respects_top_k_eos_and_vocab_limit(artifact):
         generate(model, prompt, 2, top_k=0)
     with pytest.raises(ValueError, match="prompt_ids"):
         generate(model, torch.zeros(2, 0, dtype=torch.long), 2)
+    # a Decoder serves several generations of its batch and length, each as a fresh generate would
+    decoder = Decoder(model, 3, 14)
+    assert not decoder.cuda_graph and not decoder.cache.on_device          # reference ops: eager over views
+    assert torch.equal(decoder.generate(prompt, 10, temperature=1.0, seed=11), a)
+    assert torch.equal(decoder.generate(prompt[:, :2], 3, temperature=0), generate(model, prompt[:, :2], 3,
+                                                                                   temperature=0))
+    with pytest.raises(ValueError, match="batch 1 differs from the decoder's 3"):
+        decoder.generate(prompt[:1], 2)
+    with pytest.raises(ValueError, match="exceed the decoder's max_len 14"):
+        decoder.generate(prompt, 11)
+    with pytest.raises(ValueError, match="cuda_graph: a CUDA graph needs a model on a CUDA device"):
+        Decoder(model, 3, 14, cuda_graph=True)
 
 
 # -- bad artifacts --------------------------------------------------------------------------------
@@ -312,6 +351,31 @@ def test_generate_cli(cli_files, capsys):
     assert "tokenizer has 400 pieces" in capsys.readouterr().err
 
 
+def test_generate_refuses_a_length_the_model_or_memory_cannot_hold(cli_files, capsys, monkeypatch):
+    """--max-new-tokens beyond the model's positions, or a KV cache beyond the device's memory: one
+    `error:` line and exit status 2, decided before any cache is allocated (10**12 tokens would be ~1 PB)."""
+    args = ["--artifact", str(cli_files / "model.art"), "--tokenizer", str(cli_files / "tok.model"),
+            "--prompt", "Return the", "--ops", "reference", "--max-new-tokens"]
+
+    def error_line(argv):
+        assert generate_main(argv) == 2
+        err = capsys.readouterr().err
+        lines = [line for line in err.splitlines() if ": error: " in line]
+        assert len(lines) == 1 and "Traceback" not in err, err
+        return lines[0]
+
+    line = error_line(args + [str(10 ** 12)])
+    assert line.startswith("python -m crawler.generate: error: max_new_tokens 1,000,000,000,000 after a prompt "
+                           "of") and "more than the 16,777,216" in line, line
+    monkeypatch.setattr(crawler.inference, "available_memory", lambda device: 1 << 20)   # 1 MiB left
+    line = error_line(args + ["5000"])
+    assert "the KV cache of 1 x 5,00" in line and line.endswith("GiB, cpu has 0.00 GiB available; ask for "
+                                                                 "fewer tokens"), line
+    assert generate_main(args + ["4"]) == 0                                     # a short one still fits
+    with pytest.raises(ValueError, match="max_new_tokens 10,000 after a prompt of 1 tokens: the KV cache"):
+        generate(load_int6_model(cli_files / "model.art", ops="reference"), [1], 10_000)
+
+
 # -- GPU ------------------------------------------------------------------------------------------------
 
 def random_pr1579_artifact() -> Artifact:
@@ -378,3 +442,19 @@ def test_gpu_int6_model_under_autocast_matches_the_dequantised_model(artifact):
         a, b = deq(ids, targets), int6(ids, targets)
     assert abs(a.item() - b.item()) < 2e-2 * a.item()
 
+
+@pytest.mark.gpu
+def test_gpu_graphed_decoding_equals_eager(artifact):
+    """On CUDA with Triton ops the one-token step runs from a CUDA graph, captured once and replayed for
+    every later token of this and later generations; it picks exactly the tokens of the same steps run
+    eagerly (greedy and sampled), for the int6 model and for the float model (bf16). The float model's
+    capture needs an `embed` without a host sync (issue 23, part 5)."""
+    prompt, n = random_ids((2, 5), seed=14).cuda(), 24
+    for model in (load_int6_model(artifact, device="cuda"), model_from_artifact(artifact, device="cuda")):
+        graphed, eager = Decoder(model, 2, 5 + n), Decoder(model, 2, 5 + n, cuda_graph=False)
+        assert graphed.cuda_graph and graphed.cache.on_device and eager.cache.on_device
+        for i, kw in enumerate((dict(temperature=0), dict(temperature=1.0, top_k=20, seed=3))):
+            tokens = graphed.generate(prompt, n, **kw)
+            assert graphed.replays == (n - 2 if i == 0 else n - 1)    # the first step warms up, the second captures
+            assert torch.equal(tokens, eager.generate(prompt, n, **kw)) and eager.replays == 0
+        assert torch.equal(generate(model, prompt, n, temperature=0), graphed.generate(prompt, n, temperature=0))
