@@ -182,7 +182,9 @@ def test_device_side_decode_steps_give_the_reference_tokens(artifact, monkeypatc
     """The step a CUDA graph captures, run eagerly (under the interpreter here): a Decoder of a model on
     Triton ops keeps its cache static and, after two tokens, steps on the device-side position, attending
     over the whole buffers with kernels.attention_decode and the lengths read on the device. Its greedy
-    tokens are the reference model's, and stay so when the decoder is reused with another prompt."""
+    tokens are the reference model's, and stay so when the decoder is reused with another prompt. Two
+    consecutive device steps dispatch the same ops on the same shapes and host-side values, with no read
+    of a tensor to the host: a graph captured from one replays as the next."""
     calls, real = [], kernels.attention_decode
 
     def spy(q, k, v, **kw):
@@ -194,11 +196,31 @@ def test_device_side_decode_steps_give_the_reference_tokens(artifact, monkeypatc
     ref = load_int6_model(shallow, ops="reference")
     tri = load_int6_model(shallow, ops="reference")
     tri.ops = "triton"           # attention on Triton; the int6 matmuls stay on the reference (time)
-    decoder = Decoder(tri, 2, 6, cuda_graph=False)
+    decoder = Decoder(tri, 2, 7, cuda_graph=False)
     assert decoder.cache.on_device and not decoder.cuda_graph
     for prompt, n in ((random_ids((2, 2), seed=12), 4), (random_ids((2, 4), seed=13), 2)):
         assert torch.equal(decoder.generate(prompt, n, temperature=0), generate(ref, prompt, n, temperature=0))
-    assert calls == [(6, True)] * (3 * (3 + 1))       # every step of both generations, on the whole buffer
+    assert calls == [(7, True)] * (3 * (3 + 1))       # every step of both generations, on the whole buffer
+
+    class Dispatched(TorchDispatchMode):
+        """Every op a step dispatches, with its tensors' shapes and strides and its other arguments."""
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append((str(func), [(tuple(a.shape), a.stride(), a.dtype) if isinstance(a, torch.Tensor) else a
+                                         for a in tree_leaves((args, kwargs))]))
+            return func(*args, **(kwargs or {}))
+
+    steps = []
+    with torch.no_grad():
+        for new in random_ids((2, 2), seed=14).T:        # two more tokens after the second generation's 5
+            with Dispatched() as trace:
+                decoder._forward(new[:, None])
+            steps.append(trace.ops)
+    assert steps[0] == steps[1] and "crawler_kernels.attention_decode.default" in {op for op, _ in steps[0]}
+    assert not any("_local_scalar_dense" in op for op, _ in steps[0])
 
 
 def test_sampling_is_seeded_and_respects_top_k_eos_and_vocab_limit(artifact):
