@@ -1,7 +1,9 @@
 """Sample text from an int6 artifact: python -m crawler.generate --artifact A --prompt "..." [options].
 
 The model computes on the artifact's packed codes (crawler.inference.load_int6_model) and decodes with a
-KV cache. The prompt is encoded as [BOS] + SentencePiece ids (how documents are stored); decoding stops
+KV cache (on CUDA, each new token's step replayed from a CUDA graph: crawler.inference.Decoder). A
+--max-new-tokens the model's positions or the device's memory cannot hold is refused before anything is
+allocated. The prompt is encoded as [BOS] + SentencePiece ids (how documents are stored); decoding stops
 at the next BOS (the start of another document) unless --no-stop. The text goes to stdout, timings to
 stderr. `--help` lists every option. The tokenizer is checked against the one the artifact records; bad
 options and files end in one `error:` line, exit status 2 (crawler.cli.run_main).

@@ -100,44 +100,102 @@ class KVCache:
     """Keys and values of the tokens decoded so far, for incremental decoding (`forward_hidden(ids,
     cache=...)`): one (k, v) pair per schedule position, not per block, because a crawler block runs at
     several positions, each with its own input and so its own keys. Buffers (B, max_len, Hkv, D) are
-    allocated on first use in the keys' dtype and device. Also keeps the last two token ids: the new
-    tokens' BigramHash needs the previous id and their SmearGate the previous token's embedding."""
+    allocated on first use in the keys' dtype and device, as is the buffer of the token ids seen (the new
+    tokens' BigramHash needs the previous id and their SmearGate the previous token's embedding).
 
-    def __init__(self, config: CrawlerConfig, max_len: int):
+    `on_device=True` (Triton ops only: kernels.attention_decode): a one-token step after the first two
+    tokens reads its position from the device (`position`, rope offset and buffer row), writes its k, v
+    there and attends over the whole buffers with the valid length read on the device. Such a step has
+    no host-side shape or value that changes from token to token, so crawler.inference.Decoder captures
+    it once in a CUDA graph and replays it for every token. Other steps (prompts, the first tokens, or
+    `on_device=False`) use views of the first `length` rows and any ops' attention.
+    """
+
+    def __init__(self, config: CrawlerConfig, max_len: int, *, on_device: bool = False):
         if max_len < 1:
             raise ValueError(f"max_len must be >= 1, got {max_len}")
-        self.max_len = max_len
-        self.length = 0                                   # tokens already cached at every position
-        self.context: torch.Tensor | None = None          # (B, <= 2) the last token ids
+        self.max_len, self.on_device = max_len, on_device
+        self.length = 0                                   # tokens already cached at every position (host)
+        self.position: torch.Tensor | None = None         # the same count on the device, int64 (1,)
+        self.tokens: torch.Tensor | None = None           # (B, max_len) the ids seen so far
         self._k: list[torch.Tensor | None] = [None] * config.num_positions
         self._v: list[torch.Tensor | None] = [None] * config.num_positions
+
+    def reset(self) -> None:
+        """Forget every cached token, keeping the buffers (a captured step keeps reading them)."""
+        self.length = 0
+        if self.position is not None:
+            self.position.zero_()
 
     def check_step(self, input_ids: torch.Tensor) -> None:
         """Raise ValueError unless `input_ids` (B, T) fits: same batch, at most max_len tokens in all."""
         B, T = input_ids.shape
-        if self.context is not None and self.context.shape[0] != B:
-            raise ValueError(f"input_ids: batch {B} differs from the cache's {self.context.shape[0]}")
+        if self.tokens is not None and self.tokens.shape[0] != B:
+            raise ValueError(f"input_ids: batch {B} differs from the cache's {self.tokens.shape[0]}")
         if self.length + T > self.max_len:
             raise ValueError(f"input_ids: {T} new tokens after {self.length} overflow the cache's "
                              f"max_len {self.max_len}")
+        if self.tokens is None:
+            self.tokens = input_ids.new_empty(B, self.max_len)
+            self.position = torch.zeros(1, dtype=torch.int64, device=input_ids.device)
+
+    def device_step(self, T: int) -> bool:
+        """Whether a step of T tokens runs on the device-side position (see the class docstring): one
+        token, with two earlier ones as its embedding context (the captured step's fixed shapes)."""
+        return self.on_device and T == 1 and self.length >= 2
+
+    def rope_offset(self, T: int) -> int | torch.Tensor:
+        """Position of this step's first token: on the device for a device step, else the host count."""
+        return self.position if self.device_step(T) else self.length
+
+    def context(self, T: int) -> torch.Tensor | None:
+        """The (up to) two token ids before this step's T tokens, (B, <= 2); None before the first step."""
+        if self.length == 0:
+            return None
+        if self.device_step(T):
+            return self.tokens.index_select(1, self.position - 2 + torch.arange(2, device=self.position.device))
+        return self.tokens[:, max(0, self.length - 2):self.length]
+
+    def _buffers(self, position: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._k[position] is None:
+            B = k.shape[0]
+            self._k[position] = k.new_empty(B, self.max_len, *k.shape[2:])
+            self._v[position] = v.new_empty(B, self.max_len, *v.shape[2:])
+        return self._k[position], self._v[position]
 
     def append(self, position: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store this step's k, v (B, T, Hkv, D) for schedule `position`; return every cached key and
         value of that position so far, (B, length + T, Hkv, D) views."""
-        B, T = k.shape[:2]
-        if self._k[position] is None:
-            self._k[position] = k.new_empty(B, self.max_len, *k.shape[2:])
-            self._v[position] = v.new_empty(B, self.max_len, *v.shape[2:])
-        end = self.length + T
-        self._k[position][:, self.length:end] = k
-        self._v[position][:, self.length:end] = v
-        return self._k[position][:, :end], self._v[position][:, :end]
+        k_buf, v_buf = self._buffers(position, k, v)
+        end = self.length + k.shape[1]
+        k_buf[:, self.length:end] = k
+        v_buf[:, self.length:end] = v
+        return k_buf[:, :end], v_buf[:, :end]
+
+    def attend(self, position: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, xsa: bool,
+               ops) -> torch.Tensor:
+        """Store this step's k, v (B, T, Hkv, D) for schedule `position` and return the attention of its
+        queries q (B, T, H, D) over every key cached there, the new ones last (causal bottom-right, XSA on
+        their own values): `ops`' attention over views, or, for a device step, kernels.attention_decode
+        over the whole buffers with the lengths read on the device."""
+        if not self.device_step(q.shape[1]):
+            k, v = self.append(position, k, v)
+            return select_op(ops, "attention")(q, k, v, causal=True, xsa=xsa)
+        k_buf, v_buf = self._buffers(position, k, v)
+        k_buf.index_copy_(1, self.position, k)
+        v_buf.index_copy_(1, self.position, v)
+        lengths = (self.position + 1).to(torch.int32).expand(q.shape[0])
+        return kernels.attention_decode(q, k_buf, v_buf, xsa=xsa, cache_seqlens=lengths)
 
     def advance(self, input_ids: torch.Tensor) -> None:
-        """Mark this step's tokens as cached (after every position has appended its k, v)."""
-        self.length += input_ids.shape[1]
-        ids = input_ids if self.context is None else torch.cat((self.context, input_ids), dim=1)
-        self.context = ids[:, -2:]
+        """Mark this step's tokens as cached (after every position has stored its k, v)."""
+        T = input_ids.shape[1]
+        if self.device_step(T):
+            self.tokens.index_copy_(1, self.position, input_ids.to(self.tokens.dtype))
+        else:
+            self.tokens[:, self.length:self.length + T] = input_ids
+        self.position += T
+        self.length += T
 
 
 class CausalSelfAttention(nn.Module):
@@ -168,17 +226,16 @@ class CausalSelfAttention(nn.Module):
         if ve is not None:
             v = v + ve.to(v.dtype)
         v = v.view(B, T, Hkv, D)
-        offset = cache.length if cache is not None else 0
+        offset = cache.rope_offset(T) if cache is not None else 0
         # Under CUDA autocast rms_norm may run in fp32 while v stays bf16: attention takes one dtype.
         q = (rope(rms_norm(q), self.rope_base, offset, self.rope_freq_dtype) * self.q_gain.to(q.dtype)[:, None]
              ).to(v.dtype)
         k = rope(rms_norm(k), self.rope_base, offset, self.rope_freq_dtype).to(v.dtype)
-        if cache is not None:
-            # Every key and value cached so far at this position, this step's last: the attention op
-            # places the T queries at the last T key positions (causal bottom-right, XSA on their own v).
-            k, v = cache.append(position, k, v)
         attention = select_op(ops, "attention")
-        if documents is None:
+        if cache is not None:
+            # every key cached at this position, this step's last: the T queries sit at the last T positions
+            y = cache.attend(position, q, k, v, use_xsa, ops)
+        elif documents is None:
             y = attention(q, k, v, causal=True, xsa=use_xsa)
         else:
             # (1, B·T, heads, D) views: the rows are one packed stream whose segments never cross a row.
@@ -356,13 +413,13 @@ class CrawlerGPT(nn.Module):
         c = self.config
         if cache is not None:
             cache.check_step(input_ids)
-        if cache is None or cache.context is None:
+        context = cache.context(input_ids.shape[1]) if cache is not None else None
+        if context is None:
             x = self.embed_input(input_ids, ops, documents.bos_id if documents is not None else None)
         else:
             # BigramHash and SmearGate look one token back: re-embedding the last two cached tokens in
             # front makes the new tokens' x0 exact (the first context token's own x0 is not needed).
-            n_ctx = cache.context.shape[1]
-            x = self.embed_input(torch.cat((cache.context, input_ids), dim=1), ops)[:, n_ctx:]
+            x = self.embed_input(torch.cat((context, input_ids), dim=1), ops)[:, context.shape[1]:]
         x0 = x
         ve_base = self.ve(input_ids) if self.ve is not None else None
         first_ve = len(self.schedule) - c.ve_last_n

@@ -1,17 +1,18 @@
 """Fused Triton ops for crawler transformers. Each public op here has an identically named plain-PyTorch
-reference in `kernels.reference` (the spec in code), which the tests compare against; `kernels.modules`
-wraps them as nn.Modules."""
+reference in `kernels.reference` (the spec in code), which the tests compare against (attention_decode's
+is `reference.attention` over each sequence's valid keys); `kernels.modules` wraps them as nn.Modules."""
 __version__ = "0.2.0"   # the package version's one source (pyproject.toml reads it)
 from . import reference
 from .attention import attention
+from .attention_decode import attention_decode
 from .cross_entropy import softcapped_cross_entropy
 from .embedding import embed
 from .int6 import int6_linear, pack_int6, unpack_int6
 from .mlp import relu2_mlp
 from .modules import Attention, FusedEmbedding, Int6Linear, ReLU2MLP, SoftcappedCrossEntropyLoss, XSAAttention
 
-__all__ = ["reference", "attention", "embed", "gptq_quantize", "gptq_quantize_batched", "int6_linear",
-           "pack_int6", "relu2_mlp", "softcapped_cross_entropy", "unpack_int6",
+__all__ = ["reference", "attention", "attention_decode", "embed", "gptq_quantize", "gptq_quantize_batched",
+           "int6_linear", "pack_int6", "relu2_mlp", "softcapped_cross_entropy", "unpack_int6",
            "Attention", "FusedEmbedding", "Int6Linear", "ReLU2MLP", "SoftcappedCrossEntropyLoss", "XSAAttention"]
 
 

@@ -46,6 +46,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .attention_decode import attention_decode, is_decode_step
 from .utils import (
     KERNEL_DTYPES,
     autotune,
@@ -697,6 +698,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
         raise TypeError(f"q: the Triton attention takes float32, float16 or bfloat16, got {q.dtype} "
                         f"(kernels.reference.attention handles float64)")
     scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else float(softmax_scale)
+    if is_decode_step(q, k, v, cu_seqlens):     # one query row after a KV cache: split over the keys
+        return attention_decode(q, k, v, xsa=xsa, softmax_scale=scale)
     if cu_seqlens is None:
         return _attention_fwd_op(q, k, v, None, None, bool(causal), bool(xsa), scale)[0]
     packed = q.dim() == 3

@@ -170,13 +170,24 @@ class SoftcappedCrossEntropyLoss(nn.Module):
                                                          targets.reshape(-1), self.softcap)
 
 
+def autocast_input(x: torch.Tensor) -> torch.Tensor:
+    """x in the autocast dtype when autocast is on for its device, else x: what nn.Linear would compute
+    in, for the linears on codes, whose ops take x's dtype as it comes."""
+    if torch.is_autocast_enabled(x.device.type):
+        return x.to(torch.get_autocast_dtype(x.device.type))
+    return x
+
+
 class Int6Linear(nn.Module):
     """A Linear on int6 weights, held packed only: buffers `packed` uint8 (out, 3·in/4) (the
     `kernels.pack_int6` layout), `scales` fp16 (out,) and, if any, `bias` (out,). W ≈ codes · scales[:, None]
-    is never dequantised whole. Build it with `from_linear` (quantise a float nn.Linear) or `from_codes`.
+    is never dequantised whole. Build it with `from_linear` (quantise a float nn.Linear) or `from_codes`;
+    a module built on the meta device loads `codes_state(codes, scales)` with load_state_dict(assign=True).
+    The one int6 linear of the package: crawler.inference's int6 model holds its quantised matrices in it.
 
-    forward(x (..., in) float32/float16/bfloat16) -> (..., out) in x's dtype (`kernels.int6_linear`;
-    inference only: no gradient).
+    forward(x (..., in) float32/float16/bfloat16) -> (..., out) in x's dtype, or in the autocast dtype under
+    autocast as nn.Linear (`kernels.int6_linear`; inference only: no gradient). `weight_rows(idx)` reads
+    rows of W without dequantising the rest: the lookup of a tied int6 embedding, whose head is forward.
     """
 
     def __init__(self, in_features: int, out_features: int, *, bias: bool = False, ops: str = "triton",
@@ -191,26 +202,31 @@ class Int6Linear(nn.Module):
         self.register_buffer("scales", torch.ones(out_features, dtype=torch.float16, device=device))
         self.register_buffer("bias", torch.zeros(out_features, device=device) if bias else None)
 
+    @staticmethod
+    def codes_state(codes: torch.Tensor, scales: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The buffers {"packed", "scales"} that hold codes int8 (out, in) in [-32, 31] (in % 4 == 0) and
+        scales (out,) float, on codes' device: packed once, never dequantised."""
+        packed = kernels.pack_int6(codes)
+        check_tensor("scales", scales, ndim=1, dtypes=FLOAT_DTYPES, device=codes.device)
+        if scales.shape[0] != codes.shape[0]:
+            raise ValueError(f"scales: expected shape ({codes.shape[0]},) (one per row of codes), "
+                             f"got {tuple(scales.shape)}")
+        return {"packed": packed, "scales": scales.to(torch.float16)}
+
     @classmethod
     def from_codes(cls, codes: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None = None, *,
                    ops: str = "triton") -> Int6Linear:
         """codes int8 (out, in) in [-32, 31] with in % 4 == 0, scales (out,) float (stored fp16), bias
         (out,) float or None; on one device."""
-        packed = kernels.pack_int6(codes)
+        state = cls.codes_state(codes, scales)
         out_features, in_features = codes.shape
-        check_tensor("scales", scales, ndim=1, dtypes=FLOAT_DTYPES, device=codes.device)
-        if scales.shape[0] != out_features:
-            raise ValueError(f"scales: expected shape ({out_features},) (one per row of codes), "
-                             f"got {tuple(scales.shape)}")
         if bias is not None:
             check_tensor("bias", bias, ndim=1, dtypes=FLOAT_DTYPES, device=codes.device)
             if bias.shape[0] != out_features:
                 raise ValueError(f"bias: expected shape ({out_features},), got {tuple(bias.shape)}")
+            state["bias"] = bias
         module = cls(in_features, out_features, bias=bias is not None, ops=ops, device=codes.device)
-        module.packed.copy_(packed)
-        module.scales.copy_(scales)
-        if bias is not None:
-            module.bias.copy_(bias)
+        module.load_state_dict(state)
         return module
 
     @classmethod
@@ -234,10 +250,16 @@ class Int6Linear(nn.Module):
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"bias={self.bias is not None}, ops={self.ops}")
 
+    def weight_rows(self, idx: torch.Tensor) -> torch.Tensor:
+        """Rows idx (...) int of W as float32 (..., in); only those rows are unpacked and scaled."""
+        flat = idx.reshape(-1).long()
+        codes = kernels.unpack_int6(self.packed[flat], self.in_features)
+        return reference.dequantize(codes, self.scales[flat]).view(*idx.shape, self.in_features)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = select_op(self.ops, "int6_linear")(x, self.packed, self.scales)
+        y = select_op(self.ops, "int6_linear")(autocast_input(x), self.packed, self.scales)
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
 
-__all__ = ["OPS", "select_op", "Attention", "XSAAttention", "FusedEmbedding", "ReLU2MLP", "SoftcappedCrossEntropyLoss",
-           "Int6Linear"]
+__all__ = ["OPS", "select_op", "autocast_input", "Attention", "XSAAttention", "FusedEmbedding", "ReLU2MLP",
+           "SoftcappedCrossEntropyLoss", "Int6Linear"]

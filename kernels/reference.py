@@ -47,20 +47,22 @@ def rope_rotary_dims(head_dim: int) -> int:
     return 2 * ((head_dim // 2) // 2)
 
 
-def rope_cos_sin(seq_len: int, head_dim: int, base: float, device=None, offset: int = 0,
+def rope_cos_sin(seq_len: int, head_dim: int, base: float, device=None, offset: int | torch.Tensor = 0,
                  freq_dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
     """cos/sin tables (seq_len, R/2) in float32 for θ_i = base^(-2i/D), i < R/2, at positions
     offset .. offset + seq_len - 1. `freq_dtype` rounds the θ_i to that dtype first (bfloat16: what the
-    seed's model, cast with .bfloat16() and back, rotates with; docs/math.md §1.8)."""
+    seed's model, cast with .bfloat16() and back, rotates with; docs/math.md §1.8). `offset` is an int,
+    or an int tensor of one element on `device` (a decoding step whose position stays on the device, so
+    that a CUDA graph can replay it at every position); positions are exact below 2^24."""
     half = rope_rotary_dims(head_dim) // 2
     inv_freq = base ** (-torch.arange(0, half, dtype=torch.float32, device=device) * 2.0 / head_dim)
     inv_freq = inv_freq.to(freq_dtype).to(torch.float32)
-    positions = torch.arange(offset, offset + seq_len, dtype=torch.float32, device=device)
+    positions = offset + torch.arange(seq_len, dtype=torch.float32, device=device)
     angles = positions[:, None] * inv_freq[None, :]
     return angles.cos(), angles.sin()
 
 
-def rope(x: torch.Tensor, base: float = 10000.0, offset: int = 0,
+def rope(x: torch.Tensor, base: float = 10000.0, offset: int | torch.Tensor = 0,
          freq_dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Rotary embedding on x (B, T, H, D): dims [:R] rotate in rotate-half layout, dims [R:] pass through.
 

@@ -1,6 +1,8 @@
 """Int6 inference (docs/math.md §5): the model built from an artifact computes on codes only, matches the
-dequantised CrawlerGPT, decodes incrementally with a KV cache exactly like full recomputation, fails
-clearly on bad artifacts; the generate CLI; the Triton int6_linear path under the interpreter."""
+dequantised CrawlerGPT, decodes incrementally with a KV cache exactly like full recomputation (also the
+device-side step a CUDA graph replays, and, on a GPU, graphed decoding equals eager), fails clearly on
+bad artifacts and on lengths the model or memory cannot hold; the generate CLI; the Triton int6_linear path
+under the interpreter."""
 import dataclasses
 
 import pytest
@@ -10,14 +12,25 @@ from conftest import filled_crawler, rel_err
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
+import crawler.inference
 import kernels
 from crawler.artifact import Artifact, ArtifactError, QuantizedTensor, model_from_artifact, save_artifact
 from crawler.config import CrawlerConfig
 from crawler.evaluate import val_bpb
 from crawler.generate import main as generate_main
-from crawler.inference import Int6Embedding, Int6Linear, Int6MLP, QuantMatrix, generate, load_int6_model, sample_next
+from crawler.inference import (
+    Decoder,
+    Int6MLP,
+    Int8Linear,
+    QuantEmbedding,
+    generate,
+    load_int6_model,
+    quantized_linear,
+    sample_next,
+)
 from crawler.model import CrawlerGPT, KVCache
 from crawler.quant import PLANS, RoleSpec, quantize_state_dict
+from kernels.modules import Int6Linear
 
 RTN = RoleSpec("rtn")
 # Round to nearest (no Hessians: fast), small-tensor passthrough off so every matrix is quantised.
@@ -79,12 +92,13 @@ def test_int6_model_matches_the_dequantised_model(plan):
             torch.rand(64, generator=g) < 0.1)
     (l_deq, b_deq), (l_int6, b_int6) = (val_bpb(m, tokens, luts, seq_len=16, batch_seqs=4) for m in (deq, int6))
     assert abs(b_int6 - b_deq) <= 1e-4 * b_deq and abs(l_int6 - l_deq) <= 1e-4 * l_deq
-    # every quantised tensor became a code-holding module; 8-bit codes are kept as int8 codes
+    # every quantised tensor became a code-holding module: kernels' Int6Linear, or int8 codes above 6 bits
     for name, t in art.tensors.items():
         if isinstance(t, QuantizedTensor):
             module = int6.get_submodule(name.rsplit(".", 1)[0])
-            assert isinstance(module, QuantMatrix) and module.is_packed == (t.bits <= 6)
-    assert isinstance(int6.tok_emb, Int6Embedding) and isinstance(int6.flat_blocks[0].mlp, Int6MLP)
+            matrix = module.matrix if isinstance(module, QuantEmbedding) else module
+            assert type(matrix) is (Int6Linear if t.bits <= 6 else Int8Linear), name
+    assert isinstance(int6.tok_emb, QuantEmbedding) and isinstance(int6.flat_blocks[0].mlp, Int6MLP)
 
 
 def test_no_float_copy_of_a_quantised_matrix_is_ever_made(artifact, tmp_path):
@@ -116,7 +130,7 @@ def test_no_float_copy_of_a_quantised_matrix_is_ever_made(artifact, tmp_path):
     quantised = {n.rsplit(".", 1)[0] for n, t in artifact.tensors.items() if isinstance(t, QuantizedTensor)}
     for name, t in [*model.named_parameters(), *model.named_buffers()]:
         assert not (t.is_floating_point() and t.dim() >= 2 and tuple(t.shape[-2:]) in shapes), name
-        if name.rsplit(".", 1)[0] in quantised:
+        if name.rsplit(".", 1)[0].removesuffix(".matrix") in quantised:
             assert (t.dtype, t.dim()) in ((torch.uint8, 2), (torch.float16, 1)), (name, t.dtype)
     float_bytes = sum(t.codes.numel() * 4 for t in artifact.tensors.values() if isinstance(t, QuantizedTensor))
     held = sum(b.numel() * b.element_size() for n, b in model.named_buffers())
@@ -164,6 +178,51 @@ def test_kv_cache_refuses_overflow_and_batch_change(artifact):
             model.forward_hidden(random_ids((1, 1)), cache)
 
 
+def test_device_side_decode_steps_give_the_reference_tokens(artifact, monkeypatch):
+    """The step a CUDA graph captures, run eagerly (under the interpreter here): a Decoder of a model on
+    Triton ops keeps its cache static and, after two tokens, steps on the device-side position, attending
+    over the whole buffers with kernels.attention_decode and the lengths read on the device. Its greedy
+    tokens are the reference model's, and stay so when the decoder is reused with another prompt. Two
+    consecutive device steps dispatch the same ops on the same shapes and host-side values, with no read
+    of a tensor to the host: a graph captured from one replays as the next."""
+    calls, real = [], kernels.attention_decode
+
+    def spy(q, k, v, **kw):
+        calls.append((k.shape[1], kw.get("cache_seqlens") is not None))
+        return real(q, k, v, **kw)
+
+    monkeypatch.setattr(kernels, "attention_decode", spy)
+    shallow = make_artifact(num_flat_blocks=2, num_crawler_blocks=1, crawler_loops=1)   # 3 positions (time)
+    ref = load_int6_model(shallow, ops="reference")
+    tri = load_int6_model(shallow, ops="reference")
+    tri.ops = "triton"           # attention on Triton; the int6 matmuls stay on the reference (time)
+    decoder = Decoder(tri, 2, 7, cuda_graph=False)
+    assert decoder.cache.on_device and not decoder.cuda_graph
+    for prompt, n in ((random_ids((2, 2), seed=12), 4), (random_ids((2, 4), seed=13), 2)):
+        assert torch.equal(decoder.generate(prompt, n, temperature=0), generate(ref, prompt, n, temperature=0))
+    assert calls == [(7, True)] * (3 * (3 + 1))       # every step of both generations, on the whole buffer
+
+    class Dispatched(TorchDispatchMode):
+        """Every op a step dispatches, with its tensors' shapes and strides and its other arguments."""
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append((str(func), [(tuple(a.shape), a.stride(), a.dtype) if isinstance(a, torch.Tensor) else a
+                                         for a in tree_leaves((args, kwargs))]))
+            return func(*args, **(kwargs or {}))
+
+    steps = []
+    with torch.no_grad():
+        for new in random_ids((2, 2), seed=14).T:        # two more tokens after the second generation's 5
+            with Dispatched() as trace:
+                decoder._forward(new[:, None])
+            steps.append(trace.ops)
+    assert steps[0] == steps[1] and "crawler_kernels.attention_decode.default" in {op for op, _ in steps[0]}
+    assert not any("_local_scalar_dense" in op for op, _ in steps[0])
+
+
 def test_sampling_is_seeded_and_respects_top_k_eos_and_vocab_limit(artifact):
     model = load_int6_model(artifact, ops="reference")
     prompt = random_ids((3, 4), seed=7)
@@ -188,6 +247,18 @@ def test_sampling_is_seeded_and_respects_top_k_eos_and_vocab_limit(artifact):
         generate(model, prompt, 2, top_k=0)
     with pytest.raises(ValueError, match="prompt_ids"):
         generate(model, torch.zeros(2, 0, dtype=torch.long), 2)
+    # a Decoder serves several generations of its batch and length, each as a fresh generate would
+    decoder = Decoder(model, 3, 14)
+    assert not decoder.cuda_graph and not decoder.cache.on_device          # reference ops: eager over views
+    assert torch.equal(decoder.generate(prompt, 10, temperature=1.0, seed=11), a)
+    assert torch.equal(decoder.generate(prompt[:, :2], 3, temperature=0), generate(model, prompt[:, :2], 3,
+                                                                                   temperature=0))
+    with pytest.raises(ValueError, match="batch 1 differs from the decoder's 3"):
+        decoder.generate(prompt[:1], 2)
+    with pytest.raises(ValueError, match="exceed the decoder's max_len 14"):
+        decoder.generate(prompt, 11)
+    with pytest.raises(ValueError, match="cuda_graph: a CUDA graph needs a model on a CUDA device"):
+        Decoder(model, 3, 14, cuda_graph=True)
 
 
 # -- bad artifacts --------------------------------------------------------------------------------
@@ -234,17 +305,17 @@ def test_quant_matrix_linear_and_gather(bits, cols):
     R = 2 ** (bits - 1) - 1
     q = QuantizedTensor(torch.randint(-R, R + 1, (300, cols), generator=g, dtype=torch.int8),
                         (torch.rand(300, generator=g) * 0.01 + 1e-3).half(), bits, "rtn")
-    m = Int6Linear(cols, 300, bits, ops="reference")
-    for name, value in m.encode(q).items():
-        getattr(m, name).copy_(value)
-    assert m.is_packed == (bits <= 6 and cols % 4 == 0)
+    m = quantized_linear(cols, 300, bits, "reference")
+    m.load_state_dict(m.codes_state(q.codes, q.scales))
+    assert type(m) is (Int6Linear if bits <= 6 and cols % 4 == 0 else Int8Linear)
     w = q.dequantize(torch.float64)
     x = torch.randn(3, 5, cols, generator=g)
     assert rel_err(m(x), x.double() @ w.T) < 1e-6
     idx = torch.tensor([[0, 299, 17], [256, 3, 3]])
-    assert torch.equal(m.gather(idx), w.float()[idx])
-    with pytest.raises(ValueError, match="does not fit"):
-        m.encode(QuantizedTensor(q.codes[:, :cols - 2].contiguous(), q.scales, bits, "rtn"))
+    assert torch.equal(m.weight_rows(idx), w.float()[idx])
+    emb = QuantEmbedding(300, cols, bits, "reference", torch.bfloat16)
+    emb.load_state_dict(emb.codes_state(q.codes, q.scales))
+    assert torch.equal(emb(idx), w.bfloat16()[idx]) and rel_err(emb.linear(x), x.double() @ w.T) < 1e-6
 
 
 def test_triton_int6_linear_path_under_the_interpreter(artifact):
@@ -256,7 +327,7 @@ def test_triton_int6_linear_path_under_the_interpreter(artifact):
     ref = load_int6_model(artifact, device=device, ops="reference")
     tri = load_int6_model(artifact, device=device, ops="reference")
     for m in tri.modules():
-        if isinstance(m, QuantMatrix):
+        if isinstance(m, Int6Linear):
             m.ops = "triton"
     ids = random_ids((1, 8), seed=8).to(device)
     with torch.no_grad():
@@ -302,6 +373,31 @@ def test_generate_cli(cli_files, capsys):
     assert "tokenizer has 400 pieces" in capsys.readouterr().err
 
 
+def test_generate_refuses_a_length_the_model_or_memory_cannot_hold(cli_files, capsys, monkeypatch):
+    """--max-new-tokens beyond the model's positions, or a KV cache beyond the device's memory: one
+    `error:` line and exit status 2, decided before any cache is allocated (10**12 tokens would be ~1 PB)."""
+    args = ["--artifact", str(cli_files / "model.art"), "--tokenizer", str(cli_files / "tok.model"),
+            "--prompt", "Return the", "--ops", "reference", "--max-new-tokens"]
+
+    def error_line(argv):
+        assert generate_main(argv) == 2
+        err = capsys.readouterr().err
+        lines = [line for line in err.splitlines() if ": error: " in line]
+        assert len(lines) == 1 and "Traceback" not in err, err
+        return lines[0]
+
+    line = error_line(args + [str(10 ** 12)])
+    assert line.startswith("python -m crawler.generate: error: max_new_tokens 1,000,000,000,000 after a prompt "
+                           "of") and "more than the 16,777,216" in line, line
+    monkeypatch.setattr(crawler.inference, "available_memory", lambda device: 1 << 20)   # 1 MiB left
+    line = error_line(args + ["5000"])
+    assert "the KV cache of 1 x 5,00" in line and line.endswith("GiB, cpu has 0.00 GiB available; ask for "
+                                                                 "fewer tokens"), line
+    assert generate_main(args + ["4"]) == 0                                     # a short one still fits
+    with pytest.raises(ValueError, match="max_new_tokens 10,000 after a prompt of 1 tokens: the KV cache"):
+        generate(load_int6_model(cli_files / "model.art", ops="reference"), [1], 10_000)
+
+
 # -- GPU ------------------------------------------------------------------------------------------------
 
 def random_pr1579_artifact() -> Artifact:
@@ -334,7 +430,7 @@ def test_gpu_int6_model_memory_and_outputs_at_pr1579():
     base = torch.cuda.memory_allocated()
     model = load_int6_model(art, device="cuda", ops="reference")
     for m in model.modules():           # the Triton int6 matmul; the rest of the model on reference ops
-        if isinstance(m, QuantMatrix):
+        if isinstance(m, Int6Linear):
             m.ops = "triton"
     torch.cuda.synchronize()
     loaded = torch.cuda.memory_allocated() - base
@@ -361,9 +457,26 @@ def test_gpu_int6_model_under_autocast_matches_the_dequantised_model(artifact):
     deq = model_from_artifact(artifact, device="cuda", ops="reference")
     int6 = load_int6_model(artifact, device="cuda", ops="reference")
     for m in int6.modules():
-        if isinstance(m, QuantMatrix):
+        if isinstance(m, Int6Linear):
             m.ops = "triton"
     ids, targets = random_ids((4, 32)).cuda(), random_ids((4, 32), seed=2).cuda()
     with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
         a, b = deq(ids, targets), int6(ids, targets)
     assert abs(a.item() - b.item()) < 2e-2 * a.item()
+
+
+@pytest.mark.gpu
+def test_gpu_graphed_decoding_equals_eager(artifact):
+    """On CUDA with Triton ops the one-token step runs from a CUDA graph, captured once and replayed for
+    every later token of this and later generations; it picks exactly the tokens of the same steps run
+    eagerly (greedy and sampled), for the int6 model and for the float model (bf16). The float model's
+    capture needs an `embed` without a host sync (issue 23, part 5)."""
+    prompt, n = random_ids((2, 5), seed=14).cuda(), 24
+    for model in (load_int6_model(artifact, device="cuda"), model_from_artifact(artifact, device="cuda")):
+        graphed, eager = Decoder(model, 2, 5 + n), Decoder(model, 2, 5 + n, cuda_graph=False)
+        assert graphed.cuda_graph and graphed.cache.on_device and eager.cache.on_device
+        for i, kw in enumerate((dict(temperature=0), dict(temperature=1.0, top_k=20, seed=3))):
+            tokens = graphed.generate(prompt, n, **kw)
+            assert graphed.replays == (n - 2 if i == 0 else n - 1)    # the first step warms up, the second captures
+            assert torch.equal(tokens, eager.generate(prompt, n, **kw)) and eager.replays == 0
+        assert torch.equal(generate(model, prompt, n, temperature=0), graphed.generate(prompt, n, temperature=0))

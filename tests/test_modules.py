@@ -115,8 +115,13 @@ def test_int6_linear_from_linear_with_a_hessian_runs_gptq():
 def test_int6_linear_from_codes_and_bad_arguments():
     codes = torch.randint(-32, 32, (6, 8), dtype=torch.int8)
     scales = torch.rand(6) + 0.1
-    q = Int6Linear.from_codes(codes, scales)
+    q = Int6Linear.from_codes(codes, scales, ops="reference")
     assert torch.equal(kernels.unpack_int6(q.packed, 8), codes)
+    # rows of W without the rest (a tied embedding's look-up), and nn.Linear's dtype under autocast
+    idx = torch.tensor([[5], [0]])
+    assert torch.equal(q.weight_rows(idx), reference.dequantize(codes, q.scales)[idx])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert q(torch.randn(3, 8)).dtype == torch.bfloat16
     with pytest.raises(ValueError, match="codes: number of columns"):
         Int6Linear.from_codes(codes[:, :6], scales)
     with pytest.raises(ValueError, match="scales: expected shape"):
