@@ -216,7 +216,7 @@ def test_op_registration():
 def test_without_bigram_or_smear_matches_reference(absent):
     """The switches: no BigramHash (x = tok_emb[ids]), no SmearGate (x0 = rms_norm(x)), neither (the
     baseline's embedding); forward and the gradients of the inputs given, in float64, with BOS starts on
-    the block edges (the smear's halo rows), and compiled (fullgraph) to the same bits."""
+    the block edges (the smear's halo rows); without BigramHash also compiled (fullgraph) to the same bits."""
     ids, params = make_inputs(3, 40, 30, 40, 17, 16, ids=bos_ids(3, 40, 30, [(0, 5), (0, 15), (1, 16)]))
     present = [n for n in FLOAT_INPUTS if n not in absent]
     grad_out = torch.randn(3, 40, 40, generator=torch.Generator().manual_seed(2))
@@ -229,8 +229,9 @@ def test_without_bigram_or_smear_matches_reference(absent):
     got, ref = run_given(kernels.embed), run_given(reference.embed, torch.float64)
     for name, a, b in zip(["out", *present], got, ref):
         assert rel_err(a, b) < 2e-6, (name, rel_err(a, b))
-    compiled = run_given(torch.compile(kernels.embed, fullgraph=True, backend="aot_eager"))
-    assert all(torch.equal(a, b) for a, b in zip(compiled, got))
+    if absent == ("bigram_table", "bigram_proj"):     # None tensors through the custom op's schema, once
+        compiled = run_given(torch.compile(kernels.embed, fullgraph=True, backend="aot_eager"))
+        assert all(torch.equal(a, b) for a, b in zip(compiled, got))
 
 
 @pytest.mark.parametrize("change, error, match", [
