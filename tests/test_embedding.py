@@ -2,7 +2,8 @@
 
 CPU: the Triton kernels run under the interpreter at small shapes and are compared with the reference
 evaluated in float64 (forward and the gradients of all four float inputs), with and without `bos_id`
-document starts. GPU (`-m gpu`): bf16 at the pr1579 shape and bitwise run-to-run determinism.
+document starts, and without BigramHash and/or SmearGate. GPU (`-m gpu`): bf16 at the pr1579 shape and
+bitwise run-to-run determinism.
 """
 import pytest
 import torch
@@ -31,26 +32,30 @@ def make_inputs(B, T, V, d, NB, k, *, ids=None, table_dtype=torch.float32, scale
     return ids.to(device), {n: p.to(device).requires_grad_() for n, p in params.items()}
 
 
-def run(fn, ids, params, grad_out, cast=None, **kw):
-    """fn's output and the gradients of its four float inputs for the upstream gradient grad_out."""
+def run(fn, ids, params, grad_out, cast=None, *, names=FLOAT_INPUTS, **kw):
+    """fn's output and the gradients of its float inputs `names` (in fn's argument order, after ids) for
+    the upstream gradient grad_out."""
     leaves = {n: (p.detach().to(cast) if cast else p.detach()).requires_grad_() for n, p in params.items()}
-    out = fn(ids, *(leaves[n] for n in FLOAT_INPUTS), **kw)
-    grads = torch.autograd.grad(out, [leaves[n] for n in FLOAT_INPUTS], grad_out.to(out.dtype))
-    return out, dict(zip(FLOAT_INPUTS, grads))
+    out = fn(ids, *(leaves[n] for n in names), **kw)
+    grads = torch.autograd.grad(out, [leaves[n] for n in names], grad_out.to(out.dtype))
+    return out, dict(zip(names, grads))
 
 
-def check_against_reference(ids, params, *, tol=2e-6, grad_tol=None, **kw):
-    """Forward and all four gradients of kernels.embed within `tol` of the float64 reference."""
+def check_against_reference(ids, params, *, tol=2e-6, grad_tol=None, op=kernels.embed, ref_op=reference.embed,
+                            names=FLOAT_INPUTS, **kw):
+    """Forward and the gradients of every float input of `op` (kernels.embed) within `tol` of its float64
+    reference; grad_tol (a number, or a dict by input name) overrides tol for the gradients."""
     g = torch.Generator().manual_seed(1)
     grad_out = torch.randn(*ids.shape, params["tok_emb"].shape[1], generator=g).to(ids.device)
-    out, grads = run(kernels.embed, ids, params, grad_out, **kw)
-    ref, ref_grads = run(reference.embed, ids, params, grad_out.double(), cast=torch.float64, **kw)
+    out, grads = run(op, ids, params, grad_out, names=names, **kw)
+    ref, ref_grads = run(ref_op, ids, params, grad_out.double(), cast=torch.float64, names=names, **kw)
     assert out.dtype == params["tok_emb"].dtype and out.shape == ref.shape
     assert rel_err(out, ref) < tol, f"forward rel err {rel_err(out, ref):.3g}"
-    for name in FLOAT_INPUTS:
+    for name in names:
         assert grads[name].dtype == params[name].dtype and grads[name].shape == params[name].shape
         err = rel_err(grads[name], ref_grads[name])
-        assert err < (grad_tol or tol), f"d{name} rel err {err:.3g}"
+        bound = grad_tol.get(name, tol) if isinstance(grad_tol, dict) else grad_tol or tol
+        assert err < bound, f"d{name} rel err {err:.3g}"
     return out, grads
 
 
@@ -178,17 +183,22 @@ def test_gradients_identical_run_to_run():
         assert torch.equal(first[1][name], second[1][name]), name
 
 
+def assert_compiles_to_the_same_bits(op, ids, params, *, names=FLOAT_INPUTS, **kw):
+    """op under torch.compile(fullgraph=True) gives the eager op's output and gradients, bit for bit."""
+    grad_out = torch.randn(*ids.shape, params["tok_emb"].shape[1])
+    compiled = torch.compile(op, fullgraph=True, backend="aot_eager")
+    out, grads = run(compiled, ids, params, grad_out, names=names, **kw)
+    eager_out, eager_grads = run(op, ids, params, grad_out, names=names, **kw)
+    assert torch.equal(out, eager_out)
+    for name in names:
+        assert torch.equal(grads[name], eager_grads[name]), name
+
+
 @pytest.mark.parametrize("bos_id", [None, 3])
 def test_compiles_fullgraph_without_graph_breaks(bos_id):
     ids, params = make_inputs(2, 20, 40, 24, 29, 16)
     ids[:, 7] = 3
-    grad_out = torch.randn(2, 20, 24)
-    compiled = torch.compile(kernels.embed, fullgraph=True, backend="aot_eager")
-    out, grads = run(compiled, ids, params, grad_out, bos_id=bos_id)
-    eager_out, eager_grads = run(kernels.embed, ids, params, grad_out, bos_id=bos_id)
-    assert torch.equal(out, eager_out)
-    for name in FLOAT_INPUTS:
-        assert torch.equal(grads[name], eager_grads[name]), name
+    assert_compiles_to_the_same_bits(kernels.embed, ids, params, bos_id=bos_id)
 
 
 def test_op_registration():
@@ -200,7 +210,32 @@ def test_op_registration():
                           test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
 
 
+@pytest.mark.parametrize("absent", [("bigram_table", "bigram_proj"), ("smear_gate",),
+                                    ("bigram_table", "bigram_proj", "smear_gate")],
+                         ids=["no-bigram", "no-smear", "neither"])
+def test_without_bigram_or_smear_matches_reference(absent):
+    """The switches: no BigramHash (x = tok_emb[ids]), no SmearGate (x0 = rms_norm(x)), neither (the
+    baseline's embedding); forward and the gradients of the inputs given, in float64, with BOS starts on
+    the block edges (the smear's halo rows); without BigramHash also compiled (fullgraph) to the same bits."""
+    ids, params = make_inputs(3, 40, 30, 40, 17, 16, ids=bos_ids(3, 40, 30, [(0, 5), (0, 15), (1, 16)]))
+    present = [n for n in FLOAT_INPUTS if n not in absent]
+    grad_out = torch.randn(3, 40, 40, generator=torch.Generator().manual_seed(2))
+
+    def run_given(fn, cast=None):
+        leaves = {n: (params[n].detach().to(cast) if cast else params[n].detach()).requires_grad_() for n in present}
+        out = fn(ids, **{n: leaves.get(n) for n in FLOAT_INPUTS}, bos_id=BOS)
+        return (out, *torch.autograd.grad(out, [leaves[n] for n in present], grad_out.to(out.dtype)))
+
+    got, ref = run_given(kernels.embed), run_given(reference.embed, torch.float64)
+    for name, a, b in zip(["out", *present], got, ref):
+        assert rel_err(a, b) < 2e-6, (name, rel_err(a, b))
+    if absent == ("bigram_table", "bigram_proj"):     # None tensors through the custom op's schema, once
+        compiled = run_given(torch.compile(kernels.embed, fullgraph=True, backend="aot_eager"))
+        assert all(torch.equal(a, b) for a, b in zip(compiled, got))
+
+
 @pytest.mark.parametrize("change, error, match", [
+    (lambda a: a.update(bigram_proj=None), ValueError, "bigram_table, bigram_proj: expected both tensors"),
     (lambda a: a.update(ids=a["ids"].float()), TypeError, "ids"),
     (lambda a: a.update(ids=a["ids"][0]), ValueError, "ids"),
     (lambda a: a.update(ids=a["ids"] + 40), ValueError, r"ids: expected token ids in \[0, 40\)"),
