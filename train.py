@@ -19,7 +19,9 @@ given again on the command line win and are logged, those that change training n
 Every option, the data and the output directory are checked before the first stage, and every expected
 failure (bad option, missing or damaged file, full disk) ends in one `train.py: error: ...` line and exit
 status 2 (crawler.cli.run_main). An --out-dir that already holds a run is refused unless the run is
-continued (--resume) or replaced (--overwrite). final_model.pt is written before the last checkpoint.
+continued (--resume) or replaced (--overwrite), and one in use by another process (a lock held for the
+whole run, crawler.fileio.hold_directory_lock) is refused. final_model.pt is written before the last
+checkpoint.
 """
 from __future__ import annotations
 
@@ -30,6 +32,7 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import sys
@@ -46,7 +49,7 @@ from crawler.cli import int_at_least, run_main, shared_options
 from crawler.config import PRESETS, CrawlerConfig
 from crawler.errors import SetupError
 from crawler.evaluate import sliding_window_bpb, unigram_bpb
-from crawler.fileio import prepare_output_dir, write_json
+from crawler.fileio import hold_directory_lock, prepare_output_dir, write_json
 from crawler.quant import PLANS, Calibration, get_plan, quantize_and_evaluate
 from crawler.report import print_table, summary_rows
 from crawler.runtime import (
@@ -378,7 +381,7 @@ def run(args, given: set[str] = frozenset()) -> dict:
     model_config, tc = resolve_options(args, device, resumed)
     if device.type == "cpu":
         torch.set_num_threads(args.threads)
-    with distributed(device) as ctx:
+    with distributed(device) as ctx, contextlib.ExitStack() as held:
         t_start = time.perf_counter()
         stamp = broadcast_object(time.strftime("%Y%m%d-%H%M%S"))
         out_dir = Path(args.out_dir) if args.out_dir else (
@@ -386,6 +389,9 @@ def run(args, given: set[str] = frozenset()) -> dict:
         error = None
         if ctx.is_main:
             try:
+                # Locked before it is checked, and held until the run ends: no second run (fresh or
+                # resumed) checks or writes this directory meanwhile.
+                held.enter_context(hold_directory_lock(out_dir, "--out-dir"))
                 prepare_out_dir(args, out_dir)
             except SetupError as e:
                 error = str(e)
