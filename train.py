@@ -56,6 +56,7 @@ from crawler.runtime import (
     broadcast_object,
     distributed,
     env_world_size,
+    reproducible,
     resolve_cpu_threads,
     resolve_data,
     resolve_device,
@@ -381,7 +382,7 @@ def run(args, given: set[str] = frozenset()) -> dict:
     model_config, tc = resolve_options(args, device, resumed)
     if device.type == "cpu":
         torch.set_num_threads(args.threads)
-    with distributed(device) as ctx, contextlib.ExitStack() as held:
+    with reproducible(device), distributed(device) as ctx, contextlib.ExitStack() as held:
         t_start = time.perf_counter()
         stamp = broadcast_object(time.strftime("%Y%m%d-%H%M%S"))
         out_dir = Path(args.out_dir) if args.out_dir else (

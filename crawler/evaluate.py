@@ -39,6 +39,7 @@ from .runtime import (
     distributed,
     eval_mode,
     rank_and_world,
+    reproducible,
     resolve_data,
     resolve_device,
     resolve_ops,
@@ -185,7 +186,7 @@ def evaluate(args: argparse.Namespace) -> int:
     int6 = args.mode != "ttt" and not args.dequantized
     device = resolve_device(args.device)
     resolve_ops(args.ops, device)
-    with distributed(device) as ctx:
+    with reproducible(device), distributed(device) as ctx:   # TTT trains: bitwise repeatable on a CPU
         def log(msg: str) -> None:
             if ctx.is_main:
                 print(msg, flush=True)
