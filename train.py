@@ -215,13 +215,14 @@ def _model_config(args, base: CrawlerConfig | None = None) -> CrawlerConfig:
         raise SetupError(f"{e} (check --preset / --model-set / --vocab-size options)") from None
 
 
-def stage_data(args, model_config, log):
-    """The data directory and tokenizer (the built-in corpus if none is given), checked and loaded."""
+def stage_data(args, model_config, log, *, doc_isolated: bool):
+    """The data directory and tokenizer (the built-in corpus if none is given), checked and loaded (a
+    tokenizer with a BOS when the run isolates documents)."""
     data_dir, tokenizer = resolve_data(args.data_dir, args.tokenizer, model_config.vocab_size,
                                       cache_dir=args.cache_dir, log=log)
     return prepare_data(data_dir, tokenizer, model_config.vocab_size, val_max_tokens=args.val_max_tokens,
                         min_val_tokens=model_config.train_seq_len + 1,
-                        allow_tokenizer_mismatch=args.allow_tokenizer_mismatch)
+                        allow_tokenizer_mismatch=args.allow_tokenizer_mismatch, doc_isolated=doc_isolated)
 
 
 def stage_baselines(data, model_config) -> dict:
@@ -402,7 +403,7 @@ def run(args, given: set[str] = frozenset()) -> dict:
         log = RunLogger(out_dir, enabled=ctx.is_main)
         for line in resume_lines:
             log(line)
-        data = stage_data(args, model_config, log)
+        data = stage_data(args, model_config, log, doc_isolated=tc.doc_isolated)
         # Every val_bpb of the run (training's, the round trips', the artifact's) isolates documents or none does.
         report = {"stages_s": {"data": time.perf_counter() - t_start}, "doc_isolated": tc.doc_isolated}
         if args.baselines and ctx.is_main:

@@ -170,7 +170,7 @@ class _Trainer:
         for micro in range(self.grad_accum):
             x, y = self.loader.next_batch(self.local_tokens, self.seq_len)
             # Segments from the CPU batch: no device sync.
-            documents = (document_segments(x, capacity=self.segment_capacity).to(self.device)
+            documents = (document_segments(x, bos_id=self.data.bos_id, capacity=self.segment_capacity).to(self.device)
                          if self.tc.doc_isolated else None)
             x = x.to(self.device, non_blocking=True)
             y = y.to(self.device, non_blocking=True)
