@@ -94,6 +94,25 @@ def test_a_finished_run_is_never_replaced_without_a_flag(dataset, tmp_path, caps
     assert code == 2 and "is corrupt: its contents do not match the checksum" in one_error_line(err, "train.py")
 
 
+def test_init_from_weights_of_another_tokenizer_is_refused_as_resume_and_evaluate_refuse(dataset, other_tokenizer,
+                                                                                          tmp_path, capsys):
+    data_dir, tok = dataset
+    config = CrawlerConfig.preset("tiny", vocab_size=VOCAB, train_seq_len=16, train_batch_tokens=64, model_dim=32,
+                                  bigram_buckets=64, bigram_dim=8, ve_dim=8)
+    from crawler.model import CrawlerGPT
+    weights = tmp_path / "final_model.pt"
+    save_model(weights, config, CrawlerGPT(config, ops="reference").state_dict(),
+               tokenizer=tokenizer_identity(other_tokenizer, load_tokenizer(other_tokenizer)))
+    argv = ["--data-dir", data_dir, "--tokenizer", tok, *CLI_SMALL_MODEL, *CLI_FAST, "--no-quantize", "--no-baselines",
+            "--iterations", "1", "--init-from", weights]
+    code, _, err = run(train_cli.main, [*argv, "--out-dir", tmp_path / "a"], capsys)
+    line = one_error_line(err, "train.py")
+    assert code == 2 and f"is not the one --init-from {str(weights)!r} was trained with" in line, line
+    assert "--allow-tokenizer-mismatch" in line and not (tmp_path / "a" / "final_model.pt").exists()
+    code, _, err = run(train_cli.main, [*argv, "--out-dir", tmp_path / "b", "--allow-tokenizer-mismatch"], capsys)
+    assert code == 0, err
+
+
 def test_options_are_refused_before_anything_runs(dataset, tmp_path, capsys, monkeypatch):
     data_dir, tok = dataset
     out = tmp_path / "run"

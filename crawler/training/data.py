@@ -18,8 +18,9 @@ class TrainData:
     """What training and evaluation read: the shard directory, the tokenizer and its byte LUTs, the
     validation tokens, `identity` (tokenizer hash, shard names and sizes) that a checkpoint records
     so a resume on other data is refused, `tokenizer` (crawler.tokenizer.tokenizer_identity) that
-    the final model and the artifact record so evaluation can check it, and `bos_id`, the tokenizer's
-    BOS (SentencePiece's bos_id(), -1 for none), where document isolation cuts."""
+    the final model and the artifact record so evaluation can check it, `bos_id`, the tokenizer's BOS
+    (SentencePiece's bos_id(), -1 for none), where document isolation cuts, and whether the run accepts
+    weights trained with another tokenizer (`allow_tokenizer_mismatch`, for --init-from)."""
     data_dir: Path
     tokenizer_path: Path
     tokenizer_vocab_size: int
@@ -28,6 +29,7 @@ class TrainData:
     identity: dict
     tokenizer: dict
     bos_id: int
+    allow_tokenizer_mismatch: bool = False
 
     def train_token_counts(self, vocab_size: int, max_tokens: int | None = None) -> torch.Tensor:
         """Occurrences of each id (int64, length vocab_size) in the train shards, in order, stopping
@@ -80,4 +82,5 @@ def prepare_data(data_dir, tokenizer_path, vocab_size: int, *, val_max_tokens: i
                 "train_shards": [[p.name, p.stat().st_size] for p in train_shards],
                 "val_shards": [[p.name, p.stat().st_size] for p in val_shards]}
     return TrainData(data_dir=data_dir, tokenizer_path=tokenizer_path, tokenizer_vocab_size=tokenizer["vocab_size"],
-                     luts=luts, val_tokens=val_tokens, identity=identity, tokenizer=tokenizer, bos_id=sp.bos_id())
+                     luts=luts, val_tokens=val_tokens, identity=identity, tokenizer=tokenizer, bos_id=sp.bos_id(),
+                     allow_tokenizer_mismatch=allow_tokenizer_mismatch)
