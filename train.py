@@ -34,7 +34,6 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import argparse
 import contextlib
 import dataclasses
-import json
 import sys
 import time
 from pathlib import Path
@@ -46,7 +45,7 @@ from crawler.bpb import plan_windows
 from crawler.budget import BUDGET_BYTES, size_report
 from crawler.checkpoint import read_checkpoint
 from crawler.cli import int_at_least, run_main, shared_options
-from crawler.config import PRESETS, CrawlerConfig
+from crawler.config import PRESETS, CrawlerConfig, parse_field
 from crawler.errors import SetupError
 from crawler.evaluate import sliding_window_bpb, unigram_bpb
 from crawler.fileio import hold_directory_lock, prepare_output_dir, write_json
@@ -161,8 +160,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="tokens per optimiser step over all ranks and micro-batches; a multiple of "
                             "world_size x grad_accum_steps x T")
     model.add_argument("--model-set", action="append", default=[], metavar="FIELD=VALUE",
-                       help="any other CrawlerConfig field (JSON value), e.g. --model-set model_dim=192 "
-                            "--model-set xsa='\"pr1579\"'; repeatable. Fields: " +
+                       help="any other CrawlerConfig field, read by its type (bools true/false/1/0, numbers, "
+                            "text; xsa also a list), e.g. --model-set model_dim=192 --model-set xsa=pr1579 "
+                            "--model-set 'xsa=[0,1]'; repeatable. Fields: " +
                             ", ".join(f.name for f in dataclasses.fields(CrawlerConfig)))
     TrainConfig.add_arguments(p)
     post = p.add_argument_group("after training: quantise -> artifact -> evaluate")
@@ -201,9 +201,9 @@ def _model_config(args, base: CrawlerConfig | None = None) -> CrawlerConfig:
         if not sep:
             raise SetupError(f"--model-set expects FIELD=VALUE, got {item!r}")
         try:
-            overrides[key] = json.loads(value)
-        except json.JSONDecodeError:
-            overrides[key] = value
+            overrides[key] = parse_field(key, value)
+        except ValueError as e:
+            raise SetupError(f"--model-set {item!r}: {e}") from None
     for key in ("vocab_size", "train_seq_len", "train_batch_tokens"):
         if getattr(args, key) is not None:
             overrides[key] = getattr(args, key)
