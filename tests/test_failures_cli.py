@@ -6,6 +6,7 @@ import dataclasses
 import io
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -20,8 +21,9 @@ import train as train_cli
 from crawler import evaluate, generate, quantize
 from crawler.artifact import load_artifact, save_artifact
 from crawler.budget import REPO_ROOT
-from crawler.checkpoint import read_checkpoint, save_model
+from crawler.checkpoint import INTEGRITY_KEY, read_checkpoint, save_checkpoint, save_model
 from crawler.config import CrawlerConfig
+from crawler.errors import SetupError
 from crawler.quant import build_artifact
 from crawler.tokenizer import load_tokenizer, tokenizer_identity, train_tokenizer
 
@@ -164,6 +166,57 @@ def test_bad_training_data_ends_in_one_line(dataset, tmp_path, capsys):
     write_shard(bad / "fineweb_val_000000.bin", [1, 5, 6, 7] * 3)
     code, _, err = run(train_cli.main, [*argv, "--out-dir", tmp_path / "c"], capsys)
     assert code == 2 and "fewer than one evaluation window needs (17" in one_error_line(err, "train.py")
+
+
+def test_empty_train_shards_and_non_finite_or_negative_float_options_end_in_one_line(dataset, tmp_path, capsys):
+    data_dir, tok = dataset
+    empty = tmp_path / "data"
+    empty.mkdir()
+    (empty / "fineweb_val_000000.bin").write_bytes((data_dir / "fineweb_val_000000.bin").read_bytes())
+    from crawler.data import write_shard
+    write_shard(empty / "fineweb_train_000000.bin", [])
+    argv = ["--data-dir", empty, "--tokenizer", tok, *CLI_SMALL_MODEL, *CLI_FAST, "--no-baselines", "--no-quantize",
+            "--iterations", "2", "--out-dir", tmp_path / "run"]
+    code, _, err = run(train_cli.main, argv, capsys)
+    assert code == 2 and "hold no tokens (1 shard(s), all empty)" in one_error_line(err, "train.py")
+    # every float option of the training recipe is range-checked while parsing: argparse's one line, exit 2
+    from crawler.training import TrainConfig
+    floats = [f.name for f in dataclasses.fields(TrainConfig) if TrainConfig.__annotations__[f.name] == "float"]
+    assert {"matrix_lr", "adam_beta2", "ema_decay", "warmdown_frac"} <= set(floats)
+    for name in floats:
+        flag = "--" + name.replace("_", "-")
+        for text in ("nan", "-1", "inf", "x"):
+            with pytest.raises(SystemExit) as exc:
+                train_cli.main([flag, text])
+            lines = capsys.readouterr().err.strip().splitlines()
+            assert exc.value.code == 2 and lines[-1].startswith(f"train.py: error: argument {flag}: expected "), lines
+    for flag, text, expected in (("--matrix-lr", "nan", "a finite number >= 0, got nan"),
+                                 ("--matrix-lr", "-1", "a finite number >= 0, got -1.0"),
+                                 ("--adam-beta1", "1", "a number in [0, 1), got 1.0"),
+                                 ("--adam-eps", "0", "a finite number > 0, got 0.0")):
+        with pytest.raises(SystemExit):
+            train_cli.main([flag, text])
+        assert f"argument {flag}: expected {expected}" in capsys.readouterr().err
+    # the same ranges hold for a recipe from elsewhere (a resumed checkpoint's)
+    with pytest.raises(SetupError, match=r"TrainConfig: matrix_lr: expected a finite number >= 0, got nan"):
+        TrainConfig(matrix_lr=float("nan")).validate()
+
+
+def test_resume_of_a_checkpoint_whose_config_and_tensors_disagree_ends_in_one_line(dataset, tmp_path, capsys):
+    data_dir, tok = dataset
+    out = tmp_path / "run"
+    argv = ["--data-dir", data_dir, "--tokenizer", tok, *CLI_SMALL_MODEL, *CLI_FAST, "--no-quantize", "--no-baselines",
+            "--iterations", "1", "--out-dir", out]
+    code, _, err = run(train_cli.main, argv, capsys)
+    assert code == 0, err
+    contents = torch.load(out / "checkpoint.pt", weights_only=True)
+    config = json.loads(contents["model_config"])
+    contents["model_config"] = json.dumps({**config, "mlp_mult": 2 * config["mlp_mult"]})     # not a run option
+    save_checkpoint(out / "checkpoint.pt", {k: v for k, v in contents.items() if k != INTEGRITY_KEY})  # checksum holds
+    code, _, err = run(train_cli.main, ["--resume", out / "checkpoint.pt", "--iterations", "2"], capsys)
+    line = one_error_line(err, "train.py")
+    assert code == 2 and "its weights or optimiser states do not fit the model config it records" in line, line
+    assert re.search(r"'\S+mlp\.fc\.weight' has shape \(128, 32\), the model expects \(256, 32\)", line), line
 
 
 def test_a_disk_that_fills_at_the_end_keeps_the_trained_model(dataset, tmp_path):

@@ -56,17 +56,20 @@ def prepare_data(data_dir, tokenizer_path, vocab_size: int, *, val_max_tokens: i
     is checked here (its ids when the stream reads it), the tokenizer and validation tokens by
     `crawler.data.load_eval_data` (`allow_tokenizer_mismatch` accepts a tokenizer smaller than the
     vocabulary; `doc_isolated` requires a tokenizer with a BOS). Raises SetupError (saying what to do) for a
-    missing directory, missing or damaged shards, a missing, invalid or mismatched tokenizer (or one
-    without a BOS for a `doc_isolated` run) or too few validation tokens: the run's one
-    data check (`train` trusts data prepared for its model's vocab_size)."""
+    missing directory, missing or damaged shards, train shards without a token, a missing, invalid or
+    mismatched tokenizer (or one without a BOS for a `doc_isolated` run) or too few validation tokens: the
+    run's one data check (`train` trusts data prepared for its model's vocab_size)."""
     data_dir, tokenizer_path = Path(data_dir), Path(tokenizer_path)
     try:
         train_shards = list_shards(data_dir, "train")
         val_shards = list_shards(data_dir, "val")
-        for path in train_shards:       # a damaged shard fails now, not when the stream reaches it
-            shard_length(path)
+        # a damaged shard fails now, not when the stream reaches it
+        train_tokens = sum(shard_length(path) for path in train_shards)
     except MissingFileError as e:
         raise SetupError(f"{e}: {DATA_DIR_HINT}") from None
+    if train_tokens == 0:
+        raise SetupError(f"the train shards of {str(data_dir)!r} hold no tokens ({len(train_shards)} shard(s), all "
+                         f"empty): {DATA_DIR_HINT}")
     try:
         val_tokens, luts = load_eval_data(data_dir, tokenizer_path, vocab_size, max_tokens=val_max_tokens,
                                           allow_mismatch=allow_tokenizer_mismatch, doc_isolated=doc_isolated)
