@@ -317,6 +317,7 @@ def resolve_options(args, device: torch.device, resumed: dict | None = None) -> 
         tc.validate()
     except TypeError as e:
         raise SetupError(str(e)) from None
+    tc.compiles(device, args.ops)      # a combination that cannot compile here is refused now
     resolve_grad_accum(tc, env_world_size())   # before any process group waits on a bad world size
     if args.baselines is None:
         args.baselines = builtin

@@ -125,11 +125,17 @@ def test_options_are_refused_before_anything_runs(dataset, tmp_path, capsys, mon
         (["--ttt-chunk-tokens", "8"], "chunk_tokens (8) must be >= seq_len (16)"),
         (["--eval-stride", "32"], "--eval-stride 32 must be in [1, sequence length 16]"),
         (["--resume", tmp_path / "none.pt"], "does not exist"),
+        (["--doc-isolated", "--compile"], "--doc-isolated --compile on cpu with the reference ops: document-isolated "
+                                          "attention compiles only with the Triton kernels on CUDA"),
     ]
     for extra, message in refused:
         code, _, err = run(train_cli.main, [*base, *extra], capsys)
         assert code == 2 and message in one_error_line(err, "train.py"), (extra, err)
         assert not out.exists(), extra                               # nothing was started, nothing written
+    from crawler.training import TrainConfig
+    assert TrainConfig(doc_isolated=True).compiles("cpu") is False        # the library refuses it the same way
+    with pytest.raises(SetupError, match="--doc-isolated --compile on cpu"):
+        TrainConfig(doc_isolated=True, compile=True).compiles("cpu")
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     code, _, err = run(train_cli.main, [*base, "--ops", "triton"], capsys)
     assert code == 2 and "--ops triton on cpu: the Triton kernels need a CUDA device" in err

@@ -8,9 +8,12 @@ import dataclasses
 import typing
 from dataclasses import dataclass, field
 
+import torch
+
 from ..cli import FloatRange
 from ..config import PASSTHROUGH_NUMEL, QAT_BITS
 from ..errors import SetupError
+from ..runtime import resolve_ops
 from .schedule import parse_switches
 
 GLOBAL_BATCH_MICROSTEPS = 8      # the seed's grad_accum_steps = 8 // world_size
@@ -110,6 +113,20 @@ class TrainConfig:
         parse_switches(self.progressive_schedule)
         need(self.muon_dtype in ("bfloat16", "float32"),
              f"muon_dtype must be 'bfloat16' or 'float32', got {self.muon_dtype!r}")
+
+    def compiles(self, device, ops="auto") -> bool:
+        """Whether a run on `device` with `ops` compiles the model: `compile` as given, by default on CUDA
+        only. SetupError for document isolation compiled with the reference ops (the only ones off CUDA):
+        their varlen attention reads each batch's segment bounds on the host and loops over them, which
+        torch.compile cannot capture as one graph (reported in issue 26: a CPU run had not finished
+        compiling after 240 s, where the same run without --doc-isolated took 81 s)."""
+        compiles = self.compile if self.compile is not None else torch.device(device).type == "cuda"
+        if compiles and self.doc_isolated and resolve_ops(ops, device) == "reference":
+            raise SetupError(f"--doc-isolated --compile on {torch.device(device)} with the reference ops: "
+                             f"document-isolated attention compiles only with the Triton kernels on CUDA (the "
+                             f"reference reads each batch's segment bounds on the host, which torch.compile cannot "
+                             f"capture); drop --compile (the default off CUDA) or train on a GPU")
+        return compiles
 
     @classmethod
     def add_arguments(cls, parser) -> None:

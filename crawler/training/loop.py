@@ -103,7 +103,7 @@ class _Trainer:
         self.step, self.train_time_ms = 0, 0.0
         self.history = {"train_loss": [], "val": []}
 
-        use_compile = tc.compile if tc.compile is not None else self.device.type == "cuda"
+        use_compile = tc.compiles(self.device, ops)
         # A compiled model needs one cu_seqlens shape: pad to a fixed capacity. Eager runs take the exact
         # segments (the reference attention loops over them).
         self.segment_capacity = segment_capacity(self.local_tokens // self.seq_len) if use_compile else None
