@@ -11,6 +11,7 @@ import torch
 from trainer_fixtures import VOCAB, make_dataset
 
 from crawler.budget import REPO_ROOT
+from crawler.checkpoint import read_checkpoint
 from crawler.runtime import default_cpu_threads, reproducible
 
 RUN = ["--vocab-size", VOCAB, "--train-seq-len", "32", "--train-batch-tokens", "2048", "--model-set", "model_dim=64",
@@ -34,6 +35,8 @@ def test_two_default_cpu_runs_write_the_same_final_model_bytes(tmp_path):
         assert proc.returncode == 0, err[-3000:]
     a, b = ((tmp_path / name / "final_model.pt").read_bytes() for name in ("a", "b"))
     assert a == b
+    saved = read_checkpoint(tmp_path / "a" / "checkpoint.pt", expect="training").contents["run_options"]
+    assert saved["threads"] == default_cpu_threads()             # the runs were multi-threaded
 
 
 def test_reproducible_is_for_the_cpu_and_restores_the_previous_setting():
