@@ -51,7 +51,7 @@ def test_a_second_run_on_a_directory_in_use_fails_at_once_naming_the_holder(data
     data_dir, tok = dataset
     out = tmp_path / "run"
     argv = ["--data-dir", data_dir, "--tokenizer", tok, *CLI_SMALL_MODEL, *CLI_FAST, "--no-baselines",
-            "--no-quantize", "--checkpoint-every", "1", "--out-dir", out]
+            "--no-quantize", "--no-val-at-start", "--checkpoint-every", "1", "--out-dir", out]
     first = start_train([*argv, "--iterations", 10**6], tmp_path / "first.err")
     try:
         wait_for(first, lambda: (out / "checkpoint.pt").is_file(), "its first checkpoint")
