@@ -9,6 +9,7 @@ line), an int an integer, a float a finite number; each failure names the field,
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import typing
@@ -229,10 +230,15 @@ class CrawlerConfig:
 _TEXT_BOOLS = {"true": True, "1": True, "false": False, "0": False}
 
 
+@functools.cache
+def _field_kinds() -> dict:
+    return typing.get_type_hints(CrawlerConfig)     # resolved once: every config built is checked
+
+
 def _field_kind(name: str):
     """The declared type of CrawlerConfig field `name` (int, float, bool, str, or str | tuple for xsa);
     ValueError naming the fields for an unknown name."""
-    kinds = typing.get_type_hints(CrawlerConfig)
+    kinds = _field_kinds()
     if name not in kinds:
         raise ValueError(f"unknown CrawlerConfig field {name!r}; the fields are {', '.join(kinds)}")
     return kinds[name]
