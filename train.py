@@ -19,7 +19,9 @@ given again on the command line win and are logged, those that change training n
 Every option, the data and the output directory are checked before the first stage, and every expected
 failure (bad option, missing or damaged file, full disk) ends in one `train.py: error: ...` line and exit
 status 2 (crawler.cli.run_main). An --out-dir that already holds a run is refused unless the run is
-continued (--resume) or replaced (--overwrite). final_model.pt is written before the last checkpoint.
+continued (--resume) or replaced (--overwrite), and one in use by another process (a lock held for the
+whole run, crawler.fileio.hold_directory_lock) is refused. final_model.pt is written before the last
+checkpoint.
 """
 from __future__ import annotations
 
@@ -30,8 +32,8 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import argparse
+import contextlib
 import dataclasses
-import json
 import sys
 import time
 from pathlib import Path
@@ -43,16 +45,17 @@ from crawler.bpb import plan_windows
 from crawler.budget import BUDGET_BYTES, size_report
 from crawler.checkpoint import read_checkpoint
 from crawler.cli import int_at_least, run_main, shared_options
-from crawler.config import PRESETS, CrawlerConfig
+from crawler.config import PRESETS, CrawlerConfig, parse_field
 from crawler.errors import SetupError
 from crawler.evaluate import sliding_window_bpb, unigram_bpb
-from crawler.fileio import prepare_output_dir, write_json
+from crawler.fileio import hold_directory_lock, prepare_output_dir, write_json
 from crawler.quant import PLANS, Calibration, get_plan, quantize_and_evaluate
 from crawler.report import print_table, summary_rows
 from crawler.runtime import (
     broadcast_object,
     distributed,
     env_world_size,
+    reproducible,
     resolve_cpu_threads,
     resolve_data,
     resolve_device,
@@ -157,8 +160,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="tokens per optimiser step over all ranks and micro-batches; a multiple of "
                             "world_size x grad_accum_steps x T")
     model.add_argument("--model-set", action="append", default=[], metavar="FIELD=VALUE",
-                       help="any other CrawlerConfig field (JSON value), e.g. --model-set model_dim=192 "
-                            "--model-set xsa='\"pr1579\"'; repeatable. Fields: " +
+                       help="any other CrawlerConfig field, read by its type (bools true/false/1/0, numbers, "
+                            "text; xsa also a list), e.g. --model-set model_dim=192 --model-set xsa=pr1579 "
+                            "--model-set 'xsa=[0,1]'; repeatable. Fields: " +
                             ", ".join(f.name for f in dataclasses.fields(CrawlerConfig)))
     TrainConfig.add_arguments(p)
     post = p.add_argument_group("after training: quantise -> artifact -> evaluate")
@@ -197,9 +201,9 @@ def _model_config(args, base: CrawlerConfig | None = None) -> CrawlerConfig:
         if not sep:
             raise SetupError(f"--model-set expects FIELD=VALUE, got {item!r}")
         try:
-            overrides[key] = json.loads(value)
-        except json.JSONDecodeError:
-            overrides[key] = value
+            overrides[key] = parse_field(key, value)
+        except ValueError as e:
+            raise SetupError(f"--model-set {item!r}: {e}") from None
     for key in ("vocab_size", "train_seq_len", "train_batch_tokens"):
         if getattr(args, key) is not None:
             overrides[key] = getattr(args, key)
@@ -211,13 +215,14 @@ def _model_config(args, base: CrawlerConfig | None = None) -> CrawlerConfig:
         raise SetupError(f"{e} (check --preset / --model-set / --vocab-size options)") from None
 
 
-def stage_data(args, model_config, log):
-    """The data directory and tokenizer (the built-in corpus if none is given), checked and loaded."""
+def stage_data(args, model_config, log, *, doc_isolated: bool):
+    """The data directory and tokenizer (the built-in corpus if none is given), checked and loaded (a
+    tokenizer with a BOS when the run isolates documents)."""
     data_dir, tokenizer = resolve_data(args.data_dir, args.tokenizer, model_config.vocab_size,
                                       cache_dir=args.cache_dir, log=log)
     return prepare_data(data_dir, tokenizer, model_config.vocab_size, val_max_tokens=args.val_max_tokens,
                         min_val_tokens=model_config.train_seq_len + 1,
-                        allow_tokenizer_mismatch=args.allow_tokenizer_mismatch)
+                        allow_tokenizer_mismatch=args.allow_tokenizer_mismatch, doc_isolated=doc_isolated)
 
 
 def stage_baselines(data, model_config) -> dict:
@@ -312,6 +317,7 @@ def resolve_options(args, device: torch.device, resumed: dict | None = None) -> 
         tc.validate()
     except TypeError as e:
         raise SetupError(str(e)) from None
+    tc.compiles(device, args.ops)      # a combination that cannot compile here is refused now
     resolve_grad_accum(tc, env_world_size())   # before any process group waits on a bad world size
     if args.baselines is None:
         args.baselines = builtin
@@ -378,7 +384,7 @@ def run(args, given: set[str] = frozenset()) -> dict:
     model_config, tc = resolve_options(args, device, resumed)
     if device.type == "cpu":
         torch.set_num_threads(args.threads)
-    with distributed(device) as ctx:
+    with reproducible(device), distributed(device) as ctx, contextlib.ExitStack() as held:
         t_start = time.perf_counter()
         stamp = broadcast_object(time.strftime("%Y%m%d-%H%M%S"))
         out_dir = Path(args.out_dir) if args.out_dir else (
@@ -386,6 +392,9 @@ def run(args, given: set[str] = frozenset()) -> dict:
         error = None
         if ctx.is_main:
             try:
+                # Locked before it is checked, and held until the run ends: no second run (fresh or
+                # resumed) checks or writes this directory meanwhile.
+                held.enter_context(hold_directory_lock(out_dir, "--out-dir"))
                 prepare_out_dir(args, out_dir)
             except SetupError as e:
                 error = str(e)
@@ -395,7 +404,7 @@ def run(args, given: set[str] = frozenset()) -> dict:
         log = RunLogger(out_dir, enabled=ctx.is_main)
         for line in resume_lines:
             log(line)
-        data = stage_data(args, model_config, log)
+        data = stage_data(args, model_config, log, doc_isolated=tc.doc_isolated)
         # Every val_bpb of the run (training's, the round trips', the artifact's) isolates documents or none does.
         report = {"stages_s": {"data": time.perf_counter() - t_start}, "doc_isolated": tc.doc_isolated}
         if args.baselines and ctx.is_main:

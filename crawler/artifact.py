@@ -15,7 +15,8 @@ Every later version keeps bytes 0-11 and the rule "the last 32 header bytes are 
 before them, then the payload", so a damaged version field reads as corrupt, never as "written by a newer
 version". Format 1 (a 52-byte header without the decompressed length, the SHA-256 of the payload only, no
 tokenizer identity) still loads, with an UnverifiedWarning. Decompression stops at the declared length
-and never goes past MAX_PAYLOAD_BYTES; the model config is validated (CrawlerConfig's size bounds)
+and never goes past MAX_PAYLOAD_BYTES (format 1, which declares none: FORMAT_1_MAX_PAYLOAD_BYTES, what a
+budget-sized artifact can hold); the model config is validated (CrawlerConfig's size bounds)
 before any tensor is parsed.
 
 The safetensors metadata holds one entry, "crawler": a JSON object with `format_version`, `config` (the
@@ -62,6 +63,11 @@ _HEADER_V1 = struct.Struct("<8sIQ32s")          # format 1: magic, version, payl
 # far below what a crafted few-hundred-byte brotli stream could otherwise expand to.
 MAX_PAYLOAD_BYTES = 1 << 30
 MAX_FILE_BYTES = 1 << 30
+# Format 1 declares no decompressed size, so it is bounded by what a budget-sized artifact can hold: the
+# 16,000,000-byte budget (crawler.budget.BUDGET_BYTES) of brotli over int6 codes stored one per byte, which
+# decompresses about 3x (pr1579 at the budget: ~45 MB). 4x the budget leaves room, and a crafted
+# few-hundred-byte format-1 file costs tens of MB before it is refused, not gigabytes.
+FORMAT_1_MAX_PAYLOAD_BYTES = 4 * 16_000_000
 BROTLI_QUALITY = 11
 BROTLI_LGWIN = 24                          # brotli's largest window: the payload is tens of MB
 SHUFFLE_STRIDE = 2
@@ -343,7 +349,7 @@ def _unframe(blob: bytes, where: str) -> tuple[int, bytes, int]:
 
 def _unframe_v1(blob: bytes, where: str) -> tuple[int, bytes, int]:
     """Format 1: the checksum covers the payload only and the decompressed size is not declared, so it
-    is bounded by MAX_PAYLOAD_BYTES alone."""
+    is bounded by FORMAT_1_MAX_PAYLOAD_BYTES, what a budget-sized artifact can hold."""
     if len(blob) < _HEADER_V1.size:
         raise ArtifactError(f"{where}: truncated: expected at least {_HEADER_V1.size} bytes of header, "
                             f"got {len(blob)}")
@@ -360,7 +366,7 @@ def _unframe_v1(blob: bytes, where: str) -> tuple[int, bytes, int]:
     warnings.warn(f"{where} is artifact format 1 (its header is not covered by the checksum and it records "
                   f"no tokenizer): it loads; re-export it with python -m crawler.quantize to upgrade",
                   UnverifiedWarning, stacklevel=4)
-    return 1, payload, MAX_PAYLOAD_BYTES
+    return 1, payload, FORMAT_1_MAX_PAYLOAD_BYTES
 
 
 def _check_tokenizer_entry(entry, where: str) -> None:

@@ -1,7 +1,8 @@
 """What every command line shares (train.py and python -m crawler.quantize / evaluate / generate): the
 common options, defined once as an argparse parent parser (crawler.runtime turns them into a device,
 ops and data paths: `resolve_device`, `resolve_ops`, `resolve_data`), argument types that refuse an
-out-of-range number while parsing, and `run_main`, the one way a command turns an expected failure
+out-of-range number while parsing (`int_at_least`, and `FloatRange` for every float option: finite, in
+its range), and `run_main`, the one way a command turns an expected failure
 into one line and an exit status.
 
 Exit statuses: 0 success; 1 the command's own "no" (quantize: the artifact does not fit the budget);
@@ -11,9 +12,11 @@ without a traceback, as argparse prints a bad option; 130 interrupted. A traceba
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import warnings
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from .errors import SetupError, UnverifiedWarning
 from .runtime import OPS_CHOICES
@@ -33,6 +36,41 @@ def int_at_least(low: int) -> Callable[[str], int]:
         return value
     parse.__name__ = "int"      # argparse names the type in its "invalid int value" fallback
     return parse
+
+
+@dataclass(frozen=True)
+class FloatRange:
+    """The finite floats from `low` to `high` (each end included unless `low_open` / `high_open`). Called
+    with an option's text it is an argparse `type`: the parsed value, or the parser's one-line error
+    naming the option (so nan, inf or an out-of-range value never reaches the work); `problem(value)`
+    is the same check of a value from elsewhere (a resumed checkpoint's options)."""
+    low: float = 0.0
+    high: float = math.inf
+    low_open: bool = False
+    high_open: bool = False
+
+    def __str__(self) -> str:
+        if self.high == math.inf:
+            return f"a finite number {'>' if self.low_open else '>='} {self.low:g}"
+        return (f"a number in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}"
+                f"{')' if self.high_open else ']'}")
+
+    def problem(self, value) -> str | None:
+        """"expected <range>, got <value>" unless `value` is a finite number in the range; None if it is."""
+        ok = (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+              and (value > self.low if self.low_open else value >= self.low)
+              and (value < self.high if self.high_open else value <= self.high))
+        return None if ok else f"expected {self}, got {value!r}"
+
+    def __call__(self, text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {self}, got {text!r}") from None
+        problem = self.problem(value)
+        if problem is not None:
+            raise argparse.ArgumentTypeError(problem)
+        return value
 
 
 def shared_options() -> argparse.ArgumentParser:

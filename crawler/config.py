@@ -1,9 +1,18 @@
 """Model configuration: every field of docs/math.md §1.1, the `pr1579`, `pr1579_seed` and `tiny` presets,
-validation."""
+validation.
+
+Every field is checked against its declared type before anything else (`validate`), whatever the config
+came from: Python, a checkpoint's or an artifact's JSON, or the command line, whose `--model-set
+FIELD=VALUE` text `parse_field` reads by the field's type. A bool is true/false (1/0 on the command
+line), an int an integer, a float a finite number; each failure names the field, the value and the type.
+"""
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
+import math
+import typing
 from dataclasses import dataclass
 
 from kernels.modules import TOK_EMB_STD
@@ -136,10 +145,15 @@ class CrawlerConfig:
 
     # -- validation ----------------------------------------------------------------------------
     def validate(self) -> None:
-        """Raise ValueError naming the field and what was expected."""
+        """Raise ValueError naming the field and what was expected: first its type (`field_type_error`),
+        then its range and the rules between fields."""
         def need(cond, msg):
             if not cond:
                 raise ValueError(f"CrawlerConfig: {msg}")
+
+        for f in dataclasses.fields(self):
+            problem = field_type_error(f.name, getattr(self, f.name))
+            need(problem is None, problem)
 
         for name in ("vocab_size", "model_dim", "num_heads", "num_kv_heads", "num_flat_blocks",
                      "mlp_mult", "bigram_buckets", "bigram_dim", "train_seq_len", "train_batch_tokens"):
@@ -211,6 +225,76 @@ class CrawlerConfig:
         if isinstance(d.get("xsa"), list):
             d["xsa"] = tuple(d["xsa"])
         return cls(**d)
+
+
+_TEXT_BOOLS = {"true": True, "1": True, "false": False, "0": False}
+
+
+@functools.cache
+def _field_kinds() -> dict:
+    return typing.get_type_hints(CrawlerConfig)     # resolved once: every config built is checked
+
+
+def _field_kind(name: str):
+    """The declared type of CrawlerConfig field `name` (int, float, bool, str, or str | tuple for xsa);
+    ValueError naming the fields for an unknown name."""
+    kinds = _field_kinds()
+    if name not in kinds:
+        raise ValueError(f"unknown CrawlerConfig field {name!r}; the fields are {', '.join(kinds)}")
+    return kinds[name]
+
+
+def field_type_error(name: str, value) -> str | None:
+    """Why `value` is not of field `name`'s type ("name must be <type>, got <value>"), None if it is. A
+    bool is never an int or a number; a float field takes any finite number; xsa a str or a sequence of
+    int positions."""
+    kind = _field_kind(name)
+
+    def is_int(v):
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    if kind is bool:
+        ok, expected = isinstance(value, bool), "a bool (true or false)"
+    elif kind is int:
+        ok, expected = is_int(value), "an int"
+    elif kind is float:
+        ok = (is_int(value) or isinstance(value, float)) and math.isfinite(value)
+        expected = "a finite number"
+    elif kind is str:
+        ok, expected = isinstance(value, str), "a string"
+    else:   # xsa: str | tuple
+        ok = isinstance(value, str) or (isinstance(value, (tuple, list)) and all(is_int(p) for p in value))
+        expected = "a string or a list of int positions"
+    return None if ok else f"{name} must be {expected}, got {value!r}"
+
+
+def parse_field(name: str, text: str):
+    """The value of CrawlerConfig field `name` written as `text` on the command line (`--model-set
+    name=text`), read by the field's type: a bool from true/false/1/0, an int or a float from a number, a
+    string as it is (or JSON-quoted), xsa also a JSON list of positions. ValueError naming the field, the
+    text and the expected type (`field_type_error`) for anything else or an unknown field."""
+    kind = _field_kind(name)
+    stripped = text.strip()
+    try:
+        if kind is bool:
+            value = _TEXT_BOOLS.get(stripped.lower(), text)
+        elif kind is int:
+            value = int(stripped)
+        elif kind is float:
+            value = float(stripped)
+        elif stripped.startswith(('"', "[")):
+            value = json.loads(stripped)
+            value = tuple(value) if isinstance(value, list) else value
+        else:
+            value = text
+    except ValueError:      # int("x"), float("x") and json.JSONDecodeError
+        value = text
+    if kind is bool and not isinstance(value, bool):
+        raise ValueError(f"{name} must be a bool: true, false, 1 or 0, got {text!r}")
+    problem = field_type_error(name, value)
+    if problem is not None:
+        raise ValueError(problem)
+    return value
 
 
 PRESETS = {

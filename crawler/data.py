@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .documents import check_tokenizer_bos
 from .errors import MissingFileError, SetupError
 from .fileio import atomic_open
 from .tokenizer import byte_luts, load_checked_tokenizer
@@ -150,14 +151,17 @@ def load_validation_tokens(data_dir: str | os.PathLike, *, max_tokens: int | Non
 
 def load_eval_data(data_dir: str | os.PathLike, tokenizer_path: str | os.PathLike, vocab_size: int, *,
                    max_tokens: int | None = None, trained_with: dict | None = None,
-                   allow_mismatch: bool = False) -> tuple[torch.Tensor, tuple]:
+                   allow_mismatch: bool = False, doc_isolated: bool = False) -> tuple[torch.Tensor, tuple]:
     """What scoring a model of `vocab_size` reads: (validation tokens, byte LUTs of the tokenizer).
     The tokenizer is checked here, once per run (`load_checked_tokenizer`: its size, and its identity
-    against `trained_with`, the one the model records; `allow_mismatch` accepts a deliberate change),
+    against `trained_with`, the one the model records; `allow_mismatch` accepts a deliberate change; for
+    a `doc_isolated` run, that it marks documents with a BOS: crawler.documents.check_tokenizer_bos),
     and every validation id must be one of the tokenizer's (an id it cannot decode would count 0 bytes).
     Raises MissingFileError / SetupError naming the missing or mismatched file."""
     sp, _ = load_checked_tokenizer(tokenizer_path, vocab_size, trained_with=trained_with,
                                    allow_mismatch=allow_mismatch)
+    if doc_isolated:
+        check_tokenizer_bos(sp.bos_id(), str(tokenizer_path))
     tokens = load_validation_tokens(data_dir, max_tokens=max_tokens, vocab_size=vocab_size)
     if tokens.numel() and int(tokens.numpy().max()) >= sp.vocab_size():    # torch has no max() for uint16
         raise SetupError(f"validation shards in {str(data_dir)!r} hold token id {int(tokens.numpy().max())}, "

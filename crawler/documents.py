@@ -9,6 +9,10 @@ into a `Documents`: `cu_seqlens` over the flattened B·T tokens for varlen atten
 (no segment is longer than a row), and `bos_id` for the embedding (no BigramHash pair or SmearGate
 term across a BOS). Given to `CrawlerGPT.forward(..., documents)`, no token sees another document.
 
+Isolation needs data whose documents are marked: a tokenizer without a BOS (SentencePiece bos_id -1) has
+none, and id BOS_ID is an ordinary piece in its data. `check_tokenizer_bos` refuses such a tokenizer where
+a run loads its data (crawler.data.load_eval_data), and `document_segments` refuses a negative bos_id.
+
 Under torch.compile the segment count must not change the graph: `cu_seqlens` is padded with repeated
 ends (empty segments, which the attention op skips) to a fixed capacity, `segment_capacity(B)`.
 """
@@ -22,6 +26,7 @@ import torch
 from kernels.modules import select_op
 from kernels.reference import document_starts
 
+from .errors import SetupError
 from .tokenizer import BOS_ID
 
 # The padded capacity allows this many segments per row on average: FineWeb's documents average about
@@ -48,6 +53,18 @@ def segment_capacity(rows: int) -> int:
     return SEGMENTS_PER_ROW * rows
 
 
+def check_tokenizer_bos(bos_id: int, tokenizer: str) -> None:
+    """SetupError unless data encoded with the tokenizer `tokenizer` (a path, for the message), whose
+    SentencePiece bos_id() is `bos_id`, marks its documents with BOS_ID, where isolation cuts them."""
+    if bos_id < 0:
+        raise SetupError(f"document isolation (--doc-isolated) needs a BOS, and tokenizer {tokenizer!r} has none "
+                         f"(SentencePiece bos_id {bos_id}): nothing marks where its documents start, and id "
+                         f"{BOS_ID} is an ordinary piece there; run without --doc-isolated")
+    if bos_id != BOS_ID:
+        raise SetupError(f"document isolation (--doc-isolated) cuts documents at id {BOS_ID}, but tokenizer "
+                         f"{tokenizer!r} has its BOS at id {bos_id}: run without --doc-isolated")
+
+
 def document_segments(ids: torch.Tensor, *, bos_id: int = BOS_ID, capacity: int | None = None) -> Documents:
     """The segments of a batch `ids` (B, T) int: one starts at each row start and each `bos_id`.
 
@@ -55,8 +72,12 @@ def document_segments(ids: torch.Tensor, *, bos_id: int = BOS_ID, capacity: int 
     to `capacity` segments; a batch with more segments doubles the capacity until they fit (so a
     compiled model sees a new shape at most once per doubling, never per batch). `cu_seqlens` is on
     `ids`' device (derive it on the CPU batch and move it with `Documents.to` to avoid a device sync).
-    Raises ValueError for ids that are not a (B, T) integer tensor or a capacity < 1.
+    Raises ValueError for ids that are not a (B, T) integer tensor, a bos_id that is not an id (a
+    tokenizer without a BOS has bos_id -1), or a capacity < 1.
     """
+    if isinstance(bos_id, bool) or not isinstance(bos_id, int) or bos_id < 0:
+        raise ValueError(f"bos_id: expected the token id that starts a document (an int >= 0), got {bos_id!r}: "
+                         f"a tokenizer without a BOS (bos_id -1) cannot isolate documents")
     if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.dtype.is_floating_point or ids.dtype == torch.bool:
         raise ValueError(f"ids: expected a (B, T) integer tensor, got "
                          f"{getattr(ids, 'dtype', type(ids).__name__)} {tuple(getattr(ids, 'shape', ()))}")

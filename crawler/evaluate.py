@@ -39,6 +39,7 @@ from .runtime import (
     distributed,
     eval_mode,
     rank_and_world,
+    reproducible,
     resolve_data,
     resolve_device,
     resolve_ops,
@@ -185,7 +186,7 @@ def evaluate(args: argparse.Namespace) -> int:
     int6 = args.mode != "ttt" and not args.dequantized
     device = resolve_device(args.device)
     resolve_ops(args.ops, device)
-    with distributed(device) as ctx:
+    with reproducible(device), distributed(device) as ctx:   # TTT trains: bitwise repeatable on a CPU
         def log(msg: str) -> None:
             if ctx.is_main:
                 print(msg, flush=True)
@@ -203,7 +204,8 @@ def evaluate(args: argparse.Namespace) -> int:
             warnings.warn(f"artifact {args.artifact!r} records no tokenizer identity: {str(tokenizer)!r} cannot be "
                           f"checked against the one it was trained with", UnverifiedWarning, stacklevel=2)
         tokens, luts = load_eval_data(data_dir, tokenizer, config.vocab_size, max_tokens=args.max_val_tokens,
-                                      trained_with=artifact.tokenizer, allow_mismatch=args.allow_tokenizer_mismatch)
+                                      trained_with=artifact.tokenizer, allow_mismatch=args.allow_tokenizer_mismatch,
+                                      doc_isolated=args.doc_isolated)
         if tokens.numel() < seq_len + 1:
             raise SetupError(f"the validation shards of {str(data_dir)!r} hold {tokens.numel()} tokens, fewer than "
                              f"one window of --seq-len {seq_len} + 1")

@@ -7,11 +7,17 @@ A write that fails (disk full, read-only, no permission) raises `WriteError`, a 
 says which file, why, and that the previous file is intact. A write killed before it finished leaves its
 temporary file `.<name>.<pid>.<hex>.tmp`; the next write of the same file, and `prepare_output_dir`,
 remove such files whose process is gone (only this pattern, never another file).
+
+A directory a run writes into is held by one process at a time (`hold_directory_lock`): an exclusive
+`fcntl.flock` on the lock file LOCK_NAME inside it, taken before the directory is checked and held until
+the run ends. A second process on the same directory fails at once with a SetupError naming the holder's
+PID; a lock left by a killed process never blocks (the operating system releases it with the process).
 """
 from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import hashlib
 import json
 import os
@@ -26,6 +32,7 @@ from .errors import SetupError
 _TEMP_NAME = re.compile(r"^\.(?P<target>.+)\.(?P<pid>\d+)\.[0-9a-f]{8}\.tmp$")
 _NO_SPACE = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
 _NO_PERMISSION = (errno.EACCES, errno.EPERM, errno.EROFS)
+LOCK_NAME = ".crawler.lock"      # the lock file of hold_directory_lock, inside the directory it locks
 
 
 class WriteError(SetupError):
@@ -144,13 +151,8 @@ def _probe_write(directory: Path, what: str) -> None:
     os.unlink(probe)
 
 
-def prepare_output_dir(directory: str | os.PathLike, what: str, *, outputs: Iterable[str] = (),
-                       replace: bool = False, hint: str = "") -> Path:
-    """Make `directory` ready to receive a run's `outputs` (file names), before the run starts: created
-    if missing, refused if it is a file or not writable, stale temporary files of killed writes removed.
-    If it already holds one of `outputs`, SetupError unless `replace`, in which case those files are
-    deleted (so no output of the earlier run is mistaken for one of the new run). `what` names the
-    command-line argument in the messages, `hint` says what to do about an existing run."""
+def _make_dir(directory: str | os.PathLike, what: str) -> Path:
+    """`directory`, created with its parents if missing; SetupError if it is a file or cannot be created."""
     directory = Path(directory)
     if directory.exists() and not directory.is_dir():
         raise SetupError(f"{what} {str(directory)!r} is a file, not a directory: choose a directory")
@@ -158,6 +160,67 @@ def prepare_output_dir(directory: str | os.PathLike, what: str, *, outputs: Iter
         directory.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise SetupError(f"{what} {str(directory)!r} cannot be created: {_reason(e)}") from None
+    return directory
+
+
+def _lock_holder(fd: int) -> str:
+    """The holder's PID as its lock file records it, in words ("PID 1234"), for the refusal message."""
+    text = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+    return f"PID {text}" if text.isdigit() else "a process that has not yet recorded its PID"
+
+
+@contextlib.contextmanager
+def hold_directory_lock(directory: str | os.PathLike, what: str) -> Iterator[Path]:
+    """Hold `directory` (command-line argument `what`, e.g. "--out-dir") for this process while the
+    block runs: created if missing, then an exclusive, non-blocking `fcntl.flock` on its lock file
+    LOCK_NAME, which records this process's PID. Take it before checking what the directory holds, and
+    keep it while writing there, so no two processes check, then write, the same directory.
+
+    Another process holding it: SetupError at once, naming the directory and the holder's PID (nothing
+    waits). A holder that died released the lock with its process, so its leftover lock file never
+    blocks. On exit the lock file is removed and the lock released. flock locks belong to an open file,
+    so a second hold of the same directory in the same process is refused too. Yields the directory."""
+    directory = _make_dir(directory, what)
+    path = directory / LOCK_NAME
+    while True:
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        except OSError as e:
+            raise SetupError(f"{what}: cannot create the lock file {str(path)!r}: {_reason(e)}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _lock_holder(fd)
+            os.close(fd)
+            raise SetupError(f"{what} {str(directory)!r} is in use by another run ({holder} holds "
+                             f"{LOCK_NAME}): wait for it to end, or choose another {what}") from None
+        # A holder that released between our open and our flock removed the file first: the lock we got
+        # is on a name nobody else sees, so take it again on the file the path names now.
+        try:
+            if os.path.samestat(os.fstat(fd), os.stat(path)):
+                break
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        yield directory
+    finally:
+        # Removed while still locked, so a process that opened it meanwhile sees the name gone and retries.
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        os.close(fd)
+
+
+def prepare_output_dir(directory: str | os.PathLike, what: str, *, outputs: Iterable[str] = (),
+                       replace: bool = False, hint: str = "") -> Path:
+    """Make `directory` ready to receive a run's `outputs` (file names), before the run starts: created
+    if missing, refused if it is a file or not writable, stale temporary files of killed writes removed.
+    If it already holds one of `outputs`, SetupError unless `replace`, in which case those files are
+    deleted (so no output of the earlier run is mistaken for one of the new run). `what` names the
+    command-line argument in the messages, `hint` says what to do about an existing run."""
+    directory = _make_dir(directory, what)
     _probe_write(directory, what)
     remove_stale_temps(directory)
     existing = [name for name in outputs if (directory / name).exists()]

@@ -8,7 +8,8 @@ The work is crawler.quant's (plan, Hessians, GPTQ driver, pruning, pipeline); th
 command line and the checkpoint (crawler.checkpoint: trainer files and plain state dicts such as
 PR #1579's) and prints the JSON summary. Exit status 0 when the artifact fits the budget, 1 when not,
 2 with one `error:` line for a bad option or file (crawler.cli.run_main); every option, the checkpoint
-(its checksum), the data and the output paths are checked before quantising.
+(its checksum), the data and the output paths are checked before quantising. --out's directory is locked
+while the command runs (crawler.fileio.hold_directory_lock): a second process writing there is refused.
 """
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ from .cli import int_at_least, run_main, shared_options
 from .config import PASSTHROUGH_NUMEL
 from .data import load_eval_data
 from .errors import SetupError
-from .fileio import check_writable_file, write_json
+from .fileio import check_writable_file, hold_directory_lock, write_json
 from .quant import DEFAULT_N_SEQS, PLANS, ROLES, Calibration, RoleSpec, build_artifact, get_plan, quantize_and_evaluate
 from .runtime import resolve_data, resolve_device, resolve_ops
 from .tokenizer import load_tokenizer, tokenizer_identity
@@ -97,6 +98,13 @@ def quantize(args: argparse.Namespace) -> int:
                          f"it is made from; choose another --out")
     if args.json:
         check_writable_file(args.json, "--json")
+    # --out's directory is held until the artifact is written: no other quantisation or run writes there.
+    with hold_directory_lock(Path(args.out).parent, "--out"):
+        return _quantize_checked(args, plan)
+
+
+def _quantize_checked(args: argparse.Namespace, plan) -> int:
+    """quantize() once the options and output paths are checked: read, quantise, write, report."""
     device = resolve_device(args.device)
     resolve_ops(args.ops, device)
     ckpt = read_checkpoint(args.checkpoint, preset=args.preset)

@@ -125,13 +125,23 @@ def load_checked_tokenizer(path: str | os.PathLike, vocab_size: int, *, trained_
     sp = load_tokenizer(path)
     check_vocab(sp, vocab_size, allow_smaller=allow_mismatch)
     identity = tokenizer_identity(path, sp)
+    check_tokenizer_identity(path, identity, trained_with, allow_mismatch=allow_mismatch)
+    return sp, identity
+
+
+def check_tokenizer_identity(path: str | os.PathLike, identity: dict, trained_with: dict | None, *,
+                             allow_mismatch: bool = False, source: str = "the model") -> None:
+    """SetupError unless the tokenizer at `path`, of `identity` (tokenizer_identity), is the one `source`
+    (the weights entering the run, e.g. "--init-from 'w.pt'") records it was trained with: `trained_with`
+    (None: nothing recorded, nothing to check); another one is accepted with `allow_mismatch` (a
+    deliberate change). The one comparison of `load_checked_tokenizer` and of every weight file a run
+    starts from."""
     if trained_with is not None and identity != trained_with and not allow_mismatch:
         raise SetupError(f"tokenizer {str(path)!r} ({identity['vocab_size']} pieces, sha256 "
-                         f"{identity['sha256'][:12]}) is not the one the model was trained with "
+                         f"{identity['sha256'][:12]}) is not the one {source} was trained with "
                          f"({trained_with['vocab_size']} pieces, sha256 {trained_with['sha256'][:12]}): pass "
                          f"the training run's tokenizer (--tokenizer), or --allow-tokenizer-mismatch for a "
                          f"deliberate change")
-    return sp, identity
 
 
 def byte_luts(sp: spm.SentencePieceProcessor,

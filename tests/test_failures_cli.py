@@ -6,6 +6,7 @@ import dataclasses
 import io
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -20,8 +21,9 @@ import train as train_cli
 from crawler import evaluate, generate, quantize
 from crawler.artifact import load_artifact, save_artifact
 from crawler.budget import REPO_ROOT
-from crawler.checkpoint import read_checkpoint, save_model
+from crawler.checkpoint import INTEGRITY_KEY, read_checkpoint, save_checkpoint, save_model
 from crawler.config import CrawlerConfig
+from crawler.errors import SetupError
 from crawler.quant import build_artifact
 from crawler.tokenizer import load_tokenizer, tokenizer_identity, train_tokenizer
 
@@ -94,6 +96,25 @@ def test_a_finished_run_is_never_replaced_without_a_flag(dataset, tmp_path, caps
     assert code == 2 and "is corrupt: its contents do not match the checksum" in one_error_line(err, "train.py")
 
 
+def test_init_from_weights_of_another_tokenizer_is_refused_as_resume_and_evaluate_refuse(dataset, other_tokenizer,
+                                                                                          tmp_path, capsys):
+    data_dir, tok = dataset
+    config = CrawlerConfig.preset("tiny", vocab_size=VOCAB, train_seq_len=16, train_batch_tokens=64, model_dim=32,
+                                  bigram_buckets=64, bigram_dim=8, ve_dim=8)
+    from crawler.model import CrawlerGPT
+    weights = tmp_path / "final_model.pt"
+    save_model(weights, config, CrawlerGPT(config, ops="reference").state_dict(),
+               tokenizer=tokenizer_identity(other_tokenizer, load_tokenizer(other_tokenizer)))
+    argv = ["--data-dir", data_dir, "--tokenizer", tok, *CLI_SMALL_MODEL, *CLI_FAST, "--no-quantize", "--no-baselines",
+            "--iterations", "1", "--init-from", weights]
+    code, _, err = run(train_cli.main, [*argv, "--out-dir", tmp_path / "a"], capsys)
+    line = one_error_line(err, "train.py")
+    assert code == 2 and f"is not the one --init-from {str(weights)!r} was trained with" in line, line
+    assert "--allow-tokenizer-mismatch" in line and not (tmp_path / "a" / "final_model.pt").exists()
+    code, _, err = run(train_cli.main, [*argv, "--out-dir", tmp_path / "b", "--allow-tokenizer-mismatch"], capsys)
+    assert code == 0, err
+
+
 def test_options_are_refused_before_anything_runs(dataset, tmp_path, capsys, monkeypatch):
     data_dir, tok = dataset
     out = tmp_path / "run"
@@ -104,11 +125,17 @@ def test_options_are_refused_before_anything_runs(dataset, tmp_path, capsys, mon
         (["--ttt-chunk-tokens", "8"], "chunk_tokens (8) must be >= seq_len (16)"),
         (["--eval-stride", "32"], "--eval-stride 32 must be in [1, sequence length 16]"),
         (["--resume", tmp_path / "none.pt"], "does not exist"),
+        (["--doc-isolated", "--compile"], "--doc-isolated --compile on cpu with the reference ops: document-isolated "
+                                          "attention compiles only with the Triton kernels on CUDA"),
     ]
     for extra, message in refused:
         code, _, err = run(train_cli.main, [*base, *extra], capsys)
         assert code == 2 and message in one_error_line(err, "train.py"), (extra, err)
         assert not out.exists(), extra                               # nothing was started, nothing written
+    from crawler.training import TrainConfig
+    assert TrainConfig(doc_isolated=True).compiles("cpu") is False        # the library refuses it the same way
+    with pytest.raises(SetupError, match="--doc-isolated --compile on cpu"):
+        TrainConfig(doc_isolated=True, compile=True).compiles("cpu")
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     code, _, err = run(train_cli.main, [*base, "--ops", "triton"], capsys)
     assert code == 2 and "--ops triton on cpu: the Triton kernels need a CUDA device" in err
@@ -145,6 +172,57 @@ def test_bad_training_data_ends_in_one_line(dataset, tmp_path, capsys):
     write_shard(bad / "fineweb_val_000000.bin", [1, 5, 6, 7] * 3)
     code, _, err = run(train_cli.main, [*argv, "--out-dir", tmp_path / "c"], capsys)
     assert code == 2 and "fewer than one evaluation window needs (17" in one_error_line(err, "train.py")
+
+
+def test_empty_train_shards_and_non_finite_or_negative_float_options_end_in_one_line(dataset, tmp_path, capsys):
+    data_dir, tok = dataset
+    empty = tmp_path / "data"
+    empty.mkdir()
+    (empty / "fineweb_val_000000.bin").write_bytes((data_dir / "fineweb_val_000000.bin").read_bytes())
+    from crawler.data import write_shard
+    write_shard(empty / "fineweb_train_000000.bin", [])
+    argv = ["--data-dir", empty, "--tokenizer", tok, *CLI_SMALL_MODEL, *CLI_FAST, "--no-baselines", "--no-quantize",
+            "--iterations", "2", "--out-dir", tmp_path / "run"]
+    code, _, err = run(train_cli.main, argv, capsys)
+    assert code == 2 and "hold no tokens (1 shard(s), all empty)" in one_error_line(err, "train.py")
+    # every float option of the training recipe is range-checked while parsing: argparse's one line, exit 2
+    from crawler.training import TrainConfig
+    floats = [f.name for f in dataclasses.fields(TrainConfig) if TrainConfig.__annotations__[f.name] == "float"]
+    assert {"matrix_lr", "adam_beta2", "ema_decay", "warmdown_frac"} <= set(floats)
+    for name in floats:
+        flag = "--" + name.replace("_", "-")
+        for text in ("nan", "-1", "inf", "x"):
+            with pytest.raises(SystemExit) as exc:
+                train_cli.main([flag, text])
+            lines = capsys.readouterr().err.strip().splitlines()
+            assert exc.value.code == 2 and lines[-1].startswith(f"train.py: error: argument {flag}: expected "), lines
+    for flag, text, expected in (("--matrix-lr", "nan", "a finite number >= 0, got nan"),
+                                 ("--matrix-lr", "-1", "a finite number >= 0, got -1.0"),
+                                 ("--adam-beta1", "1", "a number in [0, 1), got 1.0"),
+                                 ("--adam-eps", "0", "a finite number > 0, got 0.0")):
+        with pytest.raises(SystemExit):
+            train_cli.main([flag, text])
+        assert f"argument {flag}: expected {expected}" in capsys.readouterr().err
+    # the same ranges hold for a recipe from elsewhere (a resumed checkpoint's)
+    with pytest.raises(SetupError, match=r"TrainConfig: matrix_lr: expected a finite number >= 0, got nan"):
+        TrainConfig(matrix_lr=float("nan")).validate()
+
+
+def test_resume_of_a_checkpoint_whose_config_and_tensors_disagree_ends_in_one_line(dataset, tmp_path, capsys):
+    data_dir, tok = dataset
+    out = tmp_path / "run"
+    argv = ["--data-dir", data_dir, "--tokenizer", tok, *CLI_SMALL_MODEL, *CLI_FAST, "--no-quantize", "--no-baselines",
+            "--iterations", "1", "--out-dir", out]
+    code, _, err = run(train_cli.main, argv, capsys)
+    assert code == 0, err
+    contents = torch.load(out / "checkpoint.pt", weights_only=True)
+    config = json.loads(contents["model_config"])
+    contents["model_config"] = json.dumps({**config, "mlp_mult": 2 * config["mlp_mult"]})     # not a run option
+    save_checkpoint(out / "checkpoint.pt", {k: v for k, v in contents.items() if k != INTEGRITY_KEY})  # checksum holds
+    code, _, err = run(train_cli.main, ["--resume", out / "checkpoint.pt", "--iterations", "2"], capsys)
+    line = one_error_line(err, "train.py")
+    assert code == 2 and "its weights or optimiser states do not fit the model config it records" in line, line
+    assert re.search(r"'\S+mlp\.fc\.weight' has shape \(128, 32\), the model expects \(256, 32\)", line), line
 
 
 def test_a_disk_that_fills_at_the_end_keeps_the_trained_model(dataset, tmp_path):

@@ -270,11 +270,42 @@ def test_decompression_is_bounded_by_the_header_and_a_cap(monkeypatch):
     raw = struct.unpack_from("<Q", honest, 20)[0]
     with pytest.raises(ArtifactError, match="ends early|decompresses to"):
         decode_artifact(frame_payload(honest[HEADER_BYTES:], raw + 1))        # declared size disagrees
-    # format 1 declares no size: the overall cap bounds it
-    monkeypatch.setattr(artifact_mod, "MAX_PAYLOAD_BYTES", 1 << 16)
-    v1 = struct.pack("<8sIQ32s", MAGIC, 1, len(bomb), hashlib.sha256(bomb).digest()) + bomb
+    # format 1 declares no size: its own cap bounds it
+    monkeypatch.setattr(artifact_mod, "FORMAT_1_MAX_PAYLOAD_BYTES", 1 << 16)
     with pytest.warns(UnverifiedWarning), pytest.raises(ArtifactError, match="more than 65,536 bytes"):
-        decode_artifact(v1)
+        decode_artifact(format_1_file(bomb))
+
+
+def format_1_file(payload: bytes) -> bytes:
+    """A format-1 file around `payload`: magic, version 1, payload length, SHA-256 of the payload."""
+    return struct.pack("<8sIQ32s", MAGIC, 1, len(payload), hashlib.sha256(payload).digest()) + payload
+
+
+def test_a_format_1_bomb_is_refused_within_a_small_memory_bound(tmp_path):
+    """512 MiB of zeros in a valid format-1 frame (no declared size): refused once the output passes what a
+    budget-sized artifact can hold, the peak RSS of the reading process measured (it was ~1.9 GB)."""
+    compressor = brotli.Compressor(quality=1)
+    zeros = bytes(16 << 20)
+    bomb = b"".join([*(compressor.process(zeros) for _ in range(32)), compressor.finish()])
+    path = tmp_path / "bomb.ptz"
+    path.write_bytes(format_1_file(bomb))
+    code = textwrap.dedent(f"""
+        import resource, warnings
+        from crawler.artifact import ArtifactError, load_artifact
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        warnings.simplefilter("ignore")
+        try:
+            load_artifact({str(path)!r})
+        except ArtifactError as e:
+            print(e)
+        print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024)
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    message, grown = proc.stdout.strip().splitlines()
+    assert f"decompresses to more than {artifact_mod.FORMAT_1_MAX_PAYLOAD_BYTES:,} bytes" in message
+    assert int(grown) < 4 * artifact_mod.FORMAT_1_MAX_PAYLOAD_BYTES, f"peak RSS grew by {int(grown):,} B"
 
 
 def test_a_crafted_config_is_refused_before_any_module_is_built():
@@ -295,8 +326,7 @@ def test_format_1_artifacts_still_load_with_a_warning(monkeypatch):
     monkeypatch.setattr(artifact_mod, "FORMAT_VERSION", 1)       # the old writer's metadata ...
     raw = artifact_mod.byte_shuffle(artifact_mod._safetensors_bytes(Artifact(art.config, art.tensors)))
     monkeypatch.undo()
-    payload = brotli.compress(raw)                                # ... and its 52-byte header
-    v1 = struct.pack("<8sIQ32s", MAGIC, 1, len(payload), hashlib.sha256(payload).digest()) + payload
+    v1 = format_1_file(brotli.compress(raw))                      # ... and its 52-byte header
     with pytest.warns(UnverifiedWarning, match="artifact format 1.*re-export"):
         back = decode_artifact(v1)
     assert back.tokenizer is None and back.config == art.config

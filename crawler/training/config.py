@@ -8,17 +8,25 @@ import dataclasses
 import typing
 from dataclasses import dataclass, field
 
+import torch
+
+from ..cli import FloatRange
 from ..config import PASSTHROUGH_NUMEL, QAT_BITS
 from ..errors import SetupError
+from ..runtime import resolve_ops
 from .schedule import parse_switches
 
 GLOBAL_BATCH_MICROSTEPS = 8      # the seed's grad_accum_steps = 8 // world_size
+_NON_NEGATIVE = FloatRange()                           # learning rates, decays, clips, times: finite, >= 0
+_FRACTION = FloatRange(0.0, 1.0, high_open=True)       # momenta and betas: [0, 1)
 
 
-def _opt(default, help_text: str, choices=None, trajectory: bool = True):
+def _opt(default, help_text: str, choices=None, trajectory: bool = True, valid: FloatRange = _NON_NEGATIVE):
     """A TrainConfig field; `trajectory=False` marks one that changes what is logged or saved, never the
-    weights (a resumed run may change it and stay bit-identical to the uninterrupted one)."""
-    return field(default=default, metadata={"help": help_text, "choices": choices, "trajectory": trajectory})
+    weights (a resumed run may change it and stay bit-identical to the uninterrupted one). A float field's
+    values are `valid` (default: finite and >= 0), checked when the flag is parsed and by `validate`."""
+    return field(default=default, metadata={"help": help_text, "choices": choices, "trajectory": trajectory,
+                                            "valid": valid})
 
 
 @dataclass
@@ -28,7 +36,8 @@ class TrainConfig:
     iterations: int = _opt(20000, "number of optimiser steps (the LR budget when no wall-clock cap)")
     max_wallclock_seconds: float = _opt(600.0, "stop training after this much training time; also the LR "
                                         "budget (0 = no cap, the iteration count is the budget)")
-    warmdown_frac: float = _opt(0.6, "fraction of the budget at its end over which the LR decays linearly to 0")
+    warmdown_frac: float = _opt(0.6, "fraction of the budget at its end over which the LR decays linearly to 0",
+                                valid=FloatRange(0.0, 1.0, low_open=True))
     warmdown_iters: int = _opt(0, "without a wall-clock cap: decay the LR linearly to 0 over the last N steps "
                                "instead of warmdown_frac of them (the seed's WARMDOWN_ITERS; 0 = warmdown_frac)")
     warmup_steps: int = _opt(100, "compile warm-up steps run before training; model, optimiser and loader "
@@ -38,8 +47,8 @@ class TrainConfig:
     matrix_lr: float = _opt(0.02, "Muon learning rate (block matrices, bigram.proj, ve.proj)")
     tied_embed_lr: float = _opt(0.02, "AdamW learning rate of tok_emb, bigram.table, ve.table")
     scalar_lr: float = _opt(0.01, "AdamW learning rate of the scalar/vector parameters")
-    muon_momentum: float = _opt(0.99, "Muon momentum after warm-up")
-    muon_momentum_warmup_start: float = _opt(0.85, "Muon momentum at step 0")
+    muon_momentum: float = _opt(0.99, "Muon momentum after warm-up", valid=_FRACTION)
+    muon_momentum_warmup_start: float = _opt(0.85, "Muon momentum at step 0", valid=_FRACTION)
     muon_momentum_warmup_steps: int = _opt(500, "steps of the linear Muon momentum warm-up")
     muon_backend_steps: int = _opt(5, "Newton-Schulz iterations")
     muon_weight_decay: float = _opt(0.085, "Muon decoupled weight decay (p *= 1 - lr*wd after the update)")
@@ -48,9 +57,9 @@ class TrainConfig:
     muon_dtype: str = _opt("bfloat16", "Newton-Schulz dtype: bfloat16 (the seed's) or float32 (CPUs without "
                            "bf16 matmul units run bf16 ~20x slower)", choices=("bfloat16", "float32"))
     adam_weight_decay: float = _opt(0.085, "AdamW weight decay (both AdamW groups)")
-    adam_beta1: float = _opt(0.9, "AdamW beta1")
-    adam_beta2: float = _opt(0.95, "AdamW beta2")
-    adam_eps: float = _opt(1e-8, "AdamW epsilon")
+    adam_beta1: float = _opt(0.9, "AdamW beta1", valid=_FRACTION)
+    adam_beta2: float = _opt(0.95, "AdamW beta2", valid=_FRACTION)
+    adam_eps: float = _opt(1e-8, "AdamW epsilon", valid=FloatRange(low_open=True))
     grad_clip_norm: float = _opt(0.3, "global gradient-norm clip (0 = off)")
     qat: bool = _opt(True, "QAT: fake-quantise (straight-through) every Linear with more than qat_small_numel "
                      "weights while training")
@@ -69,7 +78,7 @@ class TrainConfig:
     swa_every: int = _opt(50, "steps between SWA snapshots")
     swa_start_mult: float = _opt(0.2, "SWA collects while the LR multiplier is below this")
     ema: bool = _opt(False, "EMA of the weights (replaces SWA at the end when on)")
-    ema_decay: float = _opt(0.997, "EMA decay per step")
+    ema_decay: float = _opt(0.997, "EMA decay per step", valid=FloatRange(0.0, 1.0, low_open=True, high_open=True))
     val_every: int = _opt(1000, "validate every N steps (0 = only at the end)", trajectory=False)
     val_at_start: bool = _opt(True, "validate the untrained model at step 0", trajectory=False)
     val_batch_seqs: int = _opt(32, "validation sequences per forward pass per rank", trajectory=False)
@@ -85,11 +94,15 @@ class TrainConfig:
         def need(cond, msg):
             if not cond:
                 raise SetupError(f"TrainConfig: {msg}")
+        hints = typing.get_type_hints(type(self))
+        for f in dataclasses.fields(self):
+            if hints[f.name] is float:      # the check its flag made when parsed, for values from elsewhere
+                problem = f.metadata["valid"].problem(getattr(self, f.name))
+                need(problem is None, f"{f.name}: {problem}")
         for name in ("iterations", "swa_every", "val_batch_seqs", "muon_backend_steps"):
             need(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("warmup_steps", "grad_accum_steps", "val_every", "log_every", "checkpoint_every",
-                     "muon_momentum_warmup_steps", "max_wallclock_seconds", "grad_clip_norm", "warmdown_iters",
-                     "qat_small_numel", "qat_mlp_bits", "late_qat_threshold"):
+                     "muon_momentum_warmup_steps", "warmdown_iters", "qat_small_numel", "qat_mlp_bits"):
             need(getattr(self, name) >= 0, f"{name} must be >= 0, got {getattr(self, name)}")
         need(not (self.warmdown_iters and self.max_wallclock_seconds),
              f"warmdown_iters ({self.warmdown_iters}) applies only without a wall-clock cap: pass "
@@ -98,15 +111,28 @@ class TrainConfig:
         need(self.qat_mlp_bits == 0 or 2 <= self.qat_mlp_bits <= 8,
              f"qat_mlp_bits must be 0 (= qat_bits) or in [2, 8], got {self.qat_mlp_bits}")
         parse_switches(self.progressive_schedule)
-        need(0 < self.warmdown_frac <= 1, f"warmdown_frac must be in (0, 1], got {self.warmdown_frac}")
-        need(0 < self.ema_decay < 1, f"ema_decay must be in (0, 1), got {self.ema_decay}")
         need(self.muon_dtype in ("bfloat16", "float32"),
              f"muon_dtype must be 'bfloat16' or 'float32', got {self.muon_dtype!r}")
 
+    def compiles(self, device, ops="auto") -> bool:
+        """Whether a run on `device` with `ops` compiles the model: `compile` as given, by default on CUDA
+        only. SetupError for document isolation compiled with the reference ops (the only ones off CUDA):
+        their varlen attention reads each batch's segment bounds on the host and loops over them, which
+        torch.compile cannot capture as one graph (reported in issue 26: a CPU run had not finished
+        compiling after 240 s, where the same run without --doc-isolated took 81 s)."""
+        compiles = self.compile if self.compile is not None else torch.device(device).type == "cuda"
+        if compiles and self.doc_isolated and resolve_ops(ops, device) == "reference":
+            raise SetupError(f"--doc-isolated --compile on {torch.device(device)} with the reference ops: "
+                             f"document-isolated attention compiles only with the Triton kernels on CUDA (the "
+                             f"reference reads each batch's segment bounds on the host, which torch.compile cannot "
+                             f"capture); drop --compile (the default off CUDA) or train on a GPU")
+        return compiles
+
     @classmethod
     def add_arguments(cls, parser) -> None:
-        """One `--flag-name` per field (booleans get `--x/--no-x`), help text and default shown, all
-        defaulting to None (= not given) so `overrides()` returns only what the user set."""
+        """One `--flag-name` per field (booleans get `--x/--no-x`, floats are range-checked when parsed),
+        help text and default shown, all defaulting to None (= not given) so `overrides()` returns only what
+        the user set."""
         hints = typing.get_type_hints(cls)
         group = parser.add_argument_group("training hyper-parameters (defaults: the seed's recipe; the "
                                           "built-in corpus demo changes a few, see above)")
@@ -120,6 +146,9 @@ class TrainConfig:
                 group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
             elif f.metadata["choices"]:
                 group.add_argument(flag, choices=f.metadata["choices"], default=None, help=help_text)
+            elif kind is float:
+                group.add_argument(flag, type=f.metadata["valid"], default=None, metavar="FLOAT",
+                                   help=f"{help_text}; {f.metadata['valid']}")
             else:
                 group.add_argument(flag, type=kind, default=None, metavar=kind.__name__.upper(), help=help_text)
 

@@ -39,6 +39,7 @@ from ..fileio import WriteError, write_json
 from ..model import CrawlerGPT
 from ..optim import build_optimizers, lr_multiplier, muon_momentum_at, set_lr_multiplier
 from ..runtime import DistContext, autocast, current_context
+from ..tokenizer import check_tokenizer_identity
 from .averaging import EMA, WeightAverager
 from .config import TrainConfig, check_batch_shape, resolve_grad_accum
 from .data import TrainData
@@ -102,7 +103,7 @@ class _Trainer:
         self.step, self.train_time_ms = 0, 0.0
         self.history = {"train_loss": [], "val": []}
 
-        use_compile = tc.compile if tc.compile is not None else self.device.type == "cuda"
+        use_compile = tc.compiles(self.device, ops)
         # A compiled model needs one cu_seqlens shape: pad to a fixed capacity. Eager runs take the exact
         # segments (the reference attention loops over them).
         self.segment_capacity = segment_capacity(self.local_tokens // self.seq_len) if use_compile else None
@@ -134,12 +135,15 @@ class _Trainer:
     def load_initial_weights(self, path) -> None:
         """Start from the weights of `path` (a plain state dict such as the seed's final_model.pt, our
         final_model.pt, or a trainer checkpoint's weights) with fresh optimisers at step 0: the seed's
-        RESUME_FROM. SetupError if the file's own config has another architecture or its tensors do not
-        fit the model."""
+        RESUME_FROM. Checked as --resume and evaluation check theirs: SetupError if the file's own config
+        has another architecture, it records another tokenizer than the run's (unless the run allows a
+        mismatch), or its tensors do not fit the model."""
         ckpt = read_checkpoint(path)
         detail = architecture_differences(ckpt.config, self.mc) if ckpt.config is not None else None
         if detail:
             raise SetupError(f"--init-from {str(path)!r}: its model config differs ({detail})")
+        check_tokenizer_identity(self.data.tokenizer_path, self.data.tokenizer, ckpt.tokenizer,
+                                 allow_mismatch=self.data.allow_tokenizer_mismatch, source=f"--init-from {str(path)!r}")
         try:
             load_state_into(self.model, ckpt.state_dict)
         except ValueError as e:
@@ -170,7 +174,7 @@ class _Trainer:
         for micro in range(self.grad_accum):
             x, y = self.loader.next_batch(self.local_tokens, self.seq_len)
             # Segments from the CPU batch: no device sync.
-            documents = (document_segments(x, capacity=self.segment_capacity).to(self.device)
+            documents = (document_segments(x, bos_id=self.data.bos_id, capacity=self.segment_capacity).to(self.device)
                          if self.tc.doc_isolated else None)
             x = x.to(self.device, non_blocking=True)
             y = y.to(self.device, non_blocking=True)

@@ -16,6 +16,7 @@ from collections.abc import Callable, Collection
 
 import torch
 
+from ..artifact import load_state_into
 from ..checkpoint import Checkpoint
 from ..config import CrawlerConfig
 from ..errors import SetupError
@@ -124,13 +125,18 @@ def restore_training_state(trainer, ckpt: Checkpoint) -> None:
                              trajectory=TrainConfig.trajectory_fields())
     if changes:
         trainer.log(f"resume: training options changed: {changes}")
-    trainer.model.load_state_dict(ckpt.state_dict, strict=True)
-    for opt, sd in zip(trainer.optimizers, state["optimizers"]):
-        # load_state_dict also restores the saved hyper-parameters; this run's options win.
-        current = [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]
-        opt.load_state_dict(sd)
-        for group, hyper in zip(opt.param_groups, current):
-            group.update(hyper)
+    # The checksum proves the file is as written, not that its tensors fit the config it records.
+    try:
+        load_state_into(trainer.model, ckpt.state_dict)
+        for opt, sd in zip(trainer.optimizers, state["optimizers"], strict=True):
+            # load_state_dict also restores the saved hyper-parameters; this run's options win.
+            current = [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]
+            opt.load_state_dict(sd)
+            for group, hyper in zip(opt.param_groups, current):
+                group.update(hyper)
+    except ValueError as e:
+        raise SetupError(f"cannot resume {str(path)!r}: its weights or optimiser states do not fit the model "
+                         f"config it records ({e}); it was not written by this trainer for that config") from None
     trainer.swa.load_state_dict(state["swa"])
     if trainer.ema is not None:
         if state["ema"] is None:
