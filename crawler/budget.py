@@ -45,10 +45,15 @@ def exported_file() -> Path | None:
 def counted_modules(root: str | os.PathLike = REPO_ROOT) -> dict:
     """{module name: kernels.bundle.SourceModule} of the modules an exported train_gpt.py carries: every
     module of `root` that importing EXPORT_ROOTS can import, except NOT_EXPORTED. (An installed package
-    has no train.py: then those the other roots import.)"""
+    has no train.py: then those the other roots import.) Read once per process and root."""
+    return _counted_modules(Path(root).resolve())
+
+
+@functools.cache
+def _counted_modules(root: Path) -> dict:
     from kernels.bundle import find_module, import_closure  # a tool of the checkout: exports never run it
-    roots = [name for name in EXPORT_ROOTS if find_module(name, Path(root)) is not None]
-    return import_closure(roots, root=Path(root), exclude=NOT_EXPORTED)
+    roots = [name for name in EXPORT_ROOTS if find_module(name, root) is not None]
+    return import_closure(roots, root=root, exclude=NOT_EXPORTED)
 
 
 def code_files(root: str | os.PathLike = REPO_ROOT) -> list[Path]:
