@@ -74,10 +74,16 @@ ROUND_TRIP = "final_int6_roundtrip"
 # train_gpt.py
 
 @functools.cache
+def exported_module(root: Path = REPO_ROOT) -> str:
+    """The code train_gpt.py carries, uncompressed: the counted modules of the checkout at `root`
+    (crawler.budget.counted_modules), stripped, with the loader and EXPORT_TAIL (kernels.bundle's module form)."""
+    return module_form(carried(counted_modules(root)), tail=EXPORT_TAIL)
+
+
+@functools.cache
 def train_gpt_code(root: Path = REPO_ROOT) -> str:
-    """Everything of train_gpt.py after its options line: the counted modules of the checkout at `root`
-    (crawler.budget.counted_modules) with the loader and EXPORT_TAIL, self-extracting."""
-    return compressed_form(module_form(carried(counted_modules(root)), tail=EXPORT_TAIL), EXPORT_COMPRESSOR)
+    """Everything of train_gpt.py after its options line: exported_module(root), self-extracting."""
+    return compressed_form(exported_module(root), EXPORT_COMPRESSOR)
 
 
 def exported_code_bytes(root: Path = REPO_ROOT) -> int:
@@ -418,8 +424,9 @@ def module_costs(modules) -> list[tuple[str, int]]:
 
 
 def _print_sizes(runs: list[Run], modules, code: int, source: int, folder: Path) -> None:
-    print(f"code: train_gpt.py {code:,} B as written ({len(modules)} modules, {source:,} B as source files; the "
-          f"seed's train_gpt.py {SEED_CODE_BYTES:,} B)")
+    stripped = len(exported_module().encode("utf-8"))
+    print(f"code: train_gpt.py {code:,} B as written ({len(modules)} modules: {source:,} B as source files, "
+          f"{stripped:,} B stripped; the seed's train_gpt.py {SEED_CODE_BYTES:,} B)")
     print("largest modules (compressed alone): " + ", ".join(f"{n} {b:,} B" for n, b in module_costs(modules)[:6]))
     for run in runs:
         total = run.artifact_bytes + code
