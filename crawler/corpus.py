@@ -4,8 +4,8 @@ docstrings of the stdlib sources), in a fixed order; a SentencePiece BPE is trai
 and both splits are written as FineWeb-format shards (crawler.data) into a cache directory, validated
 by a manifest of hashes. The same code path then serves real FineWeb shards unchanged.
 
-Training-only: evaluating an artifact on given shards never imports this module, so it is not counted
-in the artifact's code bytes (crawler.budget).
+Only for runs without a data directory: an exported train_gpt.py, which always reads the challenge's
+data, does not carry it (crawler.budget.NOT_EXPORTED).
 """
 from __future__ import annotations
 

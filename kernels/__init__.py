@@ -20,7 +20,7 @@ __all__ = ["reference", "attention", "attention_decode", "embed", "gptq_quantize
 
 def __getattr__(name: str):
     # The GPTQ kernel is for quantisation only: loaded on first use, so evaluating an artifact never
-    # imports it (and its bytes do not count toward the artifact's code size, crawler.budget).
+    # imports it.
     if name in ("gptq_quantize", "gptq_quantize_batched"):
         from . import gptq
         return getattr(gptq, name)

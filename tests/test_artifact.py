@@ -1,9 +1,6 @@
 """The artifact container (docs/math.md §4): bit-exact round trip, byte shuffle, the four distinct load errors,
-atomic writes, strict dequantisation into a model, and the size budget."""
+atomic writes, strict dequantisation into a model (the size budget: tests/test_submission.py)."""
 import struct
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -24,7 +21,6 @@ from crawler.artifact import (
     load_artifact,
     save_artifact,
 )
-from crawler.budget import BUDGET_BYTES, REPO_ROOT, SizeReport, code_bytes, code_files
 from crawler.config import CrawlerConfig
 from crawler.model import CrawlerGPT
 
@@ -194,28 +190,3 @@ def test_dequantize_into_model_is_strict():
     del art.tensors["smear.gate"]
     with pytest.raises(ValueError, match=r"missing \['smear.gate'\]"):
         dequantize_into(model, art)
-
-
-def test_size_report_and_budget():
-    files = {p.relative_to(p.parents[1]).as_posix() for p in code_files()}
-    assert {"crawler/model.py", "crawler/artifact.py", "kernels/reference.py"} <= files
-    assert "crawler/quantize.py" not in files
-    raw, compressed = code_bytes()
-    assert raw == sum(len(p.read_bytes()) for p in code_files()) and 0 < compressed < raw
-    ok = SizeReport(BUDGET_BYTES - raw, raw, compressed)
-    ok.check()
-    over = SizeReport(BUDGET_BYTES - raw + 1, raw, compressed)
-    assert not over.fits
-    with pytest.raises(ValueError, match="over the size budget.*OVER by 1 B"):
-        over.check()
-
-
-def test_counted_code_is_exactly_what_evaluation_imports():
-    """The budget counts the repository's source files that `import crawler.evaluate` loads (in a fresh
-    interpreter), no more (training-only code) and no less."""
-    script = "import sys, crawler.evaluate; print('\\n'.join(m.__file__ for m in list(sys.modules.values()) " \
-             "if getattr(m, '__file__', None)))"
-    out = subprocess.run([sys.executable, "-c", script], cwd=REPO_ROOT, capture_output=True, text=True, check=True)
-    packages = [REPO_ROOT / "crawler", REPO_ROOT / "kernels"]
-    loaded = {p for p in map(Path, out.stdout.split()) if any(p.resolve().is_relative_to(d) for d in packages)}
-    assert {p.resolve() for p in loaded} == {p.resolve() for p in code_files()}
