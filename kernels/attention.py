@@ -166,11 +166,12 @@ def _unit_value(V, offs_t, stride_t, offs_d, stride_d, T, HEAD_DIM: tl.constexpr
 def _sequence(CU, seq, T, T_K, VARLEN: tl.constexpr):
     """(batch index, first row, query rows, key rows) of sequence `seq`. Dense: batch row `seq` of the
     (B, T, ·, D) queries and (B, T_K, ·, D) keys, from row 0. Varlen: segment `seq`, the packed rows
-    [cu[seq], cu[seq + 1]) of batch 0, for queries and keys alike."""
+    [cu[seq], cu[seq + 1]) of batch 0, for queries and keys alike, clamped to the T packed rows (offsets
+    are not checked per call: clamping keeps bad ones from reading or writing outside the tensors)."""
     if VARLEN:
         b = seq.to(tl.int64) * 0
-        first = tl.load(CU + seq)
-        len_q = tl.load(CU + seq + 1) - first
+        first = tl.minimum(tl.maximum(tl.load(CU + seq), 0), T)
+        len_q = tl.minimum(tl.maximum(tl.load(CU + seq + 1), first), T) - first
         len_k = len_q
         start = first.to(tl.int64)
     else:
@@ -575,12 +576,12 @@ def _attn_bwd_dq(Q, K, V, DY, LSE, DELTA, DQ, CU, GAIN, DGAIN,
 def _sequences(B: int, T: int, T_K: int, cu_seqlens: torch.Tensor | None,
                max_seqlen: int | None) -> tuple[int, int, int]:
     """(sequences, query rows, key rows) the grids cover: dense (B, T, T_K); varlen (segments,
-    max_seqlen, max_seqlen), max_seqlen read from cu_seqlens (one host sync) when not given."""
+    max_seqlen, max_seqlen), max_seqlen being the packed row count T when not given (no segment is
+    longer, and reading the longest from cu_seqlens would be a host sync)."""
     if cu_seqlens is None:
         return B, T, T_K
-    if max_seqlen is None:
-        max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
-    return cu_seqlens.numel() - 1, max_seqlen, max_seqlen
+    rows = T if max_seqlen is None else min(max_seqlen, T)
+    return cu_seqlens.numel() - 1, rows, rows
 
 
 def _attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor | None,
@@ -734,8 +735,10 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
     cu_seqlens int32 (num_docs + 1,) on q's device, 0 = cu[0] <= ... <= cu[-1] = total (trailing
     repeated ends = empty segments, for fixed-capacity padding); each segment attends to itself only.
     `max_seqlen` (varlen only) sizes the grid: at least the longest segment for full parallelism (a
-    smaller value is still correct, only slower); when absent it is read from cu_seqlens with one host
-    sync. Under torch.compile pass it (e.g. the training sequence length) to avoid that sync.
+    smaller value is still correct, only slower); when absent, the packed row count (correct, but with
+    many segments most programs then start past their segment's end: pass it, e.g. the sequence length).
+    No call reads a tensor's values (no host sync): cu_seqlens' values are the caller's to get right
+    (crawler.documents checks them where it builds them); offsets outside [0, total] are clamped.
     H % Hkv == 0, D even and <= 128; float32, float16 or bfloat16, one dtype, one device (CUDA, or CPU
     under TRITON_INTERPRET=1). Any strides are accepted (views are read in place, never copied). Query
     head h attends with KV head h // (H/Hkv); scores are softmax_scale (> 0, default 1/sqrt(D)) ·
@@ -746,8 +749,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
     row's scaled scores, float32 (B, H, Tq) (varlen: (H, total), or (1, H, total) for 4-D inputs), not
     differentiable.
     """
-    longest = check_attention_inputs(q, k, v, softmax_scale=softmax_scale, cu_seqlens=cu_seqlens,
-                                     max_seqlen=max_seqlen, q_gain=q_gain, layout=layout)
+    check_attention_inputs(q, k, v, softmax_scale=softmax_scale, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen,
+                           q_gain=q_gain, layout=layout)
     check_triton_device("attention", "q", q)
     if q.dtype not in KERNEL_DTYPES:
         raise TypeError(f"q: the Triton attention takes float32, float16 or bfloat16, got {q.dtype} "
@@ -760,7 +763,6 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
         q, k, v = q[None], k[None], v[None]
     if cu_seqlens is not None:
         cu_seqlens = cu_seqlens.contiguous()
-        max_seqlen = longest if max_seqlen is None else max_seqlen
     out, lse, _ = _attention_fwd_op(q, k, v, cu_seqlens, max_seqlen, bool(causal), bool(xsa), scale, q_gain)
     if packed:
         out, lse = out[0], lse[0]

@@ -280,18 +280,17 @@ def _dense_shape_problem(q_shape, k_shape, gain_len, layout: str) -> str | None:
 
 
 def check_attention_inputs(q, k, v, *, softmax_scale=None, cu_seqlens=None, max_seqlen=None, q_gain=None,
-                           layout="bthd") -> int | None:
+                           layout="bthd") -> None:
     """Validate the `attention` contract (docs/ops.md).
 
     Dense: q (B, Tq, H, D), k/v (B, Tk, Hkv, D) with Tq <= Tk, or with layout="bhtd" q (B, H, Tq, D), k/v
     (B, Hkv, Tk, D). A dense call whose shapes fit only the other layout is refused with a message naming
     it. Varlen (cu_seqlens given, layout "bthd" only): q (total, H, D) or (1, total, H, D), k/v of q's
-    rank with total rows and Hkv heads; cu_seqlens int32 (num_docs + 1,) on q's device with 0 = cu[0] <=
-    cu[1] <= ... <= cu[-1] = total; max_seqlen None or an int >= 1 (varlen only). Always: H % Hkv == 0, D
-    even and <= 128, one float dtype, softmax_scale None or a finite number > 0, q_gain None or a float
-    (H,) tensor on q's device. Returns the longest segment when it read cu_seqlens' values (one host
-    sync), else None: the values are not checked while torch.compile traces, where reading them would
-    break the graph.
+    rank with total rows and Hkv heads; cu_seqlens a 1-D int32 tensor of >= 2 offsets on q's device;
+    max_seqlen None or an int >= 1 (varlen only). Always: H % Hkv == 0, D even and <= 128, one float dtype,
+    softmax_scale None or a finite number > 0, q_gain None or a float (H,) tensor on q's device.
+    Reads no tensor's values (no host sync): cu_seqlens' values are checked where segments are built
+    (`check_cu_seqlens`), not per attention call.
     """
     if layout not in ATTENTION_LAYOUTS:
         raise ValueError(f"layout: expected one of {', '.join(map(repr, ATTENTION_LAYOUTS))}, got {layout!r}")
@@ -337,18 +336,20 @@ def check_attention_inputs(q, k, v, *, softmax_scale=None, cu_seqlens=None, max_
     if softmax_scale is not None and not (isinstance(softmax_scale, (int, float)) and not
                                           isinstance(softmax_scale, bool) and 0 < softmax_scale < math.inf):
         raise ValueError(f"softmax_scale: expected a finite positive number, got {softmax_scale!r}")
-    if not varlen:
-        return None
-    check_tensor("cu_seqlens", cu_seqlens, ndim=1, dtypes=(torch.int32,), device=q.device)
-    if cu_seqlens.numel() < 2:
-        raise ValueError(f"cu_seqlens: expected num_docs + 1 >= 2 offsets, got {cu_seqlens.numel()}")
-    if max_seqlen is not None and (isinstance(max_seqlen, bool) or not isinstance(max_seqlen, (int, torch.SymInt))
-                                   or max_seqlen < 1):
-        raise ValueError(f"max_seqlen: expected an int >= 1 (the longest segment), got {max_seqlen!r}")
-    if torch.compiler.is_compiling():
-        return None
+    if varlen:
+        check_tensor("cu_seqlens", cu_seqlens, ndim=1, dtypes=(torch.int32,), device=q.device)
+        if cu_seqlens.numel() < 2:
+            raise ValueError(f"cu_seqlens: expected num_docs + 1 >= 2 offsets, got {cu_seqlens.numel()}")
+        if max_seqlen is not None and (isinstance(max_seqlen, bool) or not isinstance(max_seqlen, (int, torch.SymInt))
+                                       or max_seqlen < 1):
+            raise ValueError(f"max_seqlen: expected an int >= 1 (the longest segment), got {max_seqlen!r}")
+
+
+def check_cu_seqlens(cu_seqlens: torch.Tensor, total: int) -> int:
+    """Validate cu_seqlens' values, once, where segments are built (crawler.documents) or read anyway (the
+    reference): 0 = cu[0] <= cu[1] <= ... <= cu[-1] = total. Reads the values (a host sync for a CUDA
+    tensor: never call it per attention call). Returns the longest segment."""
     bounds = cu_seqlens.tolist()
-    total = q.shape[-3]
     if min(bounds) < 0:
         raise ValueError(f"cu_seqlens: expected non-negative offsets, got {min(bounds)}")
     if bounds[0] != 0:
