@@ -596,6 +596,13 @@ def _sequences(B: int, T: int, T_K: int, cu_seqlens: torch.Tensor | None,
     return cu_seqlens.numel() - 1, rows, rows
 
 
+def padded_head_dim(head_dim: int) -> int:
+    """The head width to lay q/k/v out with for full-width loads: head_dim rounded up to a multiple of 8
+    elements (16 bytes in bf16/fp16), e.g. 46 -> 48. Heads zero-padded to it, with softmax_scale kept at
+    1/sqrt(head_dim), give the same attention padded with zeros (docs/ops.md "Head dims")."""
+    return head_dim + (-head_dim) % 8
+
+
 # CUDA's grid limits: dimension x holds up to 2^31 - 1 programs, y and z 65,535 each.
 GRID_X_LIMIT = 2**31 - 1
 
