@@ -14,6 +14,8 @@ once). Each GPU list sits next to its kernel with a comment saying what `python 
 measured for it. `autotune` is `triton.autotune` with the tuning results persisted on disk, so a second
 process on the same machine times nothing; `token_bucket` turns a token count into an autotune key that
 changes once per power of two. Hand-written tuners (int6_linear's) persist through `PersistentChoices`.
+`launch_candidates` lists the configs a launch would time and `forced_config` runs exactly one of them
+(the build check compiles, and the GPU tests check, every candidate).
 `multiprocessor_count` is the GPU size that launch decisions (how far to split work) are made for.
 
 tl.dot operands and precision: ONE rule, `dot_args(dtype)`, for every op.
@@ -137,6 +139,41 @@ def autotune(configs: list, key: list[str], **kwargs):
     return triton.autotune(configs=configs, key=key, **kwargs)
 
 
+def launch_candidates(kernel, named_args: dict) -> list:
+    """The configs autotuned `kernel` would time for a launch with `named_args` (its arguments and
+    constexprs by name): its list after its early prune. kernels.build_check compiles exactly these;
+    the GPU tests run each of them (`forced_config`)."""
+    kernel.nargs = named_args                  # what an early_config_prune reads, as during a launch
+    try:
+        return list(kernel.prune_configs(named_args))
+    finally:
+        kernel.nargs = None
+
+
+@contextlib.contextmanager
+def forced_config(tuner, config):
+    """Within the block `tuner` runs exactly `config`, timing nothing: an autotuned kernel (`autotune`)
+    launches it every time; a hand-written tuner (`PersistentChoices`) picks it for every problem whose
+    candidates include it (ValueError for one whose candidates do not). What the tuners chose before the
+    block is kept. The one way to run a chosen candidate, so a test can check every config of every list
+    against the reference and no untested config can win the autotuner on some GPU."""
+    if isinstance(tuner, PersistentChoices):
+        previous, tuner._forced = tuner._forced, config
+        try:
+            yield
+        finally:
+            tuner._forced = previous
+        return
+    if not any(str(c) == str(config) for c in tuner.configs):
+        raise ValueError(f"forced_config: {config} is not one of the configs of {tuner.fn}")
+    previous = tuner.configs
+    tuner.configs = [config]                   # one config: the autotuner launches it without timing
+    try:
+        yield
+    finally:
+        tuner.configs = previous
+
+
 def token_bucket(n: int) -> int:
     """Autotune key of a token count: its next power of two, so a kernel keyed on it retunes once per
     bucket rather than at every new count (passed as an argument the kernel itself never reads)."""
@@ -160,6 +197,7 @@ class PersistentChoices:
     def __init__(self, op: str):
         self.op = op
         self._chosen: dict[tuple[str, str], object] = {}
+        self._forced = None                   # set by `forced_config`
 
     def path(self, device_name: str) -> Path:
         safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", device_name)
@@ -175,9 +213,13 @@ class PersistentChoices:
     def pick(self, key: str, device_name: str, candidates: list, time_candidate):
         """The candidate chosen for `key` on `device_name`: remembered, else stored, else the fastest by
         time_candidate(candidate) -> seconds (then stored). Candidates are matched by repr."""
+        by_repr = {repr(c): c for c in candidates}
+        if self._forced is not None:
+            if repr(self._forced) not in by_repr:
+                raise ValueError(f"forced_config: {self._forced!r} is not a candidate of {self.op} for {key}")
+            return by_repr[repr(self._forced)]
         if (device_name, key) in self._chosen:
             return self._chosen[(device_name, key)]
-        by_repr = {repr(c): c for c in candidates}
         choice = by_repr.get(self._stored(device_name).get(key))
         if choice is None:
             times = [time_candidate(c) for c in candidates]
