@@ -15,6 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import kernels
+from kernels.attention import padded_head_dim
 from kernels.modules import BIGRAM_TABLE_STD, select_op
 from kernels.reference import quant_max, rms_norm, rope
 
@@ -172,20 +173,24 @@ class KVCache:
         v_buf[:, self.length:end] = v
         return k_buf[:, :end], v_buf[:, :end]
 
-    def attend(self, position: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, xsa: bool,
-               ops) -> torch.Tensor:
+    def attend(self, position: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ops, *,
+               causal: bool, xsa: bool, softmax_scale: float, q_gain: torch.Tensor | None = None) -> torch.Tensor:
         """Store this step's k, v (B, T, Hkv, D) for schedule `position` and return the attention of its
         queries q (B, T, H, D) over every key cached there, the new ones last (causal bottom-right, XSA on
-        their own values): `ops`' attention over views, or, for a device step, kernels.attention_decode
-        over the whole buffers with the lengths read on the device."""
+        their own values; softmax_scale and q_gain as kernels.attention takes them): `ops`' attention over
+        views, or, for a device step, kernels.attention_decode over the whole buffers with the lengths read
+        on the device."""
+        gain = {} if q_gain is None else {"q_gain": q_gain}
         if not self.device_step(q.shape[1]):
             k, v = self.append(position, k, v)
-            return select_op(ops, "attention")(q, k, v, causal=True, xsa=xsa)
+            return select_op(ops, "attention")(q, k, v, causal=causal, xsa=xsa, softmax_scale=softmax_scale,
+                                               **gain)
         k_buf, v_buf = self._buffers(position, k, v)
         k_buf.index_copy_(1, self.position, k)
         v_buf.index_copy_(1, self.position, v)
         lengths = (self.position + 1).to(torch.int32).expand(q.shape[0])
-        return kernels.attention_decode(q, k_buf, v_buf, xsa=xsa, cache_seqlens=lengths)
+        return kernels.attention_decode(q, k_buf, v_buf, xsa=xsa, softmax_scale=softmax_scale, cache_seqlens=lengths,
+                                        **gain)
 
     def advance(self, input_ids: torch.Tensor) -> None:
         """Mark this step's tokens as cached (after every position has stored its k, v)."""
@@ -198,8 +203,18 @@ class KVCache:
         self.length += T
 
 
+def pad_heads(x: torch.Tensor, width: int) -> torch.Tensor:
+    """x (..., D) zero-padded to (..., width): heads laid out with an aligned stride (padded_head_dim)."""
+    return F.pad(x, (0, width - x.shape[-1])) if width != x.shape[-1] else x
+
+
 class CausalSelfAttention(nn.Module):
-    """q/k/v projections, per-head q/k rms_norm, partial RoPE, q_gain, GQA attention (+ XSA), out proj."""
+    """q/k/v projections, per-head q/k rms_norm, partial RoPE, q_gain, GQA attention (+ XSA), out proj.
+
+    The attention op sees every head zero-padded from D to padded_head_dim(D) columns (46 -> 48), so each
+    head's rows start 16-byte aligned and the kernels load q/k/v/dz with 16-byte vectors; zeros change no
+    score, output or gradient (the softmax scale stays 1/sqrt(D)), and the weights keep their shapes
+    (docs/math.md §1.4, docs/ops.md "Head dims")."""
 
     def __init__(self, config: CrawlerConfig):
         super().__init__()
@@ -228,21 +243,29 @@ class CausalSelfAttention(nn.Module):
         v = v.view(B, T, Hkv, D)
         offset = cache.rope_offset(T) if cache is not None else 0
         # Under CUDA autocast rms_norm may run in fp32 while v stays bf16: attention takes one dtype.
-        q = (rope(rms_norm(q), self.rope_base, offset, self.rope_freq_dtype) * self.q_gain.to(q.dtype)[:, None]
-             ).to(v.dtype)
+        q = rope(rms_norm(q), self.rope_base, offset, self.rope_freq_dtype)
         k = rope(rms_norm(k), self.rope_base, offset, self.rope_freq_dtype).to(v.dtype)
+        # Our ops fold q_gain into the kernel's score scale; an ops object (e.g. the seed's SDPA set) gets
+        # q · q_gain, as the seed computes it.
+        gain = {"q_gain": self.q_gain} if isinstance(ops, str) else {}
+        if not gain:
+            q = q * self.q_gain.to(q.dtype)[:, None]
+        width = padded_head_dim(D)
+        q, k, v = (pad_heads(t, width) for t in (q.to(v.dtype), k, v))
         attention = select_op(ops, "attention")
+        kw = dict(causal=True, xsa=use_xsa, softmax_scale=1.0 / math.sqrt(D), **gain)
         if cache is not None:
-            # every key cached at this position, this step's last: the T queries sit at the last T positions
-            y = cache.attend(position, q, k, v, use_xsa, ops)
+            # Every key and value cached so far at this position, this step's last: the attention op
+            # places the T queries at the last T key positions (causal bottom-right, XSA on their own v).
+            y = cache.attend(position, q, k, v, ops, **kw)
         elif documents is None:
-            y = attention(q, k, v, causal=True, xsa=use_xsa)
+            y = attention(q, k, v, **kw)
         else:
-            # (1, B·T, heads, D) views: the rows are one packed stream whose segments never cross a row.
-            q, k, v = (t.reshape(1, B * T, t.shape[2], D) for t in (q, k, v))
-            y = attention(q, k, v, causal=True, xsa=use_xsa, cu_seqlens=documents.cu_seqlens,
-                          max_seqlen=documents.max_seqlen)
-        return self.proj(y.reshape(B, T, d))
+            # (1, B·T, heads, width) views: the rows are one packed stream whose segments never cross a row.
+            q, k, v = (t.reshape(1, B * T, t.shape[2], width) for t in (q, k, v))
+            y = attention(q, k, v, cu_seqlens=documents.cu_seqlens, max_seqlen=documents.max_seqlen, **kw)
+        # Dropping the pad copies y once; its gradient comes back zero-padded, so dz is aligned too.
+        return self.proj(y[..., :D].reshape(B, T, d))
 
 
 class MLP(nn.Module):

@@ -93,14 +93,14 @@ def _store_output(y, V, SEQLENS, O, b, h, G, stride_vb, stride_vt, stride_vh, st
     tl.store(O + b * stride_ob + h * stride_oh + offs_d * stride_od, y.to(O.dtype.element_ty), mask=d_ok)
 
 
-@autotune(configs=SPLIT_CONFIGS, key=["HEAD_DIM", "NUM_SPLITS", "KEYS_BUCKET", "HAS_SEQLENS", "XSA"])
+@autotune(configs=SPLIT_CONFIGS, key=["HEAD_DIM", "NUM_SPLITS", "KEYS_BUCKET", "HAS_SEQLENS", "HAS_GAIN", "XSA"])
 @triton.jit
-def _decode_split(Q, K, V, SEQLENS, PART_O, PART_M, PART_L, O,
+def _decode_split(Q, K, V, SEQLENS, GAIN, PART_O, PART_M, PART_L, O,
                   stride_qb, stride_qh, stride_qd, stride_kb, stride_kt, stride_kh, stride_kd,
                   stride_vb, stride_vt, stride_vh, stride_vd, stride_l, stride_ob, stride_oh, stride_od,
                   T_K, H, G, qk_scale, KEYS_BUCKET,
-                  NUM_SPLITS: tl.constexpr, XSA: tl.constexpr, HAS_SEQLENS: tl.constexpr, HEAD_DIM: tl.constexpr,
-                  BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
+                  NUM_SPLITS: tl.constexpr, XSA: tl.constexpr, HAS_SEQLENS: tl.constexpr, HAS_GAIN: tl.constexpr,
+                  HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
     """One program per (sequence·head, split): the chunk's (acc, m, l) partials (module docstring); with
     one split, the output itself (no combine launch)."""
     bh = tl.program_id(0)
@@ -113,9 +113,12 @@ def _decode_split(Q, K, V, SEQLENS, PART_O, PART_M, PART_L, O,
     hi = tl.minimum(lo + chunk, n_keys)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
-    # the softmax scale and log2(e) folded into q once: scores come out in the exp2 domain
+    # the softmax scale, the head's q_gain and log2(e) folded into q once: scores come out in the exp2 domain
     q = tl.load(Q + b * stride_qb + h * stride_qh + offs_d * stride_qd, mask=d_ok, other=0.0).to(tl.float32)
-    q = q * qk_scale
+    if HAS_GAIN:
+        q = q * (qk_scale * tl.load(GAIN + h).to(tl.float32))
+    else:
+        q = q * qk_scale
     Kh = K + b * stride_kb + (h // G) * stride_kh
     Vh = V + b * stride_vb + (h // G) * stride_vh
     acc = tl.zeros([BLOCK_D], dtype=tl.float32)
@@ -190,8 +193,8 @@ def decode_grids(batch: int, heads: int, num_splits: int) -> tuple[tuple[int, in
 
 
 def _decode_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache_seqlens: torch.Tensor | None,
-                    xsa: bool, softmax_scale: float, num_splits: int, config: triton.Config | None = None
-                    ) -> torch.Tensor:
+                    xsa: bool, softmax_scale: float, num_splits: int, config: triton.Config | None = None,
+                    q_gain: torch.Tensor | None = None) -> torch.Tensor:
     """Launch the split and combine kernels; `config` (one of SPLIT_CONFIGS) bypasses the autotuner (the
     GPU tests launch every config this way)."""
     B, _, H, D = q.shape
@@ -205,15 +208,17 @@ def _decode_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache_seq
     part_m = empty_output((rows,), torch.float32, q.device)
     part_l = empty_output((rows,), torch.float32, q.device)
     has_seqlens = cache_seqlens is not None
-    # Unread pointers (no lengths; no partials with one split) get `o`, so that none is a null pointer.
+    # Unread pointers (no lengths, no gains; no partials with one split) get `o`, so that none is a null pointer.
     seqlens = cache_seqlens if has_seqlens else o
+    gains = o if q_gain is None else q_gain.contiguous()
     stride_l = cache_seqlens.stride(0) if has_seqlens else 0
     parts = (part_o, part_m, part_l) if num_splits > 1 else (o, o, o)
     split_grid, combine_grid = decode_grids(B, H, num_splits)
     out_strides = (o.stride(0), o.stride(2), o.stride(3))
-    args = (q, k, v, seqlens, *parts, o, q.stride(0), q.stride(2), q.stride(3), *k.stride(), *v.stride(), stride_l,
-            *out_strides, T_K, H, H // Hkv, softmax_scale * LOG2E, token_bucket(T_K))
-    consts = dict(NUM_SPLITS=num_splits, XSA=xsa, HAS_SEQLENS=has_seqlens, HEAD_DIM=D, BLOCK_D=block_d)
+    args = (q, k, v, seqlens, gains, *parts, o, q.stride(0), q.stride(2), q.stride(3), *k.stride(), *v.stride(),
+            stride_l, *out_strides, T_K, H, H // Hkv, softmax_scale * LOG2E, token_bucket(T_K))
+    consts = dict(NUM_SPLITS=num_splits, XSA=xsa, HAS_SEQLENS=has_seqlens, HAS_GAIN=q_gain is not None, HEAD_DIM=D,
+                  BLOCK_D=block_d)
     if config is None:
         _decode_split[split_grid](*args, **consts)
     else:
@@ -228,26 +233,33 @@ def _decode_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache_seq
 
 @torch.library.custom_op("crawler_kernels::attention_decode", mutates_args=())
 def _attention_decode_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache_seqlens: torch.Tensor | None,
-                         xsa: bool, softmax_scale: float, num_splits: int) -> torch.Tensor:
-    """q (B,1,H,D), k/v (B,Tk,Hkv,D), cache_seqlens int32 (B,) or None -> z (B,1,H,D) in q.dtype."""
-    return _decode_forward(q, k, v, cache_seqlens, xsa, softmax_scale, num_splits)
+                         q_gain: torch.Tensor | None, xsa: bool, softmax_scale: float, num_splits: int
+                         ) -> torch.Tensor:
+    """q (B,1,H,D), k/v (B,Tk,Hkv,D), cache_seqlens int32 (B,) or None, q_gain (H,) or None -> z (B,1,H,D)
+    in q.dtype."""
+    return _decode_forward(q, k, v, cache_seqlens, xsa, softmax_scale, num_splits, q_gain=q_gain)
 
 
 @_attention_decode_op.register_fake
-def _(q, k, v, cache_seqlens, xsa, softmax_scale, num_splits):
+def _(q, k, v, cache_seqlens, q_gain, xsa, softmax_scale, num_splits):
     return q.new_empty(q.shape)
 
 
-def is_decode_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor | None) -> bool:
+def is_decode_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor | None,
+                   q_gain: torch.Tensor | None = None) -> bool:
     """Whether `kernels.attention` hands its call to `attention_decode`: dense, one query row
     (q (B, 1, H, D)), and no input that needs a gradient (training keeps the differentiable kernels)."""
     return (cu_seqlens is None and q.dim() == 4 and q.shape[1] == 1
-            and not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)))
+            and not (torch.is_grad_enabled() and _needs_grad(q, k, v, q_gain)))
+
+
+def _needs_grad(*tensors: torch.Tensor | None) -> bool:
+    return any(t is not None and t.requires_grad for t in tensors)
 
 
 def attention_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, xsa: bool = False,
                      softmax_scale: float | None = None, cache_seqlens: torch.Tensor | None = None,
-                     num_splits: int | None = None) -> torch.Tensor:
+                     num_splits: int | None = None, q_gain: torch.Tensor | None = None) -> torch.Tensor:
     """Attention of one new query row per sequence over its KV cache, split over the keys (flash-decoding).
 
     q (B, 1, H, D); k, v (B, Tk, Hkv, D), any strides (a cache buffer is read in place). Sequence b uses
@@ -256,18 +268,19 @@ def attention_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, xsa: 
     value below 1 gives NaN). The result equals `kernels.reference.attention(q[b:b+1], k[b:b+1, :L_b],
     v[b:b+1, :L_b], xsa=xsa, softmax_scale=softmax_scale)` for each b, causal or not (one query row at
     the last position sees every key either way): query head h attends with KV head h // (H/Hkv), scores
-    are scaled by softmax_scale (default 1/sqrt(D)), and with `xsa` the output is projected off the
+    are scaled by softmax_scale (default 1/sqrt(D)) times q_gain[h] (an (H,) float tensor of per-head
+    gains, as `kernels.attention` takes it; default 1), and with `xsa` the output is projected off the
     normalised v[b, L_b − 1]. `num_splits` (>= 1) chunks per sequence·head; default `decode_splits`.
     H % Hkv == 0, D even <= 128; float32/float16/bfloat16, on CUDA (or the CPU under TRITON_INTERPRET=1).
     Returns a contiguous (B, 1, H, D) tensor in q.dtype. Forward only: inputs that require a gradient
     (with grad mode on) are refused; `kernels.attention` trains.
     """
-    check_attention_inputs(q, k, v, softmax_scale=softmax_scale)
+    check_attention_inputs(q, k, v, softmax_scale=softmax_scale, q_gain=q_gain)
     if q.shape[1] != 1:
         raise ValueError(f"q: attention_decode takes one query row per sequence, (B, 1, H, D), got shape "
                          f"{tuple(q.shape)}; use kernels.attention")
-    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
-        raise ValueError("q, k, v: attention_decode is forward-only (no autograd) and they require grad; "
+    if torch.is_grad_enabled() and _needs_grad(q, k, v, q_gain):
+        raise ValueError("q, k, v, q_gain: attention_decode is forward-only (no autograd) and one requires grad; "
                          "use kernels.attention to train, or call it under torch.no_grad()")
     if cache_seqlens is not None:
         check_tensor("cache_seqlens", cache_seqlens, ndim=1, dtypes=(torch.int32,), device=q.device)
@@ -284,4 +297,4 @@ def attention_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, xsa: 
     scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else float(softmax_scale)
     B, _, H, _ = q.shape
     splits = decode_splits(B * H, k.shape[1], q.device) if num_splits is None else num_splits
-    return _attention_decode_op(q, k, v, cache_seqlens, bool(xsa), scale, splits)
+    return _attention_decode_op(q, k, v, cache_seqlens, q_gain, bool(xsa), scale, splits)

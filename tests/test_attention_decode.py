@@ -82,6 +82,28 @@ def test_attention_hands_decode_steps_to_the_split_kernel(monkeypatch):
     assert len(calls) == 2
 
 
+def test_per_head_gains_and_the_sdpa_layout_reach_the_split_kernel(monkeypatch):
+    """q_gain (H,) scales each head's scores inside the split kernel, as kernels.attention folds it (the
+    model's decode steps pass it), and a layout="bhtd" call is handed over in (B, T, H, D) and returned in
+    (B, H, T, D); both equal the float64 reference."""
+    q, k, v = _inputs(2, 29, 4, 2, 48, seed=11)
+    gain = torch.rand(4, generator=torch.Generator().manual_seed(5)) * 4 + 0.5
+    ref = _reference(q, k, v, [29, 29], xsa=True, softmax_scale=46 ** -0.5, q_gain=gain)
+    for splits in (1, 3):
+        out = attention_decode(q, k, v, xsa=True, softmax_scale=46 ** -0.5, q_gain=gain, num_splits=splits)
+        assert rel_err(out, ref) < 1e-6, splits
+    calls = []
+    monkeypatch.setattr(attention_module, "attention_decode",
+                        lambda *a, **kw: calls.append(a[0].shape) or attention_decode(*a, **kw))
+    with torch.no_grad():
+        out = kernels.attention(*(t.transpose(1, 2) for t in (q, k, v)), xsa=True, softmax_scale=46 ** -0.5,
+                                q_gain=gain, layout="bhtd")
+    assert calls == [q.shape] and out.shape == (2, 4, 1, 48)
+    assert rel_err(out.transpose(1, 2), ref) < 1e-6
+    with pytest.raises(ValueError, match="forward-only"):
+        attention_decode(q, k, v, q_gain=gain.clone().requires_grad_(True))
+
+
 def test_bad_arguments_are_named():
     q, k, v = _inputs(2, 9, 4, 2, 16)
     with pytest.raises(ValueError, match=r"q: attention_decode takes one query row"):

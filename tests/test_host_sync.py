@@ -136,9 +136,7 @@ def _int6_linear():
 
 OPS = {
     "attention-dense": lambda: _attention(varlen=False),
-    "attention-varlen": pytest.param(lambda: _attention(varlen=True), marks=pytest.mark.xfail(
-        strict=True, reason="attention's input check reads cu_seqlens (tolist) on every call; removed on "
-                            "the attention engineer's branch, when this test turns to a pass")),
+    "attention-varlen": lambda: _attention(varlen=True),
     "embed": lambda: _embed(bigram=True, bos_id=None),
     "embed-bos": lambda: _embed(bigram=True, bos_id=1),
     "embed-no-bigram": lambda: _embed(bigram=False, bos_id=1),
