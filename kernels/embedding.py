@@ -57,6 +57,7 @@ from .utils import (
     autotune_configs,
     check_embed_inputs,
     check_tensor,
+    check_token_ids,
     check_triton_device,
     dot_args,
     empty_output,
@@ -298,15 +299,6 @@ def _dot_setup(bigram_table: torch.Tensor, bigram_proj: torch.Tensor):
     return bigram_proj, args
 
 
-def _assert_ids_in_range(ids: torch.Tensor, vocab: int) -> None:
-    """The id-range check that also holds under torch.compile, where `embed`'s host-side check is traced
-    away (it would sync and break the graph) but this op's body still runs as it is. No host sync: on
-    CUDA a device-side assert queued before the kernel (an out-of-range id stops the process instead of
-    reading past the table), on the CPU an immediate RuntimeError. One small reduction per call."""
-    lo, hi = (ids.int() if ids.dtype == torch.uint16 else ids).aminmax()   # uint16 has no aminmax
-    torch._assert_async((lo >= 0) & (hi < vocab), f"embed: ids: expected token ids in [0, {vocab})")
-
-
 @torch.library.custom_op("crawler_kernels::embed_forward", mutates_args=())
 def _embed_forward(ids: torch.Tensor, tok_emb: torch.Tensor, bigram_table: torch.Tensor,
                    bigram_proj: torch.Tensor, smear_gate: torch.Tensor, bos: int = NO_BOS
@@ -320,7 +312,9 @@ def _embed_forward(ids: torch.Tensor, tok_emb: torch.Tensor, bigram_table: torch
     buckets = empty_output((N,), torch.int32, ids.device)
     if N == 0:
         return out, rstd, buckets
-    _assert_ids_in_range(ids, tok_emb.shape[0])
+    # Here, in the eagerly-run custom op, even under torch.compile; on the device, no host sync: an
+    # out-of-range id stops the process (CUDA) before the kernel reads past the table.
+    check_token_ids(ids, tok_emb.shape[0])
     proj, dot = _dot_setup(bigram_table, bigram_proj)
     grid = (triton.cdiv(N, BLOCK_T - 1),)
     _embed_fwd_kernel[grid](ids, tok_emb, bigram_table, proj, smear_gate, out, rstd, buckets,

@@ -147,27 +147,34 @@ class ReLU2MLP(nn.Module):
 
 
 class SoftcappedCrossEntropyLoss(nn.Module):
-    """Mean cross-entropy of a softcapped (tied) head, softcap·tanh(hidden @ weight.T / softcap), with the
+    """Cross-entropy of a softcapped (tied) head, softcap·tanh(hidden @ weight.T / softcap), with the
     logits never materialised (`kernels.softcapped_cross_entropy`). No parameters: the head's weight
-    (usually the token embedding) is passed in.
+    (usually the token embedding) is passed in. reduction "mean" | "sum" | "none" and ignore_index as
+    F.cross_entropy.
 
-    forward(hidden (..., d) float, weight (V, d) float, targets (...) int in [0, V)) -> 0-d float32 mean
-    over all positions; differentiable in hidden and weight.
+    forward(hidden (..., d) float, weight (V, d) float, targets (...) int in [0, V) or ignore_index) ->
+    0-d ("mean" over the targets not ignored, "sum") or the per-position losses of targets' shape
+    ("none", 0 where ignored); float32 (float64 for float64 hidden); differentiable in hidden and weight.
     """
 
-    def __init__(self, softcap: float = 30.0, *, ops: str = "triton"):
+    def __init__(self, softcap: float = 30.0, *, reduction: str = "mean", ignore_index: int = -100,
+                 ops: str = "triton"):
         super().__init__()
-        self.softcap, self.ops = softcap, _check_ops(ops)
+        self.softcap, self.reduction, self.ignore_index = softcap, reduction, ignore_index
+        self.ops = _check_ops(ops)
 
     def extra_repr(self) -> str:
-        return f"softcap={self.softcap}, ops={self.ops}"
+        return (f"softcap={self.softcap}, reduction={self.reduction!r}, ignore_index={self.ignore_index}, "
+                f"ops={self.ops}")
 
     def forward(self, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         if hidden.dim() < 1 or hidden.shape[:-1] != targets.shape:
             raise ValueError(f"targets: expected shape {tuple(hidden.shape[:-1])} (hidden's without the "
                              f"last dim), got {tuple(targets.shape)}")
-        return select_op(self.ops, "softcapped_cross_entropy")(hidden.reshape(-1, hidden.shape[-1]), weight,
-                                                         targets.reshape(-1), self.softcap)
+        loss = select_op(self.ops, "softcapped_cross_entropy")(
+            hidden.reshape(-1, hidden.shape[-1]), weight, targets.reshape(-1), self.softcap,
+            reduction=self.reduction, ignore_index=self.ignore_index)
+        return loss.reshape(targets.shape) if self.reduction == "none" else loss
 
 
 class Int6Linear(nn.Module):

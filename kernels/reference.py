@@ -21,8 +21,11 @@ from .utils import (
     check_gptq_inputs,
     check_gptq_values,
     check_int6_linear_inputs,
+    check_logits_cross_entropy_inputs,
     check_mlp_inputs,
+    check_smear_embed_inputs,
     check_tensor,
+    check_token_ids,
 )
 
 BIGRAM_HASH_MULTIPLIER = 92821
@@ -177,21 +180,64 @@ def smear(x: torch.Tensor, gate: torch.Tensor, starts: torch.Tensor | None = Non
     return (1 - g) * x + g * x_prev
 
 
-def embed(ids: torch.Tensor, tok_emb: torch.Tensor, bigram_table: torch.Tensor,
-          bigram_proj: torch.Tensor, smear_gate: torch.Tensor, *, bos_id: int | None = None) -> torch.Tensor:
+def embed(ids: torch.Tensor, tok_emb: torch.Tensor, bigram_table: torch.Tensor | None,
+          bigram_proj: torch.Tensor | None, smear_gate: torch.Tensor | None, *,
+          bos_id: int | None = None) -> torch.Tensor:
     """The crawler's input embedding x0 = smear(rms_norm(tok_emb[ids] + bigram_table[h] @ bigram_proj.T)).
 
-    ids (B, T) int; tok_emb (V, d); bigram_table (NB, k); bigram_proj (d, k); smear_gate (d,); bos_id
-    None or an id in [0, V) whose positions start a document like position 0 does (BigramHash previous
-    id 0, SmearGate previous embedding 0): nothing crosses a BOS. Math in float32 (float64 for float64
-    inputs); returns (B, T, d) in tok_emb.dtype. Differentiable in every float input.
+    ids (B, T) int in [0, V); tok_emb (V, d); bigram_table (NB, k) and bigram_proj (d, k), or both None
+    (no BigramHash term); smear_gate (d,), or None (no SmearGate: x0 = rms_norm(tok_emb[ids] + ...), the
+    baseline's embedding when BigramHash is off too); bos_id None or an id in [0, V) whose positions start
+    a document like position 0 does (BigramHash previous id 0, SmearGate previous embedding 0): nothing
+    crosses a BOS. The rms_norm's eps is that of the compute dtype (`rms_norm`). Math in float32
+    (float64 for float64 inputs); returns (B, T, d) in tok_emb.dtype. Differentiable in every float input.
     """
     check_embed_inputs(ids, tok_emb, bigram_table, bigram_proj, smear_gate, bos_id=bos_id)
+    check_token_ids(ids, tok_emb.shape[0])
     cd = _compute_dtype(tok_emb)
-    h = bigram_hash(ids, bigram_table.shape[0], bos_id)
-    x = tok_emb.to(cd)[ids.long()] + bigram_table.to(cd)[h] @ bigram_proj.to(cd).T
+    x = tok_emb.to(cd)[ids.long()]
+    if bigram_table is not None:
+        h = bigram_hash(ids, bigram_table.shape[0], bos_id)
+        x = x + bigram_table.to(cd)[h] @ bigram_proj.to(cd).T
+    xn = rms_norm(x)
+    if smear_gate is None:
+        return xn.to(tok_emb.dtype)
     starts = None if bos_id is None else document_starts(ids, bos_id)
-    return smear(rms_norm(x), smear_gate.to(cd), starts).to(tok_emb.dtype)
+    return smear(xn, smear_gate.to(cd), starts).to(tok_emb.dtype)
+
+
+def smear_v3(x: torch.Tensor, smear_weight: torch.Tensor, smear_lambda: torch.Tensor,
+             starts: torch.Tensor) -> torch.Tensor:
+    """SmearGate v3 (the record line's, docs/math.md §1.6, §7.5): y_t = x_t + λ·σ(W·x_t[:w])·x_{t−1}, with the
+    previous-token term 0 wherever `starts` (B, T) bool marks a document start (position 0 of every row,
+    and BOS positions: the records' BOS fix). x_{t−1} is the previous token's *input* x (not its y).
+
+    x (B, T, d); smear_weight W (1, w), w <= d; smear_lambda λ one element. Returns (B, T, d) in x's dtype.
+    """
+    gate = smear_lambda.to(x.dtype).reshape(()) * torch.sigmoid(x[..., :smear_weight.shape[1]]
+                                                                 @ smear_weight.to(x.dtype).T)
+    x_prev = F.pad(x[:, :-1], (0, 0, 1, 0))
+    return x + gate.masked_fill(starts[..., None], 0.0) * x_prev
+
+
+def smear_embed(ids: torch.Tensor, tok_emb: torch.Tensor, smear_weight: torch.Tensor, smear_lambda: torch.Tensor,
+                *, bos_id: int | None = None, norm: bool = True) -> torch.Tensor:
+    """The record line's input embedding: rms_norm(smear_v3(tok_emb[ids])) (PR #1667 with PR #1851's BOS
+    fix, docs/math.md §1.6, §7.5), no BigramHash.
+
+    ids (B, T) int in [0, V); tok_emb (V, d); smear_weight (1, w) with w <= d (the gate's Linear(w, 1)
+    weight: 12 in the records); smear_lambda one element (shape () or (1,)); bos_id None or an id in
+    [0, V): with it, a BOS position takes nothing from the token before it (without it only position 0 of
+    each row does not). norm=True applies the rms_norm the records apply next (`rms_norm`, in the compute dtype);
+    norm=False returns the smeared embedding itself. Math in float32 (float64 for float64 inputs); returns
+    (B, T, d) in tok_emb.dtype. Differentiable in tok_emb, smear_weight and smear_lambda.
+    """
+    check_smear_embed_inputs(ids, tok_emb, smear_weight, smear_lambda, bos_id=bos_id)
+    check_token_ids(ids, tok_emb.shape[0])
+    cd = _compute_dtype(tok_emb)
+    y = smear_v3(tok_emb.to(cd)[ids.long()], smear_weight.to(cd), smear_lambda.to(cd),
+                 document_starts(ids, bos_id))
+    return (rms_norm(y) if norm else y).to(tok_emb.dtype)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -225,18 +271,36 @@ def softcapped_logits(hidden: torch.Tensor, weight: torch.Tensor, softcap: float
     return softcap * torch.tanh(logits / softcap)
 
 
-def softcapped_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                             softcap: float) -> torch.Tensor:
-    """Mean cross-entropy of the softcapped tied head, computed on float32 logits (docs/math.md §1.3, §1.12;
-    float64 logits for float64 inputs).
+def softcapped_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, softcap: float, *,
+                             reduction: str = "mean", ignore_index: int = -100) -> torch.Tensor:
+    """Cross-entropy of the softcapped tied head: F.cross_entropy(softcapped_logits(hidden, weight,
+    softcap), targets) on float32 logits (float64 for float64 inputs) (docs/math.md §1.3, §1.12).
 
-    hidden (N, d) float, N >= 1; weight (V, d); targets (N,) int64/int32 in [0, V) (no ignore_index);
-    softcap > 0 (validated like kernels.softcapped_cross_entropy). Returns a 0-d float32 tensor.
+    hidden (N, d) float, N >= 1; weight (V, d); targets (N,) int64/int32, each in [0, V) or equal to
+    ignore_index; softcap > 0; reduction "mean" (over the targets that are not ignore_index: NaN when all
+    are), "sum", or "none" ((N,) per-token losses, 0 at ignored positions), exactly as F.cross_entropy.
+    Returns float32, float64 for float64 hidden (the dtype the loss is computed in).
     """
-    check_cross_entropy_inputs(hidden, weight, targets, softcap)
-    check_class_indices(targets, weight.shape[0])
+    check_cross_entropy_inputs(hidden, weight, targets, softcap, reduction=reduction, ignore_index=ignore_index)
+    check_class_indices(targets, weight.shape[0], ignore_index=ignore_index)
     logits = softcapped_logits(hidden, weight, softcap)
-    return F.cross_entropy(logits.to(_compute_dtype(logits)), targets.long())
+    return F.cross_entropy(logits.to(_compute_dtype(logits)), targets.long(), reduction=reduction,
+                           ignore_index=ignore_index)
+
+
+def softcapped_cross_entropy_from_logits(logits: torch.Tensor, targets: torch.Tensor, softcap: float, *,
+                                         reduction: str = "mean", ignore_index: int = -100) -> torch.Tensor:
+    """F.cross_entropy(softcap·tanh(logits / softcap), targets) with the softcap applied in float32
+    (float64 for float64 logits): `softcapped_cross_entropy` for a head computed elsewhere.
+
+    logits (N, V) float, raw (before the softcap); targets, softcap, reduction, ignore_index and the
+    result's dtype as `softcapped_cross_entropy`. Differentiable in logits.
+    """
+    check_logits_cross_entropy_inputs(logits, targets, softcap, reduction=reduction, ignore_index=ignore_index)
+    check_class_indices(targets, logits.shape[1], ignore_index=ignore_index)
+    z = logits.to(_compute_dtype(logits))
+    return F.cross_entropy(softcap * torch.tanh(z / softcap), targets.long(), reduction=reduction,
+                           ignore_index=ignore_index)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -321,30 +321,56 @@ def check_attention_inputs(q, k, v, *, softmax_scale=None, cu_seqlens=None, max_
     return max(steps)
 
 
+ID_DTYPES = (torch.int32, torch.int64, torch.int16, torch.uint16)
+
+
 def check_embed_inputs(ids, tok_emb, bigram_table, bigram_proj, smear_gate, *, bos_id=None) -> None:
-    """Validate the `embed` contract: ids (B,T) int, tok_emb (V,d), bigram_table (NB,k), bigram_proj
-    (d,k), smear_gate (d,), all on one device; bos_id None or an int id in [0, V)."""
-    check_tensor("ids", ids, ndim=2, dtypes=(torch.int32, torch.int64, torch.int16, torch.uint16))
+    """Validate the `embed` contract: ids (B,T) int, tok_emb (V,d), bigram_table (NB,k) and bigram_proj
+    (d,k) both given or both None (no BigramHash), smear_gate (d,) or None (no SmearGate), all on one
+    device; bos_id None or an int id in [0, V). Shapes and dtypes only: the ids' range is a value check
+    of its own (`check_class_indices`, run where the ids are read, without a host sync)."""
+    check_tensor("ids", ids, ndim=2, dtypes=ID_DTYPES)
     dev = ids.device
     check_tensor("tok_emb", tok_emb, ndim=2, dtypes=FLOAT_DTYPES, device=dev)
-    check_tensor("bigram_table", bigram_table, ndim=2, dtypes=FLOAT_DTYPES, device=dev)
-    check_tensor("bigram_proj", bigram_proj, ndim=2, dtypes=FLOAT_DTYPES, device=dev)
-    check_tensor("smear_gate", smear_gate, ndim=1, dtypes=FLOAT_DTYPES, device=dev)
+    if (bigram_table is None) != (bigram_proj is None):
+        raise ValueError("bigram_table, bigram_proj: expected both tensors (BigramHash) or both None (none), "
+                         f"got {'bigram_proj' if bigram_table is None else 'bigram_table'} None alone")
     d = tok_emb.shape[1]
-    if bigram_proj.shape != (d, bigram_table.shape[1]):
-        raise ValueError(f"bigram_proj: expected shape ({d}, {bigram_table.shape[1]}) "
-                         f"(model dim, bigram dim), got {tuple(bigram_proj.shape)}")
-    if smear_gate.shape != (d,):
-        raise ValueError(f"smear_gate: expected shape ({d},), got {tuple(smear_gate.shape)}")
-    if bos_id is not None and (isinstance(bos_id, bool) or not isinstance(bos_id, int)
-                               or not 0 <= bos_id < tok_emb.shape[0]):
-        raise ValueError(f"bos_id: expected None or a token id in [0, {tok_emb.shape[0]}), got {bos_id!r}")
-    # The id range is a data-dependent check (a host sync): skipped while torch.compile traces, where it
-    # would break the graph. uint16 has no min/max kernels, hence the widening.
-    if ids.numel() and not torch.compiler.is_compiling():
-        lo, hi = (int(v) for v in (ids.int() if ids.dtype == torch.uint16 else ids).aminmax())
-        if lo < 0 or hi >= tok_emb.shape[0]:
-            raise ValueError(f"ids: expected token ids in [0, {tok_emb.shape[0]}), got range [{lo}, {hi}]")
+    if bigram_table is not None:
+        check_tensor("bigram_table", bigram_table, ndim=2, dtypes=FLOAT_DTYPES, device=dev)
+        check_tensor("bigram_proj", bigram_proj, ndim=2, dtypes=FLOAT_DTYPES, device=dev)
+        if bigram_proj.shape != (d, bigram_table.shape[1]):
+            raise ValueError(f"bigram_proj: expected shape ({d}, {bigram_table.shape[1]}) "
+                             f"(model dim, bigram dim), got {tuple(bigram_proj.shape)}")
+    if smear_gate is not None:
+        check_tensor("smear_gate", smear_gate, ndim=1, dtypes=FLOAT_DTYPES, device=dev)
+        if smear_gate.shape != (d,):
+            raise ValueError(f"smear_gate: expected shape ({d},), got {tuple(smear_gate.shape)}")
+    check_bos_id(bos_id, tok_emb.shape[0])
+
+
+def check_smear_embed_inputs(ids, tok_emb, smear_weight, smear_lambda, *, bos_id=None) -> None:
+    """Validate the `smear_embed` contract: ids (B,T) int, tok_emb (V,d), smear_weight (1,w) with
+    1 <= w <= d, smear_lambda one element (shape () or (1,)), floats on ids' device; bos_id None or an
+    id in [0, V). Shapes and dtypes only (the ids' range: `check_class_indices`)."""
+    check_tensor("ids", ids, ndim=2, dtypes=ID_DTYPES)
+    dev = ids.device
+    check_tensor("tok_emb", tok_emb, ndim=2, dtypes=FLOAT_DTYPES, device=dev)
+    check_tensor("smear_weight", smear_weight, ndim=2, dtypes=FLOAT_DTYPES, device=dev)
+    check_tensor("smear_lambda", smear_lambda, dtypes=FLOAT_DTYPES, device=dev)
+    d = tok_emb.shape[1]
+    if smear_weight.shape[0] != 1 or not 1 <= smear_weight.shape[1] <= d:
+        raise ValueError(f"smear_weight: expected shape (1, w) with 1 <= w <= {d} (the gate's Linear(w, 1) "
+                         f"weight, reading the first w channels), got {tuple(smear_weight.shape)}")
+    if tuple(smear_lambda.shape) not in ((), (1,)):
+        raise ValueError(f"smear_lambda: expected one value, shape () or (1,), got {tuple(smear_lambda.shape)}")
+    check_bos_id(bos_id, tok_emb.shape[0])
+
+
+def check_bos_id(bos_id, vocab: int) -> None:
+    """bos_id must be None or an int token id in [0, vocab)."""
+    if bos_id is not None and (isinstance(bos_id, bool) or not isinstance(bos_id, int) or not 0 <= bos_id < vocab):
+        raise ValueError(f"bos_id: expected None or a token id in [0, {vocab}), got {bos_id!r}")
 
 
 def check_mlp_inputs(h, fc_weight, proj_weight, negative_slope) -> None:
@@ -368,36 +394,77 @@ def check_mlp_inputs(h, fc_weight, proj_weight, negative_slope) -> None:
 
 
 TARGET_DTYPES = (torch.int64, torch.int32)
+REDUCTIONS = ("mean", "sum", "none")
 
 
-def check_cross_entropy_inputs(hidden, weight, targets, softcap) -> None:
+def check_cross_entropy_inputs(hidden, weight, targets, softcap, *, reduction="mean", ignore_index=-100) -> None:
     """Validate the `softcapped_cross_entropy` contract: hidden (N, d) float with N >= 1; weight (V, d)
-    float with V >= 1; targets (N,) int64/int32; all on one device; softcap a finite number > 0. The
-    targets' range is a value check of its own (`check_class_indices`)."""
+    float with V >= 1; targets (N,) int64/int32; all on one device; softcap a finite number > 0; reduction
+    "mean" | "sum" | "none"; ignore_index an int. The targets' values are a check of their own
+    (`check_class_indices`)."""
     check_tensor("hidden", hidden, ndim=2, dtypes=FLOAT_DTYPES)
     check_tensor("weight", weight, ndim=2, dtypes=FLOAT_DTYPES, device=hidden.device)
-    check_tensor("targets", targets, ndim=1, dtypes=TARGET_DTYPES, device=hidden.device)
     N, D = hidden.shape
     if N == 0:
         raise ValueError("hidden: expected at least one token, got shape (0, d)")
     if weight.shape[1] != D or weight.shape[0] == 0:
         raise ValueError(f"weight: expected shape (V, {D}) with V >= 1 to match hidden {tuple(hidden.shape)}, "
                          f"got {tuple(weight.shape)}")
-    if targets.shape[0] != N:
-        raise ValueError(f"targets: expected shape ({N},) to match hidden, got {tuple(targets.shape)}")
+    _check_targets_and_options("hidden", hidden, targets, softcap, reduction, ignore_index)
+
+
+def check_logits_cross_entropy_inputs(logits, targets, softcap, *, reduction="mean", ignore_index=-100) -> None:
+    """Validate the `softcapped_cross_entropy_from_logits` contract: logits (N, V) float with N, V >= 1;
+    the rest as `check_cross_entropy_inputs`."""
+    check_tensor("logits", logits, ndim=2, dtypes=FLOAT_DTYPES)
+    if logits.shape[0] == 0 or logits.shape[1] == 0:
+        raise ValueError(f"logits: expected shape (N, V) with N, V >= 1, got {tuple(logits.shape)}")
+    _check_targets_and_options("logits", logits, targets, softcap, reduction, ignore_index)
+
+
+def _check_targets_and_options(rows_name, rows, targets, softcap, reduction, ignore_index) -> None:
+    """The cross-entropy checks both variants share: targets (N,) int on rows' device, softcap, reduction,
+    ignore_index."""
+    check_tensor("targets", targets, ndim=1, dtypes=TARGET_DTYPES, device=rows.device)
+    if targets.shape[0] != rows.shape[0]:
+        raise ValueError(f"targets: expected shape ({rows.shape[0]},) to match {rows_name}, "
+                         f"got {tuple(targets.shape)}")
     if isinstance(softcap, bool) or not isinstance(softcap, Real) or not (0 < softcap < math.inf):
         raise ValueError(f"softcap: expected a finite number > 0, got {softcap!r}")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction: expected one of {REDUCTIONS}, got {reduction!r}")
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise ValueError(f"ignore_index: expected an int, got {ignore_index!r}")
 
 
-def check_class_indices(targets: torch.Tensor, num_classes: int) -> None:
-    """Raise ValueError unless every target is in [0, num_classes) (no ignore_index). A host sync, so it
-    is skipped while torch.compile traces (the fused op checks inside its custom op, which runs eagerly);
-    meta tensors have no values to check."""
-    if torch.compiler.is_compiling() or targets.numel() == 0 or targets.device.type == "meta":
+def check_class_indices(values: torch.Tensor, num_classes: int, *, ignore_index: int | None = None,
+                        name: str = "targets", what: str = "class indices") -> None:
+    """Check that every value is in [0, num_classes) (or equals ignore_index) without a host sync.
+
+    torch._assert_async does the check where the values live: on CUDA it queues a device-side assert
+    (a bad value stops the process before a kernel reads out of bounds, and the host never waits); on the
+    CPU it fails at once, re-raised here as a ValueError naming `name`, the expected range and the range
+    found. Skipped while torch.compile traces (reading values there would break the graph; the fused ops
+    check inside their custom ops, which run eagerly) and for meta tensors, which have no values.
+    `values` any integer dtype (uint16 is widened: it has no comparison kernels everywhere)."""
+    if torch.compiler.is_compiling() or values.numel() == 0 or values.device.type == "meta":
         return
-    if bool(((targets < 0) | (targets >= num_classes)).any()):
-        raise ValueError(f"targets: expected class indices in [0, {num_classes}), got values in "
-                         f"[{int(targets.min())}, {int(targets.max())}]")
+    v = values.int() if values.dtype == torch.uint16 else values
+    bad = (v < 0) | (v >= num_classes)
+    if ignore_index is not None:
+        bad &= v != ignore_index
+    expected = f"{name}: expected {what} in [0, {num_classes})" + (
+        "" if ignore_index is None else f" or ignore_index {ignore_index}")
+    try:
+        torch._assert_async(~bad.any(), expected)
+    except RuntimeError:                   # only on the CPU: the values are already on the host
+        lo, hi = (int(x) for x in v.aminmax())
+        raise ValueError(f"{expected}, got values in [{lo}, {hi}]") from None
+
+
+def check_token_ids(ids: torch.Tensor, vocab: int) -> None:
+    """Every token id in [0, vocab): `check_class_indices` under the embeddings' names (no host sync)."""
+    check_class_indices(ids, vocab, name="ids", what="token ids")
 
 
 def check_gptq_args(bits, clip_sigmas, block_size=None, damp=None) -> None:

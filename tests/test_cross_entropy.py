@@ -116,7 +116,7 @@ def test_library_registration_opcheck():
     # Schema, fake (meta) implementation, autograd registration and AOT dispatch, as torch.library checks them.
     hidden, weight, targets = make_inputs(8, 16, 20, seed=10)
     torch.library.opcheck(torch.ops.crawler_kernels.softcapped_cross_entropy.default,
-                          (hidden.requires_grad_(), weight.requires_grad_(), targets, SOFTCAP))
+                          (hidden.requires_grad_(), weight.requires_grad_(), targets, SOFTCAP, -100))
 
 
 @pytest.mark.parametrize("bad,exc,match", [

@@ -77,12 +77,12 @@ def test_embed_checks_ids_under_torch_compile_too():
     compiled = torch.compile(embed, backend="eager", fullgraph=True)
     ids = torch.randint(0, 9, (2, 5), generator=g)
     torch.testing.assert_close(compiled(ids), kernels.reference.embed(ids, tok, table, proj, gate))
+    # One check, in the op, on the device (no host sync): on the CPU it fails at once, eager or compiled.
     for bad in (ids.clone().index_fill_(1, torch.tensor([3]), 9), ids.clone().index_fill_(1, torch.tensor([0]), -1)):
-        with pytest.raises(ValueError, match=r"ids: expected token ids in \[0, 9\)"):        # eager: the host check
-            embed(bad)
-        with pytest.raises(RuntimeError, match=r"embed: ids: expected token ids in \[0, 9\)"):   # compiled
-            compiled(bad)
-    with pytest.raises(RuntimeError, match=r"expected token ids in \[0, 9\)"):
+        for fn in (embed, compiled):
+            with pytest.raises(ValueError, match=r"ids: expected token ids in \[0, 9\)"):
+                fn(bad)
+    with pytest.raises(ValueError, match=r"expected token ids in \[0, 9\)"):
         compiled(torch.full((1, 4), 9, dtype=torch.int32).to(torch.uint16))
 
 
