@@ -70,9 +70,10 @@ def record_hyperparameters(module, **overrides):
     """The record's Hyperparameters at a tiny width: 5 layers (XSA on the last 3), GQA 4/2 with head dim 8,
     partial RoPE, one extra pass over layers 1-2 when looping, parallel lanes from layer 3, skip gates."""
     h = module.Hyperparameters()
-    for key, value in dict(vocab_size=VOCAB, num_layers=5, xsa_last_n=3, model_dim=32, embedding_dim=32,
-                           num_heads=4, num_kv_heads=2, mlp_mult=2.0, rope_dims=4, num_loops=1, loop_start=1,
-                           loop_end=2, parallel_start_layer=3, train_seq_len=SEQ, **overrides).items():
+    tiny = dict(vocab_size=VOCAB, num_layers=5, xsa_last_n=3, model_dim=32, embedding_dim=32, num_heads=4,
+                num_kv_heads=2, mlp_mult=2.0, rope_dims=4, num_loops=1, loop_start=1, loop_end=2,
+                parallel_start_layer=3, train_seq_len=SEQ)
+    for key, value in {**tiny, **overrides}.items():
         setattr(h, key, value)
     return h
 
