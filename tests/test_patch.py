@@ -16,7 +16,6 @@ the same math).
 from __future__ import annotations
 
 import io
-import os
 import types
 from pathlib import Path
 
@@ -26,31 +25,19 @@ import torch.nn.functional as F
 from conftest import rel_err
 
 from kernels.patch import PatchReport, load_script, patch_train_gpt, sdpa_flash_attn_interface
+from kernels.patch.scripts import REFERENCE_SCRIPTS, find_reference_scripts
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 ROOT = Path(__file__).resolve().parents[1]
-BASELINE = "baseline_train_gpt.py"
-RECORD = "varlen_record_1530_train_gpt.py"
+BASELINE, RECORD = REFERENCE_SCRIPTS
 VOCAB, BATCH, SEQ = 64, 2, 16
 ROUND_OFF = 1e-12
 # float32 (interpreter): the patched model's error vs float64 may be this many times the script's own.
 SPREAD_FACTOR = 4.0
 
 
-def _reference_dir() -> Path | None:
-    """shared/reference/pg in the repository's folder or any folder above it (the checkout's ../shared,
-    or ../../shared from a worktree), or $PG_REFERENCE_DIR."""
-    if os.environ.get("PG_REFERENCE_DIR"):
-        return Path(os.environ["PG_REFERENCE_DIR"])
-    for folder in (ROOT, *ROOT.parents):
-        candidate = folder / "shared" / "reference" / "pg"
-        if (candidate / BASELINE).is_file() and (candidate / RECORD).is_file():
-            return candidate
-    return None
-
-
-PG_DIR = _reference_dir()
+PG_DIR = find_reference_scripts(ROOT)
 needs_scripts = pytest.mark.skipif(PG_DIR is None, reason="the Parameter Golf scripts are not here: no "
                                    "shared/reference/pg/ beside the repository (set PG_REFERENCE_DIR)")
 

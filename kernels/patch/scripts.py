@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib.util
 import itertools
+import os
 import sys
 import types
 from pathlib import Path
@@ -19,6 +20,21 @@ import torch
 import torch.nn.functional as F
 
 _FRESH = itertools.count()
+# The two scripts this package is tested and benchmarked on (MIT, see the LICENSE beside them).
+REFERENCE_SCRIPTS = ("baseline_train_gpt.py", "varlen_record_1530_train_gpt.py")
+
+
+def find_reference_scripts(start) -> Path | None:
+    """The folder holding REFERENCE_SCRIPTS: $PG_REFERENCE_DIR when set, else the first `shared/reference/pg`
+    in `start` or a folder above it (a checkout's ../shared, a worktree's ../../shared); None if none."""
+    if os.environ.get("PG_REFERENCE_DIR"):
+        return Path(os.environ["PG_REFERENCE_DIR"])
+    start = Path(start).resolve()
+    for folder in (start, *start.parents):
+        candidate = folder / "shared" / "reference" / "pg"
+        if all((candidate / name).is_file() for name in REFERENCE_SCRIPTS):
+            return candidate
+    return None
 
 
 def _refuse(call: str, unsupported: dict) -> None:
