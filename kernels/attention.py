@@ -19,7 +19,8 @@ Sequences. A program works on one *sequence* of query rows and the key rows they
 
 Forward (one program per (query block, sequence·query head)): online softmax in the exp2 domain over the
 key blocks the query block can see (causal blocks above the diagonal are never visited), query head h
-reads KV head h // G in place (no expanded K/V). Epilogue: y = acc / l, lse = m + log l; with XSA it
+reads KV head h // G in place (no expanded K/V), its scores scaled by softmax_scale · q_gain[h] (one
+multiply, the gain folded into the scale). Epilogue: y = acc / l, lse = m + log l; with XSA it
 loads the value rows at the query positions, v̂ = v / max(‖v‖, 1e-12), c = y·v̂, z = y − c v̂. It stores
 z (in q's dtype), lse and c (fp32).
 
@@ -30,7 +31,9 @@ Backward, three kernels, no float atomics (deterministic):
    it needs no sequence bounds: a varlen batch is one row of `total` rows to it.
 2. dK/dV, one program per (key block, sequence·KV head), looping over the G query heads and (causal) the
    query blocks that can see the key block; adds dv_xsa before the store.
-3. dQ, one program per (query block, sequence·query head), looping over the visible key blocks.
+3. dQ, one program per (query block, sequence·query head), looping over the visible key blocks; with
+   q_gain it also writes the program's share of d q_gain[h] (scale · Σ q · Σ_j dS K) to its own slot,
+   which the host sums in a fixed order.
 
 Inputs may be any strided view (the model passes views of linear outputs): kernels take every stride,
 so q/k/v/dz are never copied. Head dims that are not powers of two run in the next power-of-two tile
@@ -284,17 +287,20 @@ def _fwd_block(Qs, Ks, Vs, Os, LSEs, Cs, stride_qt, stride_qd, stride_kt, stride
 
 @autotune(**_FWD_TUNING, key=["T", "HEAD_DIM", "CAUSAL", "XSA", "VARLEN"])
 @triton.jit
-def _attn_fwd(Q, K, V, O, LSE, C, CU,
+def _attn_fwd(Q, K, V, O, LSE, C, CU, GAIN,
               stride_qb, stride_qt, stride_qh, stride_qd, stride_kb, stride_kt, stride_kh, stride_kd,
               stride_vb, stride_vt, stride_vh, stride_vd, stride_ob, stride_ot, stride_oh, stride_od,
               T, T_K, H, G, qk_scale,
-              CAUSAL: tl.constexpr, XSA: tl.constexpr, VARLEN: tl.constexpr, HEAD_DIM: tl.constexpr,
-              BLOCK_D: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+              CAUSAL: tl.constexpr, XSA: tl.constexpr, VARLEN: tl.constexpr, HAS_GAIN: tl.constexpr,
+              HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """T: query rows per batch row (varlen: total), T_K: key rows. LSE and C are (B, H, T)."""
+    """T: query rows per batch row (varlen: total), T_K: key rows. LSE and C are (B, H, T); GAIN (H,) the
+    per-head score gains (HAS_GAIN)."""
     Qs, Ks, Vs, row0, b, start, h, len_q, len_k, pid_m = _query_program(
         Q, K, V, CU, stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt,
         stride_vh, T, T_K, H, G, VARLEN)
+    if HAS_GAIN:
+        qk_scale = qk_scale * tl.load(GAIN + h).to(tl.float32)
     Os = _head_rows(O, b, start, h, stride_ob, stride_ot, stride_oh)
     if VARLEN:
         for start_m in range(pid_m * BLOCK_M, len_q, tl.num_programs(0) * BLOCK_M):
@@ -357,12 +363,14 @@ def _bwd_preprocess(O, DZ, V, C, DY, DELTA, DVX,
 
 @triton.jit
 def _dkdv_steps(dk, dv, k, v, Q, DY, LSE, DELTA, stride_qt, stride_qd, stride_yt, stride_yd, key_row, offs_d,
-                lo, hi, len_q, qk_scale, MASKED: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-                BLOCK_M: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
+                lo, hi, len_q, qk_scale, gain, MASKED: tl.constexpr, HAS_GAIN: tl.constexpr,
+                HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, DOT_DTYPE: tl.constexpr,
+                PRECISION: tl.constexpr):
     """Accumulate dK, dV of one key block over query rows [lo, hi) of one query head (transposed
     formulation: pᵀ is (keys, queries)). MASKED steps keep query i for key j only if i >= key_row_j
     (key_row: the keys' positions in query rows, j - (len_k - len_q)). Rows past len_q load q = dy = 0
-    and lse = +inf, so p = 0 there."""
+    and lse = +inf, so p = 0 there. qk_scale includes the head's gain; dK's terms are scaled by it
+    (HAS_GAIN) here and by softmax_scale at the store."""
     for start_m in range(lo, hi, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
         row_ok = offs_m < len_q
@@ -377,16 +385,19 @@ def _dkdv_steps(dk, dv, k, v, Q, DY, LSE, DELTA, stride_qt, stride_qd, stride_yt
         delta = tl.load(DELTA + offs_m, mask=row_ok, other=0.0)
         dp_t = tl.dot(v, tl.trans(dy), input_precision=PRECISION)
         ds_t = p_t * (dp_t - delta[None, :])
+        if HAS_GAIN:
+            ds_t = ds_t * gain
         dk = tl.dot(ds_t.to(DOT_DTYPE), q, dk, input_precision=PRECISION)
     return dk, dv
 
 
 @triton.jit
-def _dkdv_block(Qs, Ks, Vs, DYs, DVXs, DKs, DVs, LSE, DELTA, stride_qt, stride_qd, stride_qh, stride_kt, stride_kd,
-                stride_vt, stride_vd, stride_yt, stride_yd, stride_yh, stride_gt, stride_gd, row0, row_stride_h,
-                kvh, start_n, len_q, len_k, G, qk_scale, sm_scale,
-                CAUSAL: tl.constexpr, XSA: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-                DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr):
+def _dkdv_block(Qs, Ks, Vs, DYs, DVXs, DKs, DVs, LSE, DELTA, GAIN, stride_qt, stride_qd, stride_qh, stride_kt,
+                stride_kd, stride_vt, stride_vd, stride_yt, stride_yd, stride_yh, stride_gt, stride_gd, row0,
+                row_stride_h, kvh, start_n, len_q, len_k, G, qk_scale, sm_scale,
+                CAUSAL: tl.constexpr, XSA: tl.constexpr, HAS_GAIN: tl.constexpr, HEAD_DIM: tl.constexpr,
+                BLOCK_D: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, BLOCK_N: tl.constexpr,
+                BLOCK_M: tl.constexpr):
     """dK, dV of one key block of one sequence and KV head, summed over the G query heads of the group in
     registers (no expanded copies, no atomics). Qs/DYs point at query head 0 of the sequence's first row;
     LSE/DELTA at (head 0, that row), row_stride_h apart per head."""
@@ -412,13 +423,16 @@ def _dkdv_block(Qs, Ks, Vs, DYs, DVXs, DKs, DVs, LSE, DELTA, stride_qt, stride_q
         Qh = Qs + h * stride_qh
         DYh = DYs + h * stride_yh
         row_h = row0 + h * row_stride_h
+        gain = 1.0
+        if HAS_GAIN:
+            gain = tl.load(GAIN + h).to(tl.float32)
         if CAUSAL:
             dk, dv = _dkdv_steps(dk, dv, k, v, Qh, DYh, LSE + row_h, DELTA + row_h, stride_qt, stride_qd,
-                                 stride_yt, stride_yd, key_row, offs_d, lo, full_lo, len_q, qk_scale, True,
-                                 HEAD_DIM, BLOCK_D, BLOCK_M, DOT_DTYPE, PRECISION)
+                                 stride_yt, stride_yd, key_row, offs_d, lo, full_lo, len_q, qk_scale * gain, gain,
+                                 True, HAS_GAIN, HEAD_DIM, BLOCK_D, BLOCK_M, DOT_DTYPE, PRECISION)
         dk, dv = _dkdv_steps(dk, dv, k, v, Qh, DYh, LSE + row_h, DELTA + row_h, stride_qt, stride_qd,
-                             stride_yt, stride_yd, key_row, offs_d, full_lo, len_q, len_q, qk_scale, False,
-                             HEAD_DIM, BLOCK_D, BLOCK_M, DOT_DTYPE, PRECISION)
+                             stride_yt, stride_yd, key_row, offs_d, full_lo, len_q, len_q, qk_scale * gain, gain,
+                             False, HAS_GAIN, HEAD_DIM, BLOCK_D, BLOCK_M, DOT_DTYPE, PRECISION)
     if XSA:
         dv += _load_rows(DVXs, offs_n, stride_gt, offs_d, stride_gd, len_k, HEAD_DIM, BLOCK_D, True)
     _store_rows(DKs, dk * sm_scale, offs_n, stride_gt, offs_d, stride_gd, len_k, HEAD_DIM)
@@ -427,14 +441,14 @@ def _dkdv_block(Qs, Ks, Vs, DYs, DVXs, DKs, DVs, LSE, DELTA, stride_qt, stride_q
 
 @autotune(**_DKDV_TUNING, key=["T", "HEAD_DIM", "CAUSAL", "G", "XSA", "VARLEN"])
 @triton.jit
-def _attn_bwd_dkdv(Q, K, V, DY, LSE, DELTA, DVX, DK, DV, CU,
+def _attn_bwd_dkdv(Q, K, V, DY, LSE, DELTA, DVX, DK, DV, CU, GAIN,
                    stride_qb, stride_qt, stride_qh, stride_qd, stride_kb, stride_kt, stride_kh, stride_kd,
                    stride_vb, stride_vt, stride_vh, stride_vd, stride_yb, stride_yt, stride_yh, stride_yd,
                    stride_gb, stride_gt, stride_gh, stride_gd,
                    T, T_K, H, G, qk_scale, sm_scale,
-                   CAUSAL: tl.constexpr, XSA: tl.constexpr, VARLEN: tl.constexpr, HEAD_DIM: tl.constexpr,
-                   BLOCK_D: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
-                   BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr):
+                   CAUSAL: tl.constexpr, XSA: tl.constexpr, VARLEN: tl.constexpr, HAS_GAIN: tl.constexpr,
+                   HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, DOT_DTYPE: tl.constexpr,
+                   PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr):
     """One program per (key block, sequence·KV head). DK, DV and DVX (B, T_K, Hkv, D) share the strides
     stride_g*; DVX is 0 at keys no query sits on (a KV cache's rows)."""
     pid_n = tl.program_id(0)
@@ -450,15 +464,15 @@ def _attn_bwd_dkdv(Q, K, V, DY, LSE, DELTA, DVX, DK, DV, CU,
     row0 = b * H * T + start
     if VARLEN:
         for start_n in range(pid_n * BLOCK_N, len_k, tl.num_programs(0) * BLOCK_N):
-            _dkdv_block(Qs, Ks, Vs, DYs, DVX + G_base, DK + G_base, DV + G_base, LSE, DELTA, stride_qt, stride_qd,
-                        stride_qh, stride_kt, stride_kd, stride_vt, stride_vd, stride_yt, stride_yd, stride_yh,
-                        stride_gt, stride_gd, row0, T, kvh, start_n, len_q, len_k, G, qk_scale, sm_scale, CAUSAL,
-                        XSA, HEAD_DIM, BLOCK_D, DOT_DTYPE, PRECISION, BLOCK_N, BLOCK_M)
+            _dkdv_block(Qs, Ks, Vs, DYs, DVX + G_base, DK + G_base, DV + G_base, LSE, DELTA, GAIN, stride_qt,
+                        stride_qd, stride_qh, stride_kt, stride_kd, stride_vt, stride_vd, stride_yt, stride_yd,
+                        stride_yh, stride_gt, stride_gd, row0, T, kvh, start_n, len_q, len_k, G, qk_scale, sm_scale,
+                        CAUSAL, XSA, HAS_GAIN, HEAD_DIM, BLOCK_D, DOT_DTYPE, PRECISION, BLOCK_N, BLOCK_M)
     else:
-        _dkdv_block(Qs, Ks, Vs, DYs, DVX + G_base, DK + G_base, DV + G_base, LSE, DELTA, stride_qt, stride_qd,
+        _dkdv_block(Qs, Ks, Vs, DYs, DVX + G_base, DK + G_base, DV + G_base, LSE, DELTA, GAIN, stride_qt, stride_qd,
                     stride_qh, stride_kt, stride_kd, stride_vt, stride_vd, stride_yt, stride_yd, stride_yh,
                     stride_gt, stride_gd, row0, T, kvh, pid_n * BLOCK_N, len_q, len_k, G, qk_scale, sm_scale,
-                    CAUSAL, XSA, HEAD_DIM, BLOCK_D, DOT_DTYPE, PRECISION, BLOCK_N, BLOCK_M)
+                    CAUSAL, XSA, HAS_GAIN, HEAD_DIM, BLOCK_D, DOT_DTYPE, PRECISION, BLOCK_N, BLOCK_M)
 
 
 @triton.jit
@@ -486,10 +500,12 @@ def _dq_steps(dq, q, dy, lse2, delta, K, V, stride_kt, stride_kd, stride_vt, str
 
 @triton.jit
 def _dq_block(Qs, Ks, Vs, DYs, DQs, LSEs, DELTAs, stride_qt, stride_qd, stride_kt, stride_kd, stride_vt, stride_vd,
-              stride_yt, stride_yd, stride_gt, stride_gd, start_m, len_q, len_k, qk_scale, sm_scale,
-              CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, DOT_DTYPE: tl.constexpr,
-              PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """dQ = scale · Σ_j dS K of one query block of one sequence and head."""
+              stride_yt, stride_yd, stride_gt, stride_gd, start_m, len_q, len_k, qk_scale, dq_scale,
+              CAUSAL: tl.constexpr, HAS_GAIN: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+              DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """dQ = dq_scale · Σ_j dS K of one query block of one sequence and head (dq_scale = softmax_scale ·
+    the head's gain). Returns the rows' q · Σ_j dS K (BLOCK_M,) (with HAS_GAIN: their share of the
+    gain's gradient, over softmax_scale; else 0)."""
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     row_ok = offs_m < len_q
@@ -504,36 +520,52 @@ def _dq_block(Qs, Ks, Vs, DYs, DQs, LSEs, DELTAs, stride_qt, stride_qd, stride_k
                    0, full_hi, len_k, qk_scale, CAUSAL, False, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_DTYPE, PRECISION)
     dq = _dq_steps(dq, q, dy, lse2, delta, Ks, Vs, stride_kt, stride_kd, stride_vt, stride_vd, q_pos, offs_d,
                    full_hi, hi, len_k, qk_scale, CAUSAL, True, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_DTYPE, PRECISION)
-    _store_rows(DQs, dq * sm_scale, offs_m, stride_gt, offs_d, stride_gd, len_q, HEAD_DIM)
+    _store_rows(DQs, dq * dq_scale, offs_m, stride_gt, offs_d, stride_gd, len_q, HEAD_DIM)
+    dgain = tl.zeros([BLOCK_M], dtype=tl.float32)
+    if HAS_GAIN:
+        dgain = tl.sum(q.to(tl.float32) * dq, axis=1)
+    return dgain
 
 
 # dQ has no XSA switch, but with XSA it reads the projected dy from a dense (B, H, T, D) buffer instead of
 # dz's (B, T, H, D) rows: its row stride stride_yt (D vs H·D) keys that case apart.
 @autotune(**_DQ_TUNING, key=["T", "HEAD_DIM", "CAUSAL", "stride_yt", "VARLEN"])
 @triton.jit
-def _attn_bwd_dq(Q, K, V, DY, LSE, DELTA, DQ, CU,
+def _attn_bwd_dq(Q, K, V, DY, LSE, DELTA, DQ, CU, GAIN, DGAIN,
                  stride_qb, stride_qt, stride_qh, stride_qd, stride_kb, stride_kt, stride_kh, stride_kd,
                  stride_vb, stride_vt, stride_vh, stride_vd, stride_yb, stride_yt, stride_yh, stride_yd,
                  stride_gb, stride_gt, stride_gh, stride_gd,
-                 T, T_K, H, G, qk_scale, sm_scale,
-                 CAUSAL: tl.constexpr, VARLEN: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-                 DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+                 T, T_K, H, G, qk_scale, sm_scale, gain_slots,
+                 CAUSAL: tl.constexpr, VARLEN: tl.constexpr, HAS_GAIN: tl.constexpr, HEAD_DIM: tl.constexpr,
+                 BLOCK_D: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """One program per (query block, sequence·query head)."""
+    """One program per (query block, sequence·query head). With HAS_GAIN each program also writes its
+    share of the gain's gradient to DGAIN[sequence·head, program_id(0)] (gain_slots per row; the host
+    sums them, deterministically)."""
     Qs, Ks, Vs, row0, b, start, h, len_q, len_k, pid_m = _query_program(
         Q, K, V, CU, stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt,
         stride_vh, T, T_K, H, G, VARLEN)
     DYs = _head_rows(DY, b, start, h, stride_yb, stride_yt, stride_yh)
     DQs = _head_rows(DQ, b, start, h, stride_gb, stride_gt, stride_gh)
+    dq_scale = sm_scale
+    if HAS_GAIN:
+        gain = tl.load(GAIN + h).to(tl.float32)
+        qk_scale = qk_scale * gain
+        dq_scale = sm_scale * gain
     if VARLEN:
+        dgain = tl.zeros([BLOCK_M], dtype=tl.float32)
         for start_m in range(pid_m * BLOCK_M, len_q, tl.num_programs(0) * BLOCK_M):
-            _dq_block(Qs, Ks, Vs, DYs, DQs, LSE + row0, DELTA + row0, stride_qt, stride_qd, stride_kt, stride_kd,
-                      stride_vt, stride_vd, stride_yt, stride_yd, stride_gt, stride_gd, start_m, len_q, len_k,
-                      qk_scale, sm_scale, CAUSAL, HEAD_DIM, BLOCK_D, DOT_DTYPE, PRECISION, BLOCK_M, BLOCK_N)
+            dgain += _dq_block(Qs, Ks, Vs, DYs, DQs, LSE + row0, DELTA + row0, stride_qt, stride_qd, stride_kt,
+                               stride_kd, stride_vt, stride_vd, stride_yt, stride_yd, stride_gt, stride_gd, start_m,
+                               len_q, len_k, qk_scale, dq_scale, CAUSAL, HAS_GAIN, HEAD_DIM, BLOCK_D, DOT_DTYPE,
+                               PRECISION, BLOCK_M, BLOCK_N)
     else:
-        _dq_block(Qs, Ks, Vs, DYs, DQs, LSE + row0, DELTA + row0, stride_qt, stride_qd, stride_kt, stride_kd,
-                  stride_vt, stride_vd, stride_yt, stride_yd, stride_gt, stride_gd, pid_m * BLOCK_M, len_q, len_k,
-                  qk_scale, sm_scale, CAUSAL, HEAD_DIM, BLOCK_D, DOT_DTYPE, PRECISION, BLOCK_M, BLOCK_N)
+        dgain = _dq_block(Qs, Ks, Vs, DYs, DQs, LSE + row0, DELTA + row0, stride_qt, stride_qd, stride_kt, stride_kd,
+                          stride_vt, stride_vd, stride_yt, stride_yd, stride_gt, stride_gd, pid_m * BLOCK_M, len_q,
+                          len_k, qk_scale, dq_scale, CAUSAL, HAS_GAIN, HEAD_DIM, BLOCK_D, DOT_DTYPE, PRECISION,
+                          BLOCK_M, BLOCK_N)
+    if HAS_GAIN:
+        tl.store(DGAIN + tl.program_id(1).to(tl.int64) * gain_slots + tl.program_id(0), tl.sum(dgain) * sm_scale)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -552,8 +584,8 @@ def _sequences(B: int, T: int, T_K: int, cu_seqlens: torch.Tensor | None,
 
 
 def _attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor | None,
-                       max_seqlen: int | None, causal: bool, xsa: bool,
-                       softmax_scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                       max_seqlen: int | None, causal: bool, xsa: bool, softmax_scale: float,
+                       q_gain: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Launch the forward kernel: (z, lse, c) as documented on the custom op below."""
     B, T, H, D = q.shape
     T_K, Hkv = k.shape[1], k.shape[2]
@@ -564,26 +596,33 @@ def _attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seq
         return o, lse, c
     seqs, q_rows, _ = _sequences(B, T, T_K, cu_seqlens, max_seqlen)
     grid = lambda meta: (max(1, triton.cdiv(q_rows, meta["BLOCK_M"])), seqs * H)  # noqa: E731
-    # Without XSA, C is never touched, nor CU when dense: pass lse so no kernel argument is an empty
-    # (null) pointer.
+    # Without XSA, C is never touched, nor CU when dense, nor GAIN without q_gain: pass lse so no kernel
+    # argument is an empty (null) pointer.
     _attn_fwd[grid](q, k, v, o, lse, c if xsa else lse, lse if cu_seqlens is None else cu_seqlens,
+                    lse if q_gain is None else q_gain,
                     *q.stride(), *k.stride(), *v.stride(), *o.stride(), T, T_K, H, H // Hkv,
-                    softmax_scale * LOG2E, CAUSAL=causal, XSA=xsa, VARLEN=cu_seqlens is not None, HEAD_DIM=D,
-                    BLOCK_D=pow2_tile(D), **dot_args(q.dtype))
+                    softmax_scale * LOG2E, CAUSAL=causal, XSA=xsa, VARLEN=cu_seqlens is not None,
+                    HAS_GAIN=q_gain is not None, HEAD_DIM=D, BLOCK_D=pow2_tile(D), **dot_args(q.dtype))
     return o, lse, c
 
 
+def _smallest_block(tuning: dict, name: str) -> int:
+    """The smallest value of block size `name` over a kernel's configs (sizes per-program buffers)."""
+    return min(c.kwargs[name] for c in tuning["configs"])
+
+
 def _attention_backward(dz, q, k, v, o, lse, c, cu_seqlens, max_seqlen, causal: bool, xsa: bool,
-                        softmax_scale: float):
-    """Launch preprocess, dK/dV and dQ kernels for upstream gradient dz (B, T, H, D): (dq, dk, dv)."""
+                        softmax_scale: float, q_gain):
+    """Launch preprocess, dK/dV and dQ kernels for upstream gradient dz (B, T, H, D): (dq, dk, dv, dgain)."""
     B, T, H, D = q.shape
     T_K, Hkv = k.shape[1], k.shape[2]
     G = H // Hkv
     dq = empty_output((B, T, H, D), q.dtype, q.device)
     dk = empty_output((B, T_K, Hkv, D), k.dtype, k.device)
     dv = empty_output((B, T_K, Hkv, D), v.dtype, v.device)
-    if dq.numel() == 0:          # no query: keys and values get no gradient
-        return dq, dk.zero_(), dv.zero_()
+    no_gain = q.new_empty((0,), dtype=torch.float32)
+    if dq.numel() == 0:          # no query: keys, values and gains get no gradient
+        return dq, dk.zero_(), dv.zero_(), no_gain if q_gain is None else torch.zeros_like(q_gain)
     block_d = pow2_tile(D)
     delta = empty_output((B, H, T), torch.float32, q.device)
     cached = T_K - T             # keys before the first query (dense only): a KV cache
@@ -604,16 +643,24 @@ def _attention_backward(dz, q, k, v, o, lse, c, cu_seqlens, max_seqlen, causal: 
                               *dy_strides, *dk.stride(), T, H, G, XSA=xsa, HEAD_DIM=D, BLOCK_D=block_d)
     seqs, q_rows, k_rows = _sequences(B, T, T_K, cu_seqlens, max_seqlen)
     cu = lse if cu_seqlens is None else cu_seqlens
-    common = dict(CAUSAL=causal, VARLEN=cu_seqlens is not None, HEAD_DIM=D, BLOCK_D=block_d,
-                  **dot_args(q.dtype))
+    gain = lse if q_gain is None else q_gain
+    common = dict(CAUSAL=causal, VARLEN=cu_seqlens is not None, HAS_GAIN=q_gain is not None, HEAD_DIM=D,
+                  BLOCK_D=block_d, **dot_args(q.dtype))
     qk_scale = softmax_scale * LOG2E
     grid_kv = lambda meta: (max(1, triton.cdiv(k_rows, meta["BLOCK_N"])), seqs * Hkv)  # noqa: E731
-    _attn_bwd_dkdv[grid_kv](q, k, v, dy, lse, delta, dvx, dk, dv, cu, *q.stride(), *k.stride(), *v.stride(),
+    _attn_bwd_dkdv[grid_kv](q, k, v, dy, lse, delta, dvx, dk, dv, cu, gain, *q.stride(), *k.stride(), *v.stride(),
                             *dy_strides, *dk.stride(), T, T_K, H, G, qk_scale, softmax_scale, XSA=xsa, **common)
+    # The gain's gradient: one partial sum per dQ program, in slots sized for the smallest BLOCK_M (so any
+    # config's grid fits), zero where a config launches fewer programs; summed here in a fixed order.
+    gain_slots = max(1, triton.cdiv(q_rows, _smallest_block(_DQ_TUNING, "BLOCK_M"))) if q_gain is not None else 0
+    dgain_parts = torch.zeros((seqs * H * gain_slots,), dtype=torch.float32, device=q.device)
     grid_q = lambda meta: (max(1, triton.cdiv(q_rows, meta["BLOCK_M"])), seqs * H)  # noqa: E731
-    _attn_bwd_dq[grid_q](q, k, v, dy, lse, delta, dq, cu, *q.stride(), *k.stride(), *v.stride(), *dy_strides,
-                         *dq.stride(), T, T_K, H, G, qk_scale, softmax_scale, **common)
-    return dq, dk, dv
+    _attn_bwd_dq[grid_q](q, k, v, dy, lse, delta, dq, cu, gain, dgain_parts if q_gain is not None else lse,
+                         *q.stride(), *k.stride(), *v.stride(), *dy_strides, *dq.stride(), T, T_K, H, G, qk_scale,
+                         softmax_scale, gain_slots, **common)
+    if q_gain is None:
+        return dq, dk, dv, no_gain
+    return dq, dk, dv, dgain_parts.view(seqs, H, gain_slots).sum((0, 2)).to(q_gain.dtype)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -622,16 +669,16 @@ def _attention_backward(dz, q, k, v, o, lse, c, cu_seqlens, max_seqlen, causal: 
 
 @torch.library.custom_op("crawler_kernels::attention_fwd", mutates_args=())
 def _attention_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor | None,
-                      max_seqlen: int | None, causal: bool, xsa: bool,
-                      softmax_scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """q (B,T,H,D), k/v (B,T_K,Hkv,D) (varlen: B = 1 and cu_seqlens int32) -> (z (B,T,H,D) in q.dtype,
-    lse (B,H,T) fp32, c (B,H,T) fp32 with xsa else an empty fp32 tensor). Output shapes never depend on
-    cu_seqlens' values or max_seqlen, so new values of either need no new graph."""
-    return _attention_forward(q, k, v, cu_seqlens, max_seqlen, causal, xsa, softmax_scale)
+                      max_seqlen: int | None, causal: bool, xsa: bool, softmax_scale: float,
+                      q_gain: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q (B,T,H,D), k/v (B,T_K,Hkv,D) (varlen: B = 1 and cu_seqlens int32), q_gain None or (H,) ->
+    (z (B,T,H,D) in q.dtype, lse (B,H,T) fp32, c (B,H,T) fp32 with xsa else an empty fp32 tensor). Output
+    shapes never depend on cu_seqlens' values or max_seqlen, so new values of either need no new graph."""
+    return _attention_forward(q, k, v, cu_seqlens, max_seqlen, causal, xsa, softmax_scale, q_gain)
 
 
 @_attention_fwd_op.register_fake
-def _(q, k, v, cu_seqlens, max_seqlen, causal, xsa, softmax_scale):
+def _(q, k, v, cu_seqlens, max_seqlen, causal, xsa, softmax_scale, q_gain=None):
     B, T, H, D = q.shape
     return (q.new_empty((B, T, H, D)), q.new_empty((B, H, T), dtype=torch.float32),
             q.new_empty((B, H, T) if xsa else (0,), dtype=torch.float32))
@@ -640,30 +687,32 @@ def _(q, k, v, cu_seqlens, max_seqlen, causal, xsa, softmax_scale):
 @torch.library.custom_op("crawler_kernels::attention_bwd", mutates_args=())
 def _attention_bwd_op(dz: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
                       lse: torch.Tensor, c: torch.Tensor, cu_seqlens: torch.Tensor | None, max_seqlen: int | None,
-                      causal: bool, xsa: bool, softmax_scale: float
-                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dq, dk, dv), contiguous, in the dtypes of q, k, v."""
-    return _attention_backward(dz, q, k, v, o, lse, c, cu_seqlens, max_seqlen, causal, xsa, softmax_scale)
+                      causal: bool, xsa: bool, softmax_scale: float, q_gain: torch.Tensor | None = None
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv, dgain): contiguous, in the dtypes of q, k, v; dgain (H,) in q_gain's dtype (an empty
+    fp32 tensor without q_gain)."""
+    return _attention_backward(dz, q, k, v, o, lse, c, cu_seqlens, max_seqlen, causal, xsa, softmax_scale, q_gain)
 
 
 @_attention_bwd_op.register_fake
-def _(dz, q, k, v, o, lse, c, cu_seqlens, max_seqlen, causal, xsa, softmax_scale):
-    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+def _(dz, q, k, v, o, lse, c, cu_seqlens, max_seqlen, causal, xsa, softmax_scale, q_gain=None):
+    dgain = q.new_empty((0,), dtype=torch.float32) if q_gain is None else q_gain.new_empty(q_gain.shape)
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dgain
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, cu_seqlens, max_seqlen, causal, xsa, softmax_scale = inputs
+    q, k, v, cu_seqlens, max_seqlen, causal, xsa, softmax_scale, *gain = inputs
     o, lse, c = output
-    ctx.save_for_backward(q, k, v, o, lse, c, cu_seqlens)
+    ctx.save_for_backward(q, k, v, o, lse, c, cu_seqlens, gain[0] if gain else None)
     ctx.max_seqlen, ctx.causal, ctx.xsa, ctx.softmax_scale = max_seqlen, causal, xsa, softmax_scale
     ctx.mark_non_differentiable(lse, c)
 
 
 def _backward(ctx, dz, _dlse, _dc):
-    q, k, v, o, lse, c, cu_seqlens = ctx.saved_tensors
-    dq, dk, dv = _attention_bwd_op(dz, q, k, v, o, lse, c, cu_seqlens, ctx.max_seqlen, ctx.causal, ctx.xsa,
-                                   ctx.softmax_scale)
-    return dq, dk, dv, None, None, None, None, None
+    q, k, v, o, lse, c, cu_seqlens, q_gain = ctx.saved_tensors
+    dq, dk, dv, dgain = _attention_bwd_op(dz, q, k, v, o, lse, c, cu_seqlens, ctx.max_seqlen, ctx.causal, ctx.xsa,
+                                          ctx.softmax_scale, q_gain)
+    return dq, dk, dv, None, None, None, None, None, None if q_gain is None else dgain
 
 
 _attention_fwd_op.register_autograd(_backward, setup_context=_setup_context)
@@ -671,37 +720,50 @@ _attention_fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = True, xsa: bool = False,
               softmax_scale: float | None = None, cu_seqlens: torch.Tensor | None = None,
-              max_seqlen: int | None = None) -> torch.Tensor:
-    """Fused softmax attention with grouped KV heads and optional XSA (Triton; same math and contract as
-    `kernels.reference.attention`, see docs/ops.md).
+              max_seqlen: int | None = None, q_gain: torch.Tensor | None = None, layout: str = "bthd",
+              return_lse: bool = False):
+    """Fused softmax attention with grouped KV heads, optional XSA and per-head score gains (Triton; same
+    math and contract as `kernels.reference.attention`, see docs/ops.md).
 
     Dense: q (B, Tq, H, D), k/v (B, Tk, Hkv, D) with Tq <= Tk; the queries are the last Tq positions
     (Tq < Tk: new tokens after a KV cache; causal masking is aligned bottom-right and XSA uses
-    v[:, Tk - Tq:]). Varlen (`cu_seqlens` given): q (total, H, D), k/v (total, Hkv, D), or the same with a
-    leading 1; cu_seqlens int32 (num_docs + 1,) on q's device, 0 = cu[0] <= ... <= cu[-1] = total (trailing
+    v[:, Tk - Tq:]). layout="bhtd" takes SDPA's (B, H, T, D) instead and returns that layout (a transposed
+    view of a contiguous (B, T, H, D) result, so `.transpose(1, 2).reshape(B, T, H * D)` copies nothing);
+    in the default layout a call whose shapes fit only (B, H, T, D) is refused, naming the layout.
+    Varlen (`cu_seqlens` given): q (total, H, D), k/v (total, Hkv, D), or the same with a leading 1;
+    cu_seqlens int32 (num_docs + 1,) on q's device, 0 = cu[0] <= ... <= cu[-1] = total (trailing
     repeated ends = empty segments, for fixed-capacity padding); each segment attends to itself only.
     `max_seqlen` (varlen only) sizes the grid: at least the longest segment for full parallelism (a
     smaller value is still correct, only slower); when absent it is read from cu_seqlens with one host
     sync. Under torch.compile pass it (e.g. the training sequence length) to avoid that sync.
     H % Hkv == 0, D even and <= 128; float32, float16 or bfloat16, one dtype, one device (CUDA, or CPU
     under TRITON_INTERPRET=1). Any strides are accepted (views are read in place, never copied). Query
-    head h attends with KV head h // (H/Hkv); scores are scaled by softmax_scale (> 0, default
-    1/sqrt(D)) and masked causally when `causal`; with `xsa` the output is projected off its own
-    normalised value (docs/math.md §1.9). Returns a contiguous tensor of q's shape in q.dtype;
-    differentiable in q, k, v (deterministic backward, no float atomics).
+    head h attends with KV head h // (H/Hkv); scores are softmax_scale (> 0, default 1/sqrt(D)) ·
+    q_gain[h] (an (H,) float tensor, default 1; folded into the kernels' scale, not a pass over q) · q·k,
+    masked causally when `causal`; with `xsa` the output is projected off its own normalised value
+    (docs/math.md §1.9). Returns a tensor of q's shape in q.dtype, differentiable in q, k, v and q_gain
+    (deterministic backward, no float atomics); with `return_lse`, (out, lse): lse the log-sum-exp of each
+    row's scaled scores, float32 (B, H, Tq) (varlen: (H, total), or (1, H, total) for 4-D inputs), not
+    differentiable.
     """
     longest = check_attention_inputs(q, k, v, softmax_scale=softmax_scale, cu_seqlens=cu_seqlens,
-                                     max_seqlen=max_seqlen)
+                                     max_seqlen=max_seqlen, q_gain=q_gain, layout=layout)
     check_triton_device("attention", "q", q)
     if q.dtype not in KERNEL_DTYPES:
         raise TypeError(f"q: the Triton attention takes float32, float16 or bfloat16, got {q.dtype} "
                         f"(kernels.reference.attention handles float64)")
     scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else float(softmax_scale)
-    if cu_seqlens is None:
-        return _attention_fwd_op(q, k, v, None, None, bool(causal), bool(xsa), scale)[0]
-    packed = q.dim() == 3
+    if layout == "bhtd":
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+    packed = cu_seqlens is not None and q.dim() == 3
     if packed:
         q, k, v = q[None], k[None], v[None]
-    out = _attention_fwd_op(q, k, v, cu_seqlens.contiguous(), longest if max_seqlen is None else max_seqlen,
-                            bool(causal), bool(xsa), scale)[0]
-    return out[0] if packed else out
+    if cu_seqlens is not None:
+        cu_seqlens = cu_seqlens.contiguous()
+        max_seqlen = longest if max_seqlen is None else max_seqlen
+    out, lse, _ = _attention_fwd_op(q, k, v, cu_seqlens, max_seqlen, bool(causal), bool(xsa), scale, q_gain)
+    if packed:
+        out, lse = out[0], lse[0]
+    if layout == "bhtd":
+        out = out.transpose(1, 2)
+    return (out, lse) if return_lse else out

@@ -97,13 +97,16 @@ def exclusive_self_attention(y: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     return y - (y * v_hat).sum(-1, keepdim=True) * v_hat
 
 
-def _dense_attention(q, k, v, causal: bool, xsa: bool, scale: float) -> torch.Tensor:
+def _dense_attention(q, k, v, causal: bool, xsa: bool, scale: float, q_gain) -> tuple[torch.Tensor, torch.Tensor]:
     """q (B, Tq, H, D) at the last Tq of the Tk positions of k, v (B, Tk, Hkv, D): query i sits at
-    position Tk - Tq + i and (causal) sees keys 0 .. Tk - Tq + i; XSA uses the queries' own values."""
+    position Tk - Tq + i and (causal) sees keys 0 .. Tk - Tq + i; XSA uses the queries' own values.
+    Returns (y (B, Tq, H, D) in q.dtype, lse (B, H, Tq) in the compute dtype)."""
     Tq, H = q.shape[1:3]
     Tk, Hkv = k.shape[1:3]
     cd = _compute_dtype(q)
     qf, kf, vf = (t.to(cd).transpose(1, 2) for t in (q, k, v))        # (B, heads, T, D)
+    if q_gain is not None:
+        qf = qf * q_gain.to(cd)[:, None, None]                         # score = scale · q_gain[h] · q·k
     kf, vf = kf.repeat_interleave(H // Hkv, dim=1), vf.repeat_interleave(H // Hkv, dim=1)
     scores = (qf @ kf.transpose(-1, -2)) * scale                      # (B, H, Tq, Tk)
     if causal:
@@ -112,35 +115,49 @@ def _dense_attention(q, k, v, causal: bool, xsa: bool, scale: float) -> torch.Te
     y = (scores.softmax(dim=-1) @ vf).transpose(1, 2)                 # (B, Tq, H, D)
     if xsa:
         y = exclusive_self_attention(y, v[:, Tk - Tq:].to(cd))
-    return y.to(q.dtype)
+    return y.to(q.dtype), scores.logsumexp(dim=-1)
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = True,
               xsa: bool = False, softmax_scale: float | None = None, cu_seqlens: torch.Tensor | None = None,
-              max_seqlen: int | None = None) -> torch.Tensor:
+              max_seqlen: int | None = None, q_gain: torch.Tensor | None = None, layout: str = "bthd",
+              return_lse: bool = False):
     """Softmax attention with grouped KV heads and optional XSA (the contract of `kernels.attention`).
 
     Dense: q (B, Tq, H, D), k/v (B, Tk, Hkv, D), Tq <= Tk, the queries being the last Tq positions (a KV
-    cache's new tokens: causal masking aligned bottom-right, XSA with v[:, Tk - Tq:]). Varlen
-    (`cu_seqlens` int32 (num_docs + 1,), 0 = cu[0] <= ... <= cu[-1] = total): q (total, H, D), k/v
-    (total, Hkv, D) (or with a leading 1), each segment [cu[i], cu[i+1]) attending to itself alone;
-    max_seqlen is validated and otherwise unused here. H % Hkv == 0, D even and <= 128;
-    float32/16/bf16/64. Query head h attends with KV head h // (H/Hkv). Scores are scaled by
-    softmax_scale (default 1/sqrt(D)), masked causally when `causal`; with `xsa` the output is projected
-    off its own normalised value (see `exclusive_self_attention`). Returns q's shape in q.dtype;
-    differentiable in q, k, v.
+    cache's new tokens: causal masking aligned bottom-right, XSA with v[:, Tk - Tq:]); layout="bhtd"
+    takes and returns SDPA's (B, H, T, D) instead. Varlen (`cu_seqlens` int32 (num_docs + 1,), 0 = cu[0]
+    <= ... <= cu[-1] = total): q (total, H, D), k/v (total, Hkv, D) (or with a leading 1), each segment
+    [cu[i], cu[i+1]) attending to itself alone; max_seqlen is validated and otherwise unused here.
+    H % Hkv == 0, D even and <= 128; float32/16/bf16/64. Query head h attends with KV head h // (H/Hkv).
+    Scores are softmax_scale (default 1/sqrt(D)) · q_gain[h] (q_gain (H,), default 1) · q·k, masked
+    causally when `causal`; with `xsa` the output is projected off its own normalised value (see
+    `exclusive_self_attention`). Returns q's shape in q.dtype, differentiable in q, k, v and q_gain; with
+    `return_lse` also the log-sum-exp of each row's scaled scores, (B, H, Tq) (varlen: (H, total), or
+    (1, H, total) for 4-D inputs) in float32 (float64 for float64 inputs), not differentiable.
     """
-    check_attention_inputs(q, k, v, softmax_scale=softmax_scale, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
+    check_attention_inputs(q, k, v, softmax_scale=softmax_scale, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen,
+                           q_gain=q_gain, layout=layout)
     scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else softmax_scale
     if cu_seqlens is None:
-        return _dense_attention(q, k, v, causal, xsa, scale)
-    # Varlen: the dense reference on each segment on its own, which is isolation by construction.
-    packed = q.dim() == 3
-    q, k, v = (t[None] if packed else t for t in (q, k, v))
-    bounds = cu_seqlens.tolist()
-    out = torch.cat([_dense_attention(q[:, a:b], k[:, a:b], v[:, a:b], causal, xsa, scale)
-                     for a, b in zip(bounds, bounds[1:])], dim=1)
-    return out[0] if packed else out
+        if layout == "bhtd":
+            q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+        out, lse = _dense_attention(q, k, v, causal, xsa, scale, q_gain)
+        if layout == "bhtd":
+            out = out.transpose(1, 2)
+    else:
+        # Varlen: the dense reference on each segment on its own, which is isolation by construction.
+        packed = q.dim() == 3
+        q, k, v = (t[None] if packed else t for t in (q, k, v))
+        bounds = cu_seqlens.tolist()
+        pieces = [_dense_attention(q[:, a:b], k[:, a:b], v[:, a:b], causal, xsa, scale, q_gain)
+                  for a, b in zip(bounds, bounds[1:])]
+        out, lse = torch.cat([y for y, _ in pieces], dim=1), torch.cat([s for _, s in pieces], dim=2)
+        if packed:
+            out, lse = out[0], lse[0]
+    if not return_lse:
+        return out
+    return out, lse.detach().to(torch.float64 if lse.dtype == torch.float64 else torch.float32)
 
 
 # ----------------------------------------------------------------------------------------------

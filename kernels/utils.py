@@ -255,39 +255,81 @@ def check_tensor(name: str, t, *, ndim: int | None = None, dtypes=None, device=N
         raise ValueError(f"{name}: expected a contiguous tensor (call .contiguous() first)")
 
 
-def check_attention_inputs(q, k, v, *, softmax_scale=None, cu_seqlens=None, max_seqlen=None) -> int | None:
+# The layouts `attention` takes its dense q/k/v in: ours and FlashAttention's, and SDPA's.
+ATTENTION_LAYOUTS = {"bthd": "(B, T, H, D)", "bhtd": "(B, H, T, D)"}
+
+
+def _dense_shape_problem(q_shape, k_shape, gain_len, layout: str) -> str | None:
+    """What is wrong with dense q (B, Tq, H, D) / k (B, Tk, Hkv, D) shapes read in `layout` (dims 1 and 2
+    swapped for "bhtd"), or None when they make one attention problem."""
+    def read(shape):
+        return tuple(shape) if layout == "bthd" else (shape[0], shape[2], shape[1], shape[3])
+
+    def show(b, t, h, d):
+        return "(" + ", ".join(map(str, (b, t, h, d) if layout == "bthd" else (b, h, t, d))) + ")"
+    B, Tq, H, D = read(q_shape)
+    Bk, Tk, Hkv, Dk = read(k_shape)
+    if Bk != B or Tk < Tq or Dk != D:
+        return (f"k: expected shape {show(B, 'Tk', 'Hkv', D)} with Tk >= {Tq} to match q {tuple(q_shape)} "
+                f"(Tk > Tq: the queries are the last Tq positions), got {tuple(k_shape)}")
+    if H % Hkv != 0:
+        return f"q/k: number of query heads {H} must be a multiple of KV heads {Hkv}"
+    if gain_len is not None and gain_len != H:
+        return f"q_gain: expected shape ({H},) (one gain per query head), got ({gain_len},)"
+    return None
+
+
+def check_attention_inputs(q, k, v, *, softmax_scale=None, cu_seqlens=None, max_seqlen=None, q_gain=None,
+                           layout="bthd") -> int | None:
     """Validate the `attention` contract (docs/ops.md).
 
-    Dense: q (B, Tq, H, D), k/v (B, Tk, Hkv, D) with Tq <= Tk. Varlen (cu_seqlens given): q (total, H, D)
-    or (1, total, H, D), k/v of q's rank with total rows and Hkv heads; cu_seqlens int32 (num_docs + 1,)
-    on q's device with 0 = cu[0] <= cu[1] <= ... <= cu[-1] = total; max_seqlen None or an int >= 1
-    (varlen only). Always: H % Hkv == 0, D even and <= 128, one float dtype, softmax_scale None or a
-    finite number > 0. Returns the longest segment when it read cu_seqlens' values (one host sync), else
-    None: the values are not checked while torch.compile traces, where reading them would break the graph.
+    Dense: q (B, Tq, H, D), k/v (B, Tk, Hkv, D) with Tq <= Tk, or with layout="bhtd" q (B, H, Tq, D), k/v
+    (B, Hkv, Tk, D). A dense call whose shapes fit only the other layout is refused with a message naming
+    it. Varlen (cu_seqlens given, layout "bthd" only): q (total, H, D) or (1, total, H, D), k/v of q's
+    rank with total rows and Hkv heads; cu_seqlens int32 (num_docs + 1,) on q's device with 0 = cu[0] <=
+    cu[1] <= ... <= cu[-1] = total; max_seqlen None or an int >= 1 (varlen only). Always: H % Hkv == 0, D
+    even and <= 128, one float dtype, softmax_scale None or a finite number > 0, q_gain None or a float
+    (H,) tensor on q's device. Returns the longest segment when it read cu_seqlens' values (one host
+    sync), else None: the values are not checked while torch.compile traces, where reading them would
+    break the graph.
     """
+    if layout not in ATTENTION_LAYOUTS:
+        raise ValueError(f"layout: expected one of {', '.join(map(repr, ATTENTION_LAYOUTS))}, got {layout!r}")
     varlen = cu_seqlens is not None
+    if varlen and layout != "bthd":
+        raise ValueError(f"layout: {layout!r} is for dense {ATTENTION_LAYOUTS[layout]} tensors; with cu_seqlens "
+                         f"q/k/v are packed (total, H, D) rows (layout='bthd')")
     for name, t in (("q", q), ("k", k), ("v", v)):
         check_tensor(name, t, ndim=None if varlen else 4, dtypes=FLOAT_DTYPES,
                      device=q.device if name != "q" else None)
     if k.shape != v.shape:
         raise ValueError(f"k and v: expected equal shapes, got k {tuple(k.shape)} and v {tuple(v.shape)}")
-    H, D = q.shape[-2:]
+    if q_gain is not None:
+        check_tensor("q_gain", q_gain, ndim=1, dtypes=FLOAT_DTYPES, device=q.device)
+    gain_len = None if q_gain is None else q_gain.shape[0]
+    D = q.shape[-1]
     if varlen:
+        H = q.shape[-2]
         if q.dim() not in (3, 4) or (q.dim() == 4 and q.shape[0] != 1):
             raise ValueError(f"q: with cu_seqlens, expected packed rows (total, H, D) or (1, total, H, D), "
                              f"got shape {tuple(q.shape)}")
         if k.dim() != q.dim() or k.shape[:-2] != q.shape[:-2] or k.shape[-1] != D:
             raise ValueError(f"k: expected shape ({', '.join(map(str, q.shape[:-2]))}, Hkv, {D}) to match q "
                              f"{tuple(q.shape)} (one packed row per query row), got {tuple(k.shape)}")
+        if H % k.shape[-2] != 0:
+            raise ValueError(f"q/k: number of query heads {H} must be a multiple of KV heads {k.shape[-2]}")
+        if gain_len is not None and gain_len != H:
+            raise ValueError(f"q_gain: expected shape ({H},) (one gain per query head), got ({gain_len},)")
     else:
-        B, Tq = q.shape[:2]
-        if k.shape[0] != B or k.shape[1] < Tq or k.shape[3] != D:
-            raise ValueError(f"k: expected shape ({B}, Tk, Hkv, {D}) with Tk >= {Tq} to match q {tuple(q.shape)} "
-                             f"(Tk > Tq: the queries are the last Tq positions), got {tuple(k.shape)}")
+        problem = _dense_shape_problem(q.shape, k.shape, gain_len, layout)
+        if problem is not None:
+            other = "bhtd" if layout == "bthd" else "bthd"
+            if _dense_shape_problem(q.shape, k.shape, gain_len, other) is None:
+                problem += (f"; these shapes fit {ATTENTION_LAYOUTS[other]} tensors, not {ATTENTION_LAYOUTS[layout]}: "
+                            f"pass layout={other!r} (or transpose dims 1 and 2)")
+            raise ValueError(problem)
         if max_seqlen is not None:
             raise ValueError("max_seqlen: only meaningful with cu_seqlens (varlen attention)")
-    if H % k.shape[-2] != 0:
-        raise ValueError(f"q/k: number of query heads {H} must be a multiple of KV heads {k.shape[-2]}")
     if D % 2 != 0 or D > 128:
         raise ValueError(f"q: head dim must be even and <= 128, got {D}")
     if not (q.dtype == k.dtype == v.dtype):

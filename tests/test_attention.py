@@ -33,21 +33,23 @@ def _cached_inputs(B, Tq, Tk, H, Hkv, D, dtype):
     return q, kv[:, :, 0], kv[:, :, 1]
 
 
-def _check(q, k, v, *, causal=True, xsa=False, softmax_scale=None, dz=None):
-    """Run ours and the float64 reference on the same inputs and upstream gradient; assert the bounds."""
-    q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
-    out = attention(q, k, v, causal=causal, xsa=xsa, softmax_scale=softmax_scale)
+def _check(q, k, v, *, causal=True, xsa=False, softmax_scale=None, dz=None, q_gain=None, layout="bthd"):
+    """Run ours and the float64 reference on the same inputs and upstream gradient; assert the bounds
+    (with `q_gain`, on its gradient too)."""
+    leaves = [t.detach().requires_grad_() for t in (q, k, v) + ((q_gain,) if q_gain is not None else ())]
+    kw = dict(causal=causal, xsa=xsa, softmax_scale=softmax_scale, layout=layout)
+    out = attention(*leaves[:3], q_gain=leaves[3] if q_gain is not None else None, **kw)
     assert out.shape == q.shape and out.dtype == q.dtype
     if dz is None:
         dz = torch.randn_like(out)
-    grads = torch.autograd.grad(out, (q, k, v), dz)
-    ref_in = [t.detach().double().requires_grad_() for t in (q, k, v)]
-    ref = reference.attention(*ref_in, causal=causal, xsa=xsa, softmax_scale=softmax_scale)
+    grads = torch.autograd.grad(out, leaves, dz)
+    ref_in = [t.detach().double().requires_grad_() for t in leaves]
+    ref = reference.attention(*ref_in[:3], q_gain=ref_in[3] if q_gain is not None else None, **kw)
     ref_grads = torch.autograd.grad(ref, ref_in, dz.double())
     fwd_bound, grad_bound = BOUNDS[q.dtype]
     assert rel_err(out, ref) < fwd_bound, f"forward rel err {rel_err(out, ref):.2e}"
-    for name, g, r in zip("qkv", grads, ref_grads):
-        assert g.shape == r.shape and g.dtype == q.dtype
+    for name, g, r, t in zip(("q", "k", "v", "q_gain"), grads, ref_grads, leaves):
+        assert g.shape == r.shape and g.dtype == t.dtype
         assert rel_err(g, r) < grad_bound, f"d{name} rel err {rel_err(g, r):.2e}"
     return grads, ref_grads
 
@@ -125,6 +127,89 @@ def test_model_kv_cache_decoding_runs_the_op(monkeypatch):
     assert rel_err(full, ref) < 1e-5
     assert rel_err(torch.cat(steps, dim=1), full) < 1e-5
     assert set(after_cache) == {(1, 6), (6, 12)}        # every schedule position of steps 2 and 3
+
+
+# q_gain (H,): per-head score gains inside the kernel, forward and d q_gain, with GQA, after a KV cache,
+# non-causal, and 16-bit inputs (the gain stays float32, as the models keep it).
+GAIN_CASES = [
+    # B, Tq, Tk, H, Hkv, D, dtype, causal, xsa
+    (2, 37, 37, 4, 2, 46, torch.float32, True, True),
+    (1, 9, 30, 4, 1, 16, torch.float32, True, False),
+    (1, 33, 33, 2, 2, 16, torch.float32, False, True),
+    (2, 20, 20, 4, 2, 16, torch.bfloat16, True, True),
+]
+
+
+@pytest.mark.parametrize("B,Tq,Tk,H,Hkv,D,dtype,causal,xsa", GAIN_CASES)
+def test_q_gain_matches_reference(B, Tq, Tk, H, Hkv, D, dtype, causal, xsa):
+    torch.manual_seed(Tq + H)
+    q, k, v = _cached_inputs(B, Tq, Tk, H, Hkv, D, dtype)
+    gain = torch.tensor([1.5, 5.0, 0.5, 2.5][:H])
+    (dq, *_, dgain), _ = _check(q, k, v, causal=causal, xsa=xsa, q_gain=gain)
+    assert dgain.dtype == torch.float32 and dgain.abs().min() > 0
+
+
+def test_reference_q_gain_is_a_scale_of_q():
+    """The reference's q_gain is q[:, :, h] · q_gain[h] before the dot (float64, to round-off)."""
+    torch.manual_seed(8)
+    q, k, v = (t.double() for t in _inputs(1, 12, 4, 2, 16, torch.float32))
+    gain = torch.tensor([1.5, 5.0, 0.5, 2.5], dtype=torch.float64)
+    assert rel_err(reference.attention(q, k, v, q_gain=gain, xsa=True),
+                   reference.attention(q * gain[:, None], k, v, xsa=True)) < 1e-14
+
+
+def test_sdpa_layout_matches_reference():
+    """layout="bhtd": (B, H, T, D) in and out, forward and gradients (as transposed views, read in place)."""
+    torch.manual_seed(9)
+    q, k, v = (t.transpose(1, 2) for t in _inputs(2, 29, 4, 2, 46, torch.float32))
+    _check(q, k, v, xsa=True, layout="bhtd", q_gain=torch.tensor([1.5, 5.0, 0.5, 2.5]))
+    assert rel_err(attention(q, k, v, layout="bhtd"), attention(*(t.transpose(1, 2) for t in (q, k, v))
+                                                                 ).transpose(1, 2)) == 0
+
+
+@pytest.mark.parametrize("op", [attention, reference.attention], ids=["triton", "reference"])
+@pytest.mark.parametrize("shapes, gain, layout", [
+    (((2, 4, 12, 16), (2, 2, 12, 16)), None, "bthd"),       # GQA (B, H, T, D): Tq = 4 > Tk = 2 read as bthd
+    (((2, 4, 3, 16), (2, 4, 12, 16)), None, "bthd"),        # MHA after a KV cache: 3 heads % 12 read as bthd
+    (((2, 4, 12, 16), (2, 4, 12, 16)), 4, "bthd"),          # MHA, told apart by q_gain's length
+    (((2, 12, 4, 16), (2, 12, 2, 16)), None, "bhtd"),       # and the other way round
+])
+def test_layout_guard_names_the_layout(op, shapes, gain, layout):
+    q, k = (torch.randn(s) for s in shapes)
+    other = "bhtd" if layout == "bthd" else "bthd"
+    with pytest.raises(ValueError, match=f"pass layout='{other}'"):
+        op(q, k, k.clone(), layout=layout, q_gain=None if gain is None else torch.ones(gain))
+
+
+def test_layout_guard_cannot_tell_mha_without_a_cache():
+    """MHA with Tq == Tk and no q_gain fits both layouts (docs/ops.md): accepted as the layout given."""
+    q = torch.randn(1, 4, 12, 16)
+    assert attention(q, q, q).shape == q.shape
+
+
+@pytest.mark.parametrize("kwargs, exc, match", [
+    (dict(layout="thd"), ValueError, "layout: expected one of"),
+    (dict(q_gain=torch.ones(3)), ValueError, r"q_gain: expected shape \(4,\)"),
+    (dict(q_gain=torch.ones(4, dtype=torch.int32)), TypeError, "q_gain: expected dtype"),
+    (dict(q_gain=torch.ones(1, 4)), ValueError, "q_gain: expected a 1-D"),
+])
+def test_bad_gain_and_layout(kwargs, exc, match):
+    q, k, v = _inputs(1, 8, 4, 2, 16, torch.float32)
+    for op in (attention, reference.attention):
+        with pytest.raises(exc, match=match):
+            op(q, k, v, **kwargs)
+
+
+def test_log_sum_exp_matches_reference():
+    """return_lse: the float32 log-sum-exp of each row's scaled (and gained) scores, (B, H, Tq)."""
+    torch.manual_seed(10)
+    q, k, v = _cached_inputs(2, 9, 30, 4, 2, 16, torch.float32)
+    gain = torch.tensor([1.5, 5.0, 0.5, 2.5])
+    out, lse = attention(q, k, v, xsa=True, q_gain=gain, return_lse=True)
+    ref, ref_lse = reference.attention(q.double(), k.double(), v.double(), xsa=True, q_gain=gain.double(),
+                                       return_lse=True)
+    assert lse.shape == ref_lse.shape == (2, 4, 9) and lse.dtype == torch.float32
+    assert rel_err(lse, ref_lse) < 1e-6 and rel_err(out, ref) < 1e-5
 
 
 def test_xsa_value_norm_at_and_below_eps():

@@ -72,6 +72,22 @@ def test_bf16():
     check(q, k, v, cu([18, 32]), xsa=True)
 
 
+def test_q_gain_and_log_sum_exp():
+    """Per-head gains inside the varlen kernels (forward, dq/dk/dv and d q_gain) and the (H, total) lse."""
+    q, k, v = packed_inputs(50, 4, 2, 16, seed=13)
+    gain = torch.tensor([1.5, 5.0, 0.5, 2.5])
+    offsets = cu([20, 25, 5, 0])
+    leaves = [t.detach().requires_grad_() for t in (q, k, v, gain)]
+    out, lse = attention(*leaves[:3], q_gain=leaves[3], cu_seqlens=offsets, xsa=True, return_lse=True)
+    ref_in = [t.detach().double().requires_grad_() for t in (q, k, v, gain)]
+    ref, ref_lse = reference.attention(*ref_in[:3], q_gain=ref_in[3], cu_seqlens=offsets, xsa=True,
+                                       return_lse=True)
+    dz = torch.randn(q.shape, generator=torch.Generator().manual_seed(14))
+    assert lse.shape == (4, 50) and rel_err(lse, ref_lse) < 1e-6 and rel_err(out, ref) < 1e-5
+    for g, r in zip(torch.autograd.grad(out, leaves, dz), torch.autograd.grad(ref, ref_in, dz.double())):
+        assert rel_err(g, r) < 1e-5
+
+
 def test_max_seqlen_below_the_longest_segment_is_still_correct():
     """max_seqlen only sizes the grid: programs loop over their segment's remaining query/key blocks."""
     q, k, v = packed_inputs(70, 4, 2, 16, seed=5)
@@ -136,6 +152,8 @@ def test_bad_packed_shapes(op):
         op(q, k[:10], v[:10], cu_seqlens=offsets)
     with pytest.raises(ValueError, match="max_seqlen: only meaningful with cu_seqlens"):
         op(q[None], k[None], v[None], max_seqlen=12)
+    with pytest.raises(ValueError, match="layout: 'bhtd' is for dense"):
+        op(q[None], k[None], v[None], cu_seqlens=offsets, layout="bhtd")
 
 
 def test_compiles_fullgraph_without_recompiling_for_new_offsets():
