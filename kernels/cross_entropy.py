@@ -234,7 +234,7 @@ def _reduce(losses: torch.Tensor, targets: torch.Tensor, reduction: str, ignore_
 
 @torch.library.custom_op("crawler_kernels::softcapped_cross_entropy", mutates_args=())
 def _ce_forward(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, softcap: float,
-                ignore_index: int) -> tuple[torch.Tensor, torch.Tensor]:
+                ignore_index: int = -100) -> tuple[torch.Tensor, torch.Tensor]:
     """(per-token losses (N,) fp32, 0 where the target is ignore_index; per-token log-sum-exp of z' (N,)
     fp32, saved for backward)."""
     N, D = hidden.shape
@@ -259,15 +259,16 @@ def _ce_forward(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tenso
 
 
 @_ce_forward.register_fake
-def _(hidden, weight, targets, softcap, ignore_index):
+def _(hidden, weight, targets, softcap, ignore_index=-100):
     return (hidden.new_empty((hidden.shape[0],), dtype=torch.float32),
             hidden.new_empty((hidden.shape[0],), dtype=torch.float32))
 
 
 @torch.library.custom_op("crawler_kernels::softcapped_cross_entropy_backward", mutates_args=())
 def _ce_backward(grad_losses: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                 lse: torch.Tensor, softcap: float, ignore_index: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(d/d hidden in hidden.dtype, d/d weight in weight.dtype) of Σ_i grad_losses_i · loss_i."""
+                 lse: torch.Tensor, softcap: float, ignore_index: int = -100) -> tuple[torch.Tensor, torch.Tensor]:
+    """(d/d hidden in hidden.dtype, d/d weight in weight.dtype) of Σ_i grad_losses_i · loss_i (grad_losses
+    (N,), or 0-d: the same weight for every token)."""
     N, D = hidden.shape
     V = weight.shape[0]
     w = weight.to(hidden.dtype)
@@ -291,7 +292,7 @@ def _ce_backward(grad_losses: torch.Tensor, hidden: torch.Tensor, weight: torch.
 
 
 @_ce_backward.register_fake
-def _(grad_losses, hidden, weight, targets, lse, softcap, ignore_index):
+def _(grad_losses, hidden, weight, targets, lse, softcap, ignore_index=-100):
     return torch.empty_like(hidden), torch.empty_like(weight)
 
 

@@ -107,10 +107,23 @@ def _load_rows(ptr, rows, valid, cols, width, col_ok):
 
 
 @triton.jit
-def _proj_chunk(proj_ptr, cols, col_ok, kk, k_ok, K, DOT_DTYPE: tl.constexpr):
-    """bigram_proj[cols, :] transposed to (BLOCK_K, BLOCK_D), in the dot's operand dtype."""
-    return tl.load(proj_ptr + cols[None, :] * K + kk[:, None],
-                   mask=k_ok[:, None] & col_ok[None, :], other=0.0).to(DOT_DTYPE)
+def _bigram_rows(table_ptr, h, valid, kk, K, k_ok, DOT_DTYPE: tl.constexpr, HAS_BIGRAM: tl.constexpr):
+    """bigram_table[h, :] (BLOCK_T, BLOCK_K) in the dot's operand dtype; nothing (0.0) without BigramHash."""
+    rows = 0.0
+    if HAS_BIGRAM:
+        rows = _load_rows(table_ptr, h, valid, kk, K, k_ok).to(DOT_DTYPE)
+    return rows
+
+
+@triton.jit
+def _proj_chunk(proj_ptr, cols, col_ok, kk, k_ok, K, DOT_DTYPE: tl.constexpr, HAS_BIGRAM: tl.constexpr):
+    """bigram_proj[cols, :] transposed to (BLOCK_K, BLOCK_D), in the dot's operand dtype; nothing (0.0)
+    without BigramHash."""
+    p = 0.0
+    if HAS_BIGRAM:
+        p = tl.load(proj_ptr + cols[None, :] * K + kk[:, None], mask=k_ok[:, None] & col_ok[None, :],
+                    other=0.0).to(DOT_DTYPE)
+    return p
 
 
 @triton.jit
@@ -120,11 +133,14 @@ def _gate_sigmoid(gate_ptr, cols, col_ok):
 
 
 @triton.jit
-def _pre_norm(tok_ptr, ids, valid, cols, col_ok, D, bigram_rows, proj_t, PRECISION: tl.constexpr):
-    """x = tok_emb[ids, cols] + bigram_rows @ proj_t: the un-normalised embedding, (BLOCK_T, BLOCK_D)
-    fp32, 0 in rows that are not `valid` (their bigram rows were loaded as 0)."""
-    tok = _load_rows(tok_ptr, ids, valid, cols, D, col_ok)
-    return tl.dot(bigram_rows, proj_t, acc=tok, input_precision=PRECISION)
+def _pre_norm(tok_ptr, ids, valid, cols, col_ok, D, bigram_rows, proj_t, PRECISION: tl.constexpr,
+              HAS_BIGRAM: tl.constexpr):
+    """x = tok_emb[ids, cols] (+ bigram_rows @ proj_t with BigramHash): the un-normalised embedding,
+    (BLOCK_T, BLOCK_D) fp32, 0 in rows that are not `valid` (their bigram rows were loaded as 0)."""
+    x = _load_rows(tok_ptr, ids, valid, cols, D, col_ok)
+    if HAS_BIGRAM:
+        x = tl.dot(bigram_rows, proj_t, acc=x, input_precision=PRECISION)
+    return x
 
 
 # ----------------------------------------------------------------------------------------------
@@ -137,7 +153,8 @@ def _pre_norm(tok_ptr, ids, valid, cols, col_ok, D, bigram_rows, proj_t, PRECISI
 def _embed_fwd_kernel(ids_ptr, tok_ptr, table_ptr, proj_ptr, gate_ptr, out_ptr, rstd_ptr, bucket_ptr,
                       N, T, D, K, NB, eps, bos, TOKENS_BUCKET,
                       BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
-                      DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
+                      DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, HAS_BIGRAM: tl.constexpr,
+                      HAS_SMEAR: tl.constexpr):
     rows = tl.arange(0, BLOCK_T)
     kk = tl.arange(0, BLOCK_K)
     k_ok = kk < K
@@ -149,32 +166,34 @@ def _embed_fwd_kernel(ids_ptr, tok_ptr, table_ptr, proj_ptr, gate_ptr, out_ptr, 
     h, cur = _bucket(ids_ptr, tok, valid, T, NB, bos)
     has_prev = valid & (tok % T != 0) & (cur != bos)         # not a document start: smear the previous
     h_prev, prev = _bucket(ids_ptr, tok - 1, has_prev, T, NB, bos)
-    b = _load_rows(table_ptr, h, valid, kk, K, k_ok).to(DOT_DTYPE)
+    b = _bigram_rows(table_ptr, h, valid, kk, K, k_ok, DOT_DTYPE, HAS_BIGRAM)
 
     # Pass 1: sum of squares per row.
     ssq = tl.zeros([BLOCK_T], dtype=tl.float32)
     for c0 in range(0, D, BLOCK_D):
         cols = c0 + tl.arange(0, BLOCK_D)
         col_ok = cols < D
-        p = _proj_chunk(proj_ptr, cols, col_ok, kk, k_ok, K, DOT_DTYPE)
-        x = _pre_norm(tok_ptr, cur, valid, cols, col_ok, D, b, p, PRECISION)
+        p = _proj_chunk(proj_ptr, cols, col_ok, kk, k_ok, K, DOT_DTYPE, HAS_BIGRAM)
+        x = _pre_norm(tok_ptr, cur, valid, cols, col_ok, D, b, p, PRECISION, HAS_BIGRAM)
         ssq += tl.sum(x * x, axis=1)
     rstd = tl.rsqrt(ssq / D + eps)
     # rstd of row r - 1 at row r: a one-row shift of a vector as a masked reduction (BLOCK_T² work).
     rstd_prev = tl.sum(tl.where(rows[None, :] == rows[:, None] - 1, rstd[None, :], 0.0), axis=1)
     tl.store(rstd_ptr + tok, rstd, mask=owned)
-    tl.store(bucket_ptr + tok, h.to(tl.int32), mask=owned)
+    if HAS_BIGRAM:
+        tl.store(bucket_ptr + tok, h.to(tl.int32), mask=owned)
 
     # Pass 2: recompute x for the rows and for their previous tokens, normalise, smear, store.
-    b_prev = _load_rows(table_ptr, h_prev, has_prev, kk, K, k_ok).to(DOT_DTYPE)
+    b_prev = _bigram_rows(table_ptr, h_prev, has_prev, kk, K, k_ok, DOT_DTYPE, HAS_BIGRAM)
     for c0 in range(0, D, BLOCK_D):
         cols = c0 + tl.arange(0, BLOCK_D)
         col_ok = cols < D
-        p = _proj_chunk(proj_ptr, cols, col_ok, kk, k_ok, K, DOT_DTYPE)
-        x = _pre_norm(tok_ptr, cur, valid, cols, col_ok, D, b, p, PRECISION)
-        x_prev = _pre_norm(tok_ptr, prev, has_prev, cols, col_ok, D, b_prev, p, PRECISION)
-        s = _gate_sigmoid(gate_ptr, cols, col_ok)[None, :]
-        y = (1.0 - s) * (x * rstd[:, None]) + s * (x_prev * rstd_prev[:, None])
+        p = _proj_chunk(proj_ptr, cols, col_ok, kk, k_ok, K, DOT_DTYPE, HAS_BIGRAM)
+        y = _pre_norm(tok_ptr, cur, valid, cols, col_ok, D, b, p, PRECISION, HAS_BIGRAM) * rstd[:, None]
+        if HAS_SMEAR:
+            x_prev = _pre_norm(tok_ptr, prev, has_prev, cols, col_ok, D, b_prev, p, PRECISION, HAS_BIGRAM)
+            s = _gate_sigmoid(gate_ptr, cols, col_ok)[None, :]
+            y = (1.0 - s) * y + s * (x_prev * rstd_prev[:, None])
         tl.store(out_ptr + tok[:, None] * D + cols[None, :], y.to(out_ptr.dtype.element_ty),
                  mask=owned[:, None] & col_ok[None, :])
 
@@ -188,7 +207,8 @@ def _embed_fwd_kernel(ids_ptr, tok_ptr, table_ptr, proj_ptr, gate_ptr, out_ptr, 
 def _embed_bwd_rows_kernel(dy_ptr, ids_ptr, tok_ptr, table_ptr, proj_ptr, gate_ptr, rstd_ptr, bucket_ptr,
                            da_ptr, g_ptr, dgate_part_ptr, N, T, D, K, bos, TOKENS_BUCKET,
                            BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
-                           DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
+                           DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, HAS_BIGRAM: tl.constexpr,
+                           HAS_SMEAR: tl.constexpr):
     pid = tl.program_id(0)
     rows = tl.arange(0, BLOCK_T)
     kk = tl.arange(0, BLOCK_K)
@@ -200,24 +220,26 @@ def _embed_bwd_rows_kernel(dy_ptr, ids_ptr, tok_ptr, table_ptr, proj_ptr, gate_p
     has_next = valid & ((tok + 1) % T != 0)
     has_next = has_next & (tl.load(ids_ptr + tok + 1, mask=has_next, other=0).to(tl.int64) != bos)
     cur = tl.load(ids_ptr + tok, mask=valid, other=0).to(tl.int64)
-    h = tl.load(bucket_ptr + tok, mask=valid, other=0).to(tl.int64)
+    h = tl.load(bucket_ptr + tok, mask=valid & HAS_BIGRAM, other=0).to(tl.int64)
     rstd = tl.load(rstd_ptr + tok, mask=valid, other=0.0)        # 0 zeroes xn and da of masked rows
-    b = _load_rows(table_ptr, h, valid, kk, K, k_ok).to(DOT_DTYPE)
+    b = _bigram_rows(table_ptr, h, valid, kk, K, k_ok, DOT_DTYPE, HAS_BIGRAM)
 
     # Pass 1: Σ_c dxn·xn per row, and this block's share of the gate gradient.
     dot_dxn_xn = tl.zeros([BLOCK_T], dtype=tl.float32)
     for c0 in range(0, D, BLOCK_D):
         cols = c0 + tl.arange(0, BLOCK_D)
         col_ok = cols < D
-        p = _proj_chunk(proj_ptr, cols, col_ok, kk, k_ok, K, DOT_DTYPE)
-        xn = _pre_norm(tok_ptr, cur, valid, cols, col_ok, D, b, p, PRECISION) * rstd[:, None]
-        dy = _load_rows(dy_ptr, tok, valid, cols, D, col_ok)
-        dy_next = _load_rows(dy_ptr, tok + 1, has_next, cols, D, col_ok)
-        s = _gate_sigmoid(gate_ptr, cols, col_ok)
-        dxn = (1.0 - s[None, :]) * dy + s[None, :] * dy_next
+        p = _proj_chunk(proj_ptr, cols, col_ok, kk, k_ok, K, DOT_DTYPE, HAS_BIGRAM)
+        xn = _pre_norm(tok_ptr, cur, valid, cols, col_ok, D, b, p, PRECISION, HAS_BIGRAM) * rstd[:, None]
+        dxn = _load_rows(dy_ptr, tok, valid, cols, D, col_ok)
+        if HAS_SMEAR:
+            dy = dxn
+            dy_next = _load_rows(dy_ptr, tok + 1, has_next, cols, D, col_ok)
+            s = _gate_sigmoid(gate_ptr, cols, col_ok)
+            dxn = (1.0 - s[None, :]) * dy + s[None, :] * dy_next
+            dgate = tl.sum(xn * (dy_next - dy), axis=0) * s * (1.0 - s)
+            tl.store(dgate_part_ptr + pid * D + cols, dgate, mask=col_ok)
         dot_dxn_xn += tl.sum(dxn * xn, axis=1)
-        dgate = tl.sum(xn * (dy_next - dy), axis=0) * s * (1.0 - s)
-        tl.store(dgate_part_ptr + pid * D + cols, dgate, mask=col_ok)
     mean_dxn_xn = dot_dxn_xn / D
 
     # Pass 2: da = (dxn - xn·mean(dxn·xn)) · rstd, stored, and g = da @ proj accumulated over chunks.
@@ -225,16 +247,19 @@ def _embed_bwd_rows_kernel(dy_ptr, ids_ptr, tok_ptr, table_ptr, proj_ptr, gate_p
     for c0 in range(0, D, BLOCK_D):
         cols = c0 + tl.arange(0, BLOCK_D)
         col_ok = cols < D
-        p = _proj_chunk(proj_ptr, cols, col_ok, kk, k_ok, K, DOT_DTYPE)
-        xn = _pre_norm(tok_ptr, cur, valid, cols, col_ok, D, b, p, PRECISION) * rstd[:, None]
-        dy = _load_rows(dy_ptr, tok, valid, cols, D, col_ok)
-        dy_next = _load_rows(dy_ptr, tok + 1, has_next, cols, D, col_ok)
-        s = _gate_sigmoid(gate_ptr, cols, col_ok)[None, :]
-        dxn = (1.0 - s) * dy + s * dy_next
+        p = _proj_chunk(proj_ptr, cols, col_ok, kk, k_ok, K, DOT_DTYPE, HAS_BIGRAM)
+        xn = _pre_norm(tok_ptr, cur, valid, cols, col_ok, D, b, p, PRECISION, HAS_BIGRAM) * rstd[:, None]
+        dxn = _load_rows(dy_ptr, tok, valid, cols, D, col_ok)
+        if HAS_SMEAR:
+            dy_next = _load_rows(dy_ptr, tok + 1, has_next, cols, D, col_ok)
+            s = _gate_sigmoid(gate_ptr, cols, col_ok)[None, :]
+            dxn = (1.0 - s) * dxn + s * dy_next
         da = ((dxn - xn * mean_dxn_xn[:, None]) * rstd[:, None]).to(da_ptr.dtype.element_ty)
         tl.store(da_ptr + tok[:, None] * D + cols[None, :], da, mask=valid[:, None] & col_ok[None, :])
-        g = tl.dot(da.to(DOT_DTYPE), tl.trans(p), acc=g, input_precision=PRECISION)
-    tl.store(g_ptr + tok[:, None] * K + kk[None, :], g, mask=valid[:, None] & k_ok[None, :])
+        if HAS_BIGRAM:
+            g = tl.dot(da.to(DOT_DTYPE), tl.trans(p), acc=g, input_precision=PRECISION)
+    if HAS_BIGRAM:
+        tl.store(g_ptr + tok[:, None] * K + kk[None, :], g, mask=valid[:, None] & k_ok[None, :])
 
 
 @triton.jit
@@ -290,36 +315,45 @@ def _proj_grad_kernel(da_ptr, table_ptr, bucket_ptr, part_ptr, N, D, K, TOKENS_P
 # Host side
 # ----------------------------------------------------------------------------------------------
 
-def _dot_setup(bigram_table: torch.Tensor, bigram_proj: torch.Tensor):
-    """(proj as the dot reads it, {DOT_DTYPE, PRECISION}) for the bigram dots: `dot_args` of the table's
-    dtype; with a 16-bit table on the GPU proj is rounded to that dtype once here."""
+def _dot_setup(tok_emb: torch.Tensor, bigram_table: torch.Tensor | None, bigram_proj: torch.Tensor | None):
+    """(table, proj as the dot reads it, launch arguments) for the bigram dots: `dot_args` of the table's
+    dtype; with a 16-bit table on the GPU proj is rounded to that dtype once here. Without BigramHash,
+    tok_emb stands in for both pointers (never read: HAS_BIGRAM is off) and k = 1."""
+    if bigram_table is None:
+        return tok_emb, tok_emb, {**dot_args(tok_emb.dtype), "HAS_BIGRAM": False, "BLOCK_K": pow2_tile(1)}
     args = dot_args(bigram_table.dtype)
     if args["DOT_DTYPE"] != tl.float32:
         bigram_proj = bigram_proj.to(bigram_table.dtype).contiguous()
-    return bigram_proj, args
+    return bigram_table, bigram_proj, {**args, "HAS_BIGRAM": True, "BLOCK_K": pow2_tile(bigram_table.shape[1])}
+
+
+def _absent_grad(t: torch.Tensor) -> torch.Tensor:
+    """What the backward op returns for an input that is absent (None): custom ops return tensors only
+    (and never the same one twice), so a new empty one, turned back into None for autograd."""
+    return t.new_empty((0,))
 
 
 @torch.library.custom_op("crawler_kernels::embed_forward", mutates_args=())
-def _embed_forward(ids: torch.Tensor, tok_emb: torch.Tensor, bigram_table: torch.Tensor,
-                   bigram_proj: torch.Tensor, smear_gate: torch.Tensor, bos: int = NO_BOS
+def _embed_forward(ids: torch.Tensor, tok_emb: torch.Tensor, bigram_table: torch.Tensor | None,
+                   bigram_proj: torch.Tensor | None, smear_gate: torch.Tensor | None, bos: int = NO_BOS
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(x0 (B,T,d) in tok_emb.dtype, rstd (B·T,) fp32, bucket ids (B·T,) int32). Inputs contiguous; `bos`
-    the BOS id (NO_BOS: documents start at row starts only)."""
+    """(x0 (B,T,d) in tok_emb.dtype, rstd (B·T,) fp32, bucket ids (B·T,) int32, (0,) without BigramHash).
+    Inputs contiguous; `bos` the BOS id (NO_BOS: documents start at row starts only)."""
     B, T = ids.shape
-    N, d, k = B * T, tok_emb.shape[1], bigram_table.shape[1]
+    N, d = B * T, tok_emb.shape[1]
     out = empty_output((B, T, d), tok_emb.dtype, ids.device)
     rstd = empty_output((N,), torch.float32, ids.device)
-    buckets = empty_output((N,), torch.int32, ids.device)
+    buckets = empty_output((N if bigram_table is not None else 0,), torch.int32, ids.device)
     if N == 0:
         return out, rstd, buckets
     # Here, in the eagerly-run custom op, even under torch.compile; on the device, no host sync: an
     # out-of-range id stops the process (CUDA) before the kernel reads past the table.
     check_token_ids(ids, tok_emb.shape[0])
-    proj, dot = _dot_setup(bigram_table, bigram_proj)
+    table, proj, launch = _dot_setup(tok_emb, bigram_table, bigram_proj)
     grid = (triton.cdiv(N, BLOCK_T - 1),)
-    _embed_fwd_kernel[grid](ids, tok_emb, bigram_table, proj, smear_gate, out, rstd, buckets,
-                            N, T, d, k, bigram_table.shape[0], torch.finfo(torch.float32).eps, bos,
-                            token_bucket(N), BLOCK_T=BLOCK_T, BLOCK_K=pow2_tile(k), **dot)
+    _embed_fwd_kernel[grid](ids, tok_emb, table, proj, tok_emb if smear_gate is None else smear_gate, out, rstd,
+                            buckets, N, T, d, table.shape[1], table.shape[0], torch.finfo(torch.float32).eps, bos,
+                            token_bucket(N), BLOCK_T=BLOCK_T, HAS_SMEAR=smear_gate is not None, **launch)
     return out, rstd, buckets
 
 
@@ -328,7 +362,7 @@ def _(ids, tok_emb, bigram_table, bigram_proj, smear_gate, bos=NO_BOS):
     N = ids.shape[0] * ids.shape[1]
     return (tok_emb.new_empty((*ids.shape, tok_emb.shape[1])),
             tok_emb.new_empty((N,), dtype=torch.float32),
-            tok_emb.new_empty((N,), dtype=torch.int32))
+            tok_emb.new_empty((N if bigram_table is not None else 0,), dtype=torch.int32))
 
 
 def _segment_sum(src: torch.Tensor, keys: torch.Tensor, num_rows: int, dtype: torch.dtype) -> torch.Tensor:
@@ -353,43 +387,46 @@ def _segment_sum(src: torch.Tensor, keys: torch.Tensor, num_rows: int, dtype: to
 
 @torch.library.custom_op("crawler_kernels::embed_backward", mutates_args=())
 def _embed_backward(grad_out: torch.Tensor, ids: torch.Tensor, tok_emb: torch.Tensor,
-                    bigram_table: torch.Tensor, bigram_proj: torch.Tensor, smear_gate: torch.Tensor,
-                    rstd: torch.Tensor, buckets: torch.Tensor, bos: int
+                    bigram_table: torch.Tensor | None, bigram_proj: torch.Tensor | None,
+                    smear_gate: torch.Tensor | None, rstd: torch.Tensor, buckets: torch.Tensor, bos: int
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gradients (dtok_emb, dbigram_table, dbigram_proj, dsmear_gate), each in its input's dtype."""
+    """Gradients (dtok_emb, dbigram_table, dbigram_proj, dsmear_gate), each in its input's dtype; an empty
+    tensor for an absent input."""
     B, T = ids.shape
-    N, d, k = B * T, tok_emb.shape[1], bigram_table.shape[1]
+    N, d = B * T, tok_emb.shape[1]
     dev = ids.device
+    has_bigram, has_smear = bigram_table is not None, smear_gate is not None
     if N == 0:
-        return (torch.zeros_like(tok_emb), torch.zeros_like(bigram_table), torch.zeros_like(bigram_proj),
-                torch.zeros_like(smear_gate))
-    proj, dot = _dot_setup(bigram_table, bigram_proj)
-    block_k = pow2_tile(k)
+        return tuple(_absent_grad(tok_emb) if t is None else torch.zeros_like(t)
+                     for t in (tok_emb, bigram_table, bigram_proj, smear_gate))
+    table, proj, launch = _dot_setup(tok_emb, bigram_table, bigram_proj)
+    k = table.shape[1]
     n_blocks = triton.cdiv(N, BLOCK_T)
     da = empty_output((N, d), tok_emb.dtype, dev)
-    g = empty_output((N, k), torch.float32, dev)
-    dgate_part = empty_output((n_blocks, d), torch.float32, dev)
-    _embed_bwd_rows_kernel[(n_blocks,)](grad_out, ids, tok_emb, bigram_table, proj, smear_gate, rstd, buckets,
-                                        da, g, dgate_part, N, T, d, k, bos, token_bucket(N), BLOCK_T=BLOCK_T,
-                                        BLOCK_K=block_k, **dot)
+    g = empty_output((N if has_bigram else 0, k), torch.float32, dev)
+    dgate_part = empty_output((n_blocks if has_smear else 0, d), torch.float32, dev)
+    _embed_bwd_rows_kernel[(n_blocks,)](grad_out, ids, tok_emb, table, proj, smear_gate if has_smear else tok_emb,
+                                        rstd, buckets, da, g, dgate_part, N, T, d, k, bos, token_bucket(N),
+                                        BLOCK_T=BLOCK_T, HAS_SMEAR=has_smear, **launch)
     dtok = _segment_sum(da, ids.reshape(-1), tok_emb.shape[0], tok_emb.dtype)
+    dgate = dgate_part.sum(0).to(smear_gate.dtype) if has_smear else _absent_grad(tok_emb)
+    if not has_bigram:
+        return dtok, _absent_grad(tok_emb), _absent_grad(tok_emb), dgate
     dtable = _segment_sum(g, buckets, bigram_table.shape[0], bigram_table.dtype)
-
     splits = min(MAX_PROJ_SPLITS, n_blocks)
     tokens_per_split = triton.cdiv(n_blocks, splits) * BLOCK_T
     splits = triton.cdiv(N, tokens_per_split)
     dproj_part = empty_output((splits, d, k), torch.float32, dev)
+    launch.pop("HAS_BIGRAM")
     _proj_grad_kernel[lambda meta: (triton.cdiv(d, meta["BLOCK_D"]), splits)](
-        da, bigram_table, buckets, dproj_part, N, d, k, tokens_per_split, token_bucket(N),
-        BLOCK_T=BLOCK_T, BLOCK_K=block_k, **dot)
-    return (dtok, dtable, dproj_part.sum(0).to(bigram_proj.dtype),
-            dgate_part.sum(0).to(smear_gate.dtype))
+        da, bigram_table, buckets, dproj_part, N, d, k, tokens_per_split, token_bucket(N), BLOCK_T=BLOCK_T, **launch)
+    return dtok, dtable, dproj_part.sum(0).to(bigram_proj.dtype), dgate
 
 
 @_embed_backward.register_fake
 def _(grad_out, ids, tok_emb, bigram_table, bigram_proj, smear_gate, rstd, buckets, bos):
-    return (torch.empty_like(tok_emb), torch.empty_like(bigram_table), torch.empty_like(bigram_proj),
-            torch.empty_like(smear_gate))
+    return tuple(_absent_grad(tok_emb) if t is None else torch.empty_like(t)
+                 for t in (tok_emb, bigram_table, bigram_proj, smear_gate))
 
 
 def _setup_context(ctx, inputs, output):
@@ -398,37 +435,42 @@ def _setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(rstd, buckets)
     ctx.save_for_backward(ids, tok_emb, bigram_table, bigram_proj, smear_gate, rstd, buckets)
     ctx.bos = bos
+    ctx.present = (bigram_table is not None, bigram_proj is not None, smear_gate is not None)
 
 
 def _backward(ctx, grad_out, _grad_rstd, _grad_buckets):
     ids, tok_emb, bigram_table, bigram_proj, smear_gate, rstd, buckets = ctx.saved_tensors
-    grads = torch.ops.crawler_kernels.embed_backward(grad_out.contiguous(), ids, tok_emb, bigram_table,
-                                                     bigram_proj, smear_gate, rstd, buckets, ctx.bos)
-    return (None, *grads, None)
+    dtok, *grads = torch.ops.crawler_kernels.embed_backward(grad_out.contiguous(), ids, tok_emb, bigram_table,
+                                                            bigram_proj, smear_gate, rstd, buckets, ctx.bos)
+    return (None, dtok, *(g if present else None for g, present in zip(grads, ctx.present)), None)
 
 
 _embed_forward.register_autograd(_backward, setup_context=_setup_context)
 
 
-def embed(ids: torch.Tensor, tok_emb: torch.Tensor, bigram_table: torch.Tensor,
-          bigram_proj: torch.Tensor, smear_gate: torch.Tensor, *, bos_id: int | None = None) -> torch.Tensor:
+def embed(ids: torch.Tensor, tok_emb: torch.Tensor, bigram_table: torch.Tensor | None,
+          bigram_proj: torch.Tensor | None, smear_gate: torch.Tensor | None, *,
+          bos_id: int | None = None) -> torch.Tensor:
     """The crawler's input embedding x0 = smear(rms_norm(tok_emb[ids] + bigram_table[h] @ bigram_proj.T)),
     fused (docs/math.md §1.5, §1.6); same contract as `kernels.reference.embed`.
 
-    ids (B, T) int16/uint16/int32/int64 in [0, V); tok_emb (V, d); bigram_table (NB, k); bigram_proj (d, k);
-    smear_gate (d,); float tensors float32/float16/bfloat16 (mixed allowed), all on one CUDA device (or the
-    CPU under TRITON_INTERPRET=1). `bos_id` (an id in [0, V)): positions holding it start a document like
-    position 0 does (BigramHash previous id 0, SmearGate previous embedding 0), so packed documents do not
-    see each other. Math in float32; returns (B, T, d) in tok_emb.dtype. Differentiable in tok_emb,
-    bigram_table, bigram_proj and smear_gate; the backward is deterministic (no float atomics).
+    ids (B, T) int16/uint16/int32/int64 in [0, V) (checked on the device: a CUDA device-side assert, a
+    ValueError on the CPU); tok_emb (V, d); bigram_table (NB, k) and bigram_proj (d, k), or both None (no
+    BigramHash); smear_gate (d,), or None (no SmearGate); float tensors float32/float16/bfloat16 (mixed
+    allowed), all on one CUDA device (or the CPU under TRITON_INTERPRET=1). `bos_id` (an id in [0, V)):
+    positions holding it start a document like position 0 does (BigramHash previous id 0, SmearGate previous
+    embedding 0), so packed documents do not see each other. Math in float32; returns (B, T, d) in
+    tok_emb.dtype. Differentiable in every float input given; the backward is deterministic (no float
+    atomics).
     """
     check_embed_inputs(ids, tok_emb, bigram_table, bigram_proj, smear_gate, bos_id=bos_id)
     for name, t in (("tok_emb", tok_emb), ("bigram_table", bigram_table), ("bigram_proj", bigram_proj),
                     ("smear_gate", smear_gate)):
-        check_tensor(name, t, dtypes=KERNEL_DTYPES)
+        if t is not None:
+            check_tensor(name, t, dtypes=KERNEL_DTYPES)
     check_triton_device("embed", "ids", ids)
-    out, _, _ = torch.ops.crawler_kernels.embed_forward(ids.contiguous(), tok_emb.contiguous(),
-                                                        bigram_table.contiguous(), bigram_proj.contiguous(),
-                                                        smear_gate.contiguous(),
-                                                        NO_BOS if bos_id is None else int(bos_id))
+    out, _, _ = torch.ops.crawler_kernels.embed_forward(
+        ids.contiguous(), tok_emb.contiguous(), *(None if t is None else t.contiguous()
+                                                  for t in (bigram_table, bigram_proj, smear_gate)),
+        NO_BOS if bos_id is None else int(bos_id))
     return out

@@ -2,7 +2,8 @@
 
 CPU: the Triton kernels run under the interpreter at small shapes and are compared with the reference
 evaluated in float64 (forward and the gradients of all four float inputs), with and without `bos_id`
-document starts. GPU (`-m gpu`): bf16 at the pr1579 shape and bitwise run-to-run determinism.
+document starts, and without BigramHash and/or SmearGate. GPU (`-m gpu`): bf16 at the pr1579 shape and
+bitwise run-to-run determinism.
 """
 import pytest
 import torch
@@ -200,7 +201,31 @@ def test_op_registration():
                           test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
 
 
+@pytest.mark.parametrize("absent", [("bigram_table", "bigram_proj"), ("smear_gate",),
+                                    ("bigram_table", "bigram_proj", "smear_gate")],
+                         ids=["no-bigram", "no-smear", "neither"])
+def test_without_bigram_or_smear_matches_reference(absent):
+    """The switches: no BigramHash (x = tok_emb[ids]), no SmearGate (x0 = rms_norm(x)), neither (the
+    baseline's embedding); forward and the gradients of the inputs given, in float64, with BOS starts on
+    the block edges (the smear's halo rows), and compiled (fullgraph) to the same bits."""
+    ids, params = make_inputs(3, 40, 30, 40, 17, 16, ids=bos_ids(3, 40, 30, [(0, 5), (0, 15), (1, 16)]))
+    present = [n for n in FLOAT_INPUTS if n not in absent]
+    grad_out = torch.randn(3, 40, 40, generator=torch.Generator().manual_seed(2))
+
+    def run_given(fn, cast=None):
+        leaves = {n: (params[n].detach().to(cast) if cast else params[n].detach()).requires_grad_() for n in present}
+        out = fn(ids, **{n: leaves.get(n) for n in FLOAT_INPUTS}, bos_id=BOS)
+        return (out, *torch.autograd.grad(out, [leaves[n] for n in present], grad_out.to(out.dtype)))
+
+    got, ref = run_given(kernels.embed), run_given(reference.embed, torch.float64)
+    for name, a, b in zip(["out", *present], got, ref):
+        assert rel_err(a, b) < 2e-6, (name, rel_err(a, b))
+    compiled = run_given(torch.compile(kernels.embed, fullgraph=True, backend="aot_eager"))
+    assert all(torch.equal(a, b) for a, b in zip(compiled, got))
+
+
 @pytest.mark.parametrize("change, error, match", [
+    (lambda a: a.update(bigram_proj=None), ValueError, "bigram_table, bigram_proj: expected both tensors"),
     (lambda a: a.update(ids=a["ids"].float()), TypeError, "ids"),
     (lambda a: a.update(ids=a["ids"][0]), ValueError, "ids"),
     (lambda a: a.update(ids=a["ids"] + 40), ValueError, r"ids: expected token ids in \[0, 40\)"),
