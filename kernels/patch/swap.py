@@ -69,6 +69,9 @@ class Swap:
 
     def mismatch(self, script) -> str | None:
         """Why this swap cannot be installed in `script`, or None when every known method matches."""
+        missing = [dotted for dotted in self.forwards if lookup(script, dotted) is None]
+        if missing:
+            return f"the script has no {', '.join(missing)}"
         for dotted, digest in self.known.items():
             fn = lookup(script, dotted)
             if fn is None:
@@ -89,7 +92,7 @@ class Swap:
             report.kept[self.name] = why
             return False
         for dotted, fn in self.forwards.items():
-            owner, method = dotted.rsplit(".", 1)
-            setattr(lookup(script, owner), method, fn)
+            owner, _, name = dotted.rpartition(".")
+            setattr(lookup(script, owner) if owner else script, name, fn)
             report.patched[dotted] = self.runs
         return True

@@ -37,8 +37,9 @@ KNOWN = {
 KEPT = {
     "RoPE (Rotary, apply_rotary_emb with rope_dims) and the q/k RMS norms": "no fused op of ours: the "
                                                                            "script's torch code runs",
-    "GPT.forward_ttt (LoRA test-time training)": "its attention, XSA, LoRA and per-token loss are inline "
-                                                 "in GPT._block_with_lora and forward_ttt",
+    "GPT.forward_ttt (LoRA test-time training)": "its LoRA projections, XSA and per-token loss are inline in "
+                                                 "GPT._block_with_lora and forward_ttt (with ops='triton' its "
+                                                 "FA3 calls are kernels.flash_attn_interface's)",
     "Block.forward, GPT._parallel_block (residual mixing, lanes, scales)": "elementwise ops around the "
                                                                           "swapped attention and MLP",
     "Muon, GPTQ, data loading, the evaluation loops": "not model forwards (they call the swapped ones)",
@@ -135,7 +136,7 @@ def swaps(script, ops) -> list[Swap]:
         return cross_entropy(hidden.reshape(-1, hidden.size(-1)), head_weight(self), target_ids.reshape(-1),
                              self.logit_softcap)
 
-    return [
+    swaps = [
         Swap("attention + XSA", f"{op_name(ops, 'attention')}, XSA fused where use_xsa, q_gain folded into "
                                 f"the softmax scale, dense or varlen (cu_seqlens as given)",
              {"CausalSelfAttention.forward": attention_forward},
@@ -148,3 +149,11 @@ def swaps(script, ops) -> list[Swap]:
              {"GPT.forward": forward, "GPT.forward_logits": forward_logits},
              {name: KNOWN[name] for name in ("GPT.forward", "GPT.forward_logits")}, helpers=(_trunk, head_weight)),
     ]
+    if ops == "triton":
+        # What is left calling FA3 (forward_ttt's blocks) gets the FA3-compatible entry points: same
+        # arguments, layouts and returns, so no source needs to be known.
+        from .. import flash_attn_interface
+        swaps.append(Swap("FA3 calls (forward_ttt)", "kernels.flash_attn_interface (the XSA after it stays torch)",
+                          {"flash_attn_3_func": flash_attn_interface.flash_attn_func,
+                           "flash_attn_varlen_func": flash_attn_interface.flash_attn_varlen_func}, {}))
+    return swaps
