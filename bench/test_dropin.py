@@ -322,7 +322,7 @@ def test_embedding(benchmark, bench, shapes, variant, pass_, key):
 
 def _baseline_step_model(module, shapes: DropinShapes, smoke: bool):
     if smoke:
-        model = module.GPT(vocab_size=shapes.vocab_base, num_layers=4, model_dim=shapes.model_dim,
+        model = module.GPT(vocab_size=shapes.vocab_base, num_layers=2, model_dim=shapes.model_dim,
                            num_heads=shapes.num_heads, num_kv_heads=shapes.num_kv_heads, mlp_mult=2,
                            tie_embeddings=True, tied_embed_init_std=0.005, logit_softcap=shapes.softcap,
                            rope_base=10000.0, qk_gain_init=1.5)
@@ -343,10 +343,11 @@ def _baseline_step_model(module, shapes: DropinShapes, smoke: bool):
 def _record_step_model(module, shapes: DropinShapes, smoke: bool):
     h = module.Hyperparameters()
     if smoke:
-        for key, value in dict(vocab_size=shapes.vocab, num_layers=5, xsa_last_n=3, model_dim=shapes.model_dim,
+        # Three layers, layer 1 looped once, lanes from layer 2: every code path at the interpreter's pace.
+        for key, value in dict(vocab_size=shapes.vocab, num_layers=3, xsa_last_n=2, model_dim=shapes.model_dim,
                                embedding_dim=shapes.model_dim, num_heads=shapes.num_heads,
-                               num_kv_heads=shapes.num_kv_heads, mlp_mult=2.0, rope_dims=4, loop_start=1,
-                               loop_end=2, parallel_start_layer=3, train_seq_len=shapes.seq_len).items():
+                               num_kv_heads=shapes.num_kv_heads, mlp_mult=2.0, rope_dims=4, num_loops=1,
+                               loop_start=1, loop_end=1, parallel_start_layer=2, train_seq_len=shapes.seq_len).items():
             setattr(h, key, value)
     model = module.GPT(h)
     if not smoke:

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from conftest import rel_err
 
 from kernels import flash_attn_interface
-from kernels.patch import PatchReport, load_script, patch_train_gpt, sdpa_flash_attn_interface
+from kernels.patch import PatchReport, baseline, load_script, patch_train_gpt, sdpa_flash_attn_interface, varlen_record
 from kernels.patch.scripts import REFERENCE_SCRIPTS, find_reference_scripts
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -287,6 +287,64 @@ def test_patched_model_trains_and_saves_like_unpatched(modules):
                                                               targets.reshape(-1))) < ROUND_OFF
 
 
+@needs_scripts
+def test_record_gptq_calibration_unchanged(modules):
+    """The record's collect_hessians (hooks on the attention and MLP modules and the final norm, the
+    `_calib` flags) collects the same Hessians from a patched model."""
+
+    class Batches:   # the one loader method collect_hessians calls
+        def next_batch(self, _tokens, _steps):
+            return tokens(7)
+
+    plain, patched = twins(modules[RECORD, "plain"], modules[RECORD, "reference"], record_builder())
+    h = record_hyperparameters(modules[RECORD, "plain"])
+    expected = modules[RECORD, "plain"].collect_hessians(plain, Batches(), h, "cpu", n_calibration_batches=1)
+    hessians = modules[RECORD, "reference"].collect_hessians(patched, Batches(), h, "cpu", n_calibration_batches=1)
+    assert hessians.keys() == expected.keys() and len(expected) > 20
+    for name in expected:   # the hooks cast activations to float32: equal up to that rounding
+        assert rel_err(hessians[name], expected[name]) < 1e-6, name
+
+
+# ----------------------------------------------------------------------------------------------
+# Each swap alone, float64
+# ----------------------------------------------------------------------------------------------
+
+SWAPS = {BASELINE: ("attention", "MLP", "embedding + loss"), RECORD: ("attention + XSA", "MLP", "embedding + loss")}
+
+
+def patched_with(name: str, ops: str, swaps=None) -> types.ModuleType:
+    """A fresh copy of script `name` with only the swaps named in `swaps` installed (None: all of them)."""
+    module = script(name)
+    family = baseline if name == BASELINE else varlen_record
+    report = PatchReport(family.FAMILY, ops)
+    for swap in family.swaps(module, ops):
+        if swaps is None or swap.name in swaps:
+            assert swap.apply(module, report), report.kept
+    return module
+
+
+@needs_scripts
+@pytest.mark.parametrize("name, swap", [(name, swap) for name in SWAPS for swap in SWAPS[name]])
+def test_each_swap_alone_float64(name, swap):
+    """One swap installed, the rest of the script as it is: loss and every gradient to round-off."""
+    build = baseline_model if name == BASELINE else record_builder()
+    plain, patched = twins(script(name), patched_with(name, "reference", {swap}), build)
+    ids, targets = tokens(6)
+
+    def loss_of(model):
+        if model is patched and swap == "embedding + loss":
+            return model(ids, targets)
+        if name == BASELINE:
+            return baseline_loss_without_cast(model, ids, targets)
+        return F.cross_entropy(model.forward_logits(ids).reshape(-1, VOCAB), targets.reshape(-1))
+
+    expected, loss = loss_of(plain), loss_of(patched)
+    assert rel_err(loss, expected) < ROUND_OFF
+    expected.backward()
+    loss.backward()
+    assert_grads_close(plain, patched, ROUND_OFF)
+
+
 # ----------------------------------------------------------------------------------------------
 # An edited script: the unknown part stays in torch, the rest is patched
 # ----------------------------------------------------------------------------------------------
@@ -362,37 +420,45 @@ def _assert_within_spread(errors):
         f"{worst}: float32 gradient error {grads[worst]:.2e} vs the script's own largest {spread:.2e}")
 
 
+def float32_errors(name: str, swaps=None, ops_module=None):
+    """_float32_errors of script `name` with `swaps` (swap names; None: every swap) under ops="triton":
+    the baseline's tiny model, or the record on two layers (the second with XSA, no loop or lanes: that
+    torch code is checked in float64) on a varlen batch. Returns (errors, (truth, plain32, patched32))."""
+    patched_module = ops_module or patched_with(name, "triton", swaps)
+    if name == BASELINE:
+        build, (ids, targets), documents = baseline_model, tokens(3), {}
+    else:
+        build = record_builder(num_layers=2, xsa_last_n=1, num_loops=0, parallel_start_layer=0)
+        ids, targets = tokens(4, shape=(1, BATCH * SEQ))
+        documents = dict(cu_seqlens=torch.tensor([0, 9, 16, 30, 32, 32], dtype=torch.int32), max_seqlen=SEQ)
+    plain_module = script(name)
+    truth, patched32 = twins(plain_module, patched_module, build)
+    plain32, patched32 = build(plain_module).float(), patched32.float()
+    plain32.load_state_dict(truth.state_dict())
+
+    def loss_fn(model):
+        if model is not truth:
+            return model(ids, targets, **documents)
+        if name == BASELINE:
+            return baseline_loss_without_cast(model, ids, targets)
+        return F.cross_entropy(model.forward_logits(ids, **documents).reshape(-1, VOCAB), targets.reshape(-1))
+
+    models = (truth, plain32, patched32)
+    return _float32_errors(models, loss_fn), models
+
+
 @needs_scripts
 def test_baseline_float32_triton_within_script_spread(modules):
-    truth, patched = twins(modules[BASELINE, "plain"], modules[BASELINE, "triton"], baseline_model)
-    plain32, patched32 = (m.float() for m in (baseline_model(modules[BASELINE, "plain"]), patched))
-    plain32.load_state_dict(truth.state_dict())
-    ids, targets = tokens(3)
-    errors = _float32_errors(
-        (truth, plain32, patched32),
-        lambda m: baseline_loss_without_cast(m, ids, targets) if m is truth else m(ids, targets))
+    errors, _ = float32_errors(BASELINE, ops_module=modules[BASELINE, "triton"])
     _assert_within_spread(errors)
 
 
 @needs_scripts
 def test_record_float32_triton_within_script_spread(modules):
-    """Two layers (the second with XSA), no loop or lanes (torch code, checked in float64 above): every
-    kernel the patch calls runs once or twice under the interpreter, on a varlen batch."""
-    build = record_builder(num_layers=2, xsa_last_n=1, num_loops=0, parallel_start_layer=0)
-    truth, patched = twins(modules[RECORD, "plain"], modules[RECORD, "triton"], build)
-    plain32, patched32 = build(modules[RECORD, "plain"]).float(), patched.float()
-    plain32.load_state_dict(truth.state_dict())
-    ids, targets = tokens(4, shape=(1, BATCH * SEQ))
-    cu_seqlens = torch.tensor([0, 9, 16, 30, 32, 32], dtype=torch.int32)
-
-    def loss_fn(model):
-        if model is patched32:
-            return model(ids, targets, cu_seqlens=cu_seqlens, max_seqlen=SEQ)
-        logits = model.forward_logits(ids, cu_seqlens=cu_seqlens, max_seqlen=SEQ)
-        return F.cross_entropy(logits.reshape(-1, VOCAB), targets.reshape(-1))
-
-    _assert_within_spread(_float32_errors((truth, plain32, patched32), loss_fn))
-    # forward_ttt (LoRA test-time training) keeps its code; its FA3 calls are now ours.
+    """Training loss and gradients on a varlen batch; then forward_ttt (LoRA test-time training), whose
+    code stays the script's but whose FA3 calls are now ours."""
+    errors, (truth, plain32, patched32) = float32_errors(RECORD, ops_module=modules[RECORD, "triton"])
+    _assert_within_spread(errors)
     lora = modules[RECORD, "plain"].BatchedTTTLoRA(1, truth, 2).double()
     filled(lora, seed=1)
     ids, targets = tokens(5, shape=(1, SEQ))
@@ -401,3 +467,22 @@ def test_record_float32_triton_within_script_spread(modules):
                for key, model in (("truth", truth), ("plain", plain32), ("patched", patched32))}
     errors = {key: rel_err(nll[key], nll["truth"]) for key in ("plain", "patched")}
     assert errors["patched"] < SPREAD_FACTOR * max(errors["plain"], torch.finfo(torch.float32).eps), errors
+
+
+def main() -> None:
+    """Print the float32 errors of each swap alone and of all together (the numbers docs/porting.md
+    quotes): `PYTHONPATH=. python tests/test_patch.py` (the interpreter on a CPU; minutes)."""
+    torch.set_num_threads(1)
+    print("| script | swaps | script's own loss / largest gradient error | patched |\n|---|---|---|---|")
+    for name in (BASELINE, RECORD):
+        for swap in (*SWAPS[name], None):
+            errors, _ = float32_errors(name, None if swap is None else {swap})
+            cells = [f"{e['loss']:.1e} / {max(v for k, v in e.items() if k != 'loss'):.1e}"
+                     for e in (errors["plain"], errors["patched"])]
+            print(f"| {name} | {swap or 'all'} | {cells[0]} | {cells[1]} |", flush=True)
+
+
+if __name__ == "__main__":
+    if PG_DIR is None:
+        raise SystemExit("the Parameter Golf scripts are not here (shared/reference/pg/ or PG_REFERENCE_DIR)")
+    main()
