@@ -37,6 +37,7 @@ VOCAB, BATCH, SEQ = 64, 2, 16
 ROUND_OFF = 1e-12
 # float32 (interpreter): the patched model's error vs float64 may be this many times the script's own.
 SPREAD_FACTOR = 4.0
+LOSS_ROUNDING = 8 * torch.finfo(torch.float32).eps   # 8 ulps: a scalar loss's float32 rounding, not a difference
 
 
 PG_DIR = find_reference_scripts(ROOT)
@@ -408,9 +409,10 @@ def _float32_errors(models, loss_fn) -> dict[str, dict[str, float]]:
 
 def _assert_within_spread(errors):
     """Each float32 error of the patched model below SPREAD_FACTOR × the unpatched script's own: for the
-    loss (at least float32's epsilon), for the gradients their largest."""
+    loss (a scalar: its error is a few float32 ulps either way, so at least LOSS_ROUNDING), for the
+    gradients their largest."""
     plain, patched = errors["plain"], errors["patched"]
-    loss_spread = max(plain["loss"], torch.finfo(torch.float32).eps)
+    loss_spread = max(plain["loss"], LOSS_ROUNDING)
     assert patched["loss"] < SPREAD_FACTOR * loss_spread, (
         f"loss: float32 error {patched['loss']:.2e} vs the script's own {plain['loss']:.2e}")
     grads = {name: e for name, e in patched.items() if name != "loss"}
@@ -432,6 +434,7 @@ def float32_errors(name: str, swaps=None, ops_module=None):
         ids, targets = tokens(4, shape=(1, BATCH * SEQ))
         documents = dict(cu_seqlens=torch.tensor([0, 9, 16, 30, 32, 32], dtype=torch.int32), max_seqlen=SEQ)
     plain_module = script(name)
+    torch.manual_seed(0)   # the same initial weights whatever ran before (the rows of main() compare)
     truth, patched32 = twins(plain_module, patched_module, build)
     plain32, patched32 = build(plain_module).float(), patched32.float()
     plain32.load_state_dict(truth.state_dict())
@@ -466,7 +469,7 @@ def test_record_float32_triton_within_script_spread(modules):
         nll = {key: model.forward_ttt(ids, targets, lora if model is truth else copy.deepcopy(lora).float())
                for key, model in (("truth", truth), ("plain", plain32), ("patched", patched32))}
     errors = {key: rel_err(nll[key], nll["truth"]) for key in ("plain", "patched")}
-    assert errors["patched"] < SPREAD_FACTOR * max(errors["plain"], torch.finfo(torch.float32).eps), errors
+    assert errors["patched"] < SPREAD_FACTOR * max(errors["plain"], LOSS_ROUNDING), errors
 
 
 def main() -> None:
