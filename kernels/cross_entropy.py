@@ -26,7 +26,8 @@ extra forward matmuls). The chunked bf16 dlogits buffer (<= DLOGITS_CHUNK_BYTES)
 and keeps the weight gradient deterministic: cuBLAS within a chunk, chunks summed in a fixed order in fp32,
 no atomics.
 
-From logits: the same two kernels without the matmul. The forward reads each row of the logits once in
+From logits: a forward and a backward kernel with the same math (`_softcap_sigmoid`, `_dlogits`) and no
+matmul. The forward reads each row of the logits once in
 their dtype (no float32 copy); the backward writes dlogits in that dtype. float64 logits are computed in
 float64 throughout (no matmul to round); every other dtype in float32.
 

@@ -8,6 +8,9 @@ Forward, one program per block of tokens, fp32 math throughout:
     y_t  = (1 - σ(gate)) * xn_t + σ(gate) * xn_prev_t              xn_prev_t = xn_{t-1}, 0 at a document start
 A document starts at the first position of every row and, with `bos_id`, at every position whose id is
 bos_id (packed `[BOS] + document` streams), so nothing of one document reaches the next one.
+BigramHash and SmearGate are optional: the constexprs HAS_BIGRAM / HAS_SMEAR compile them out (their loads,
+dots and gradients), so the crawler's full variant is the same code it always was and the others pay nothing
+for it (no BigramHash: x_t = tok_emb[ids_t]; no SmearGate: y_t = xn_t).
 The model dim is walked in column chunks (the d×k projection is streamed chunk by chunk through shared
 memory; at d = 736, k = 128 it is too big to hold whole), so a row's rms needs two passes: pass 1 sums
 x² over the chunks, pass 2 recomputes x and writes the output. The smear needs xn of the previous token:

@@ -7,6 +7,7 @@ smear_lambda, with and without bos_id and rms_norm, on packed documents. GPU (`-
 shape, and bitwise run-to-run determinism.
 """
 import pytest
+import test_embedding as embedding_tests
 import torch
 from conftest import rel_err
 
@@ -32,27 +33,16 @@ def make_inputs(B, T, V, d, *, w=GATE_WIDTH, ids=None, dtype=torch.float32, scal
 
 def run(fn, ids, params, grad_out, cast=None, **kw):
     """fn's output and the gradients of its three float inputs for the upstream gradient grad_out."""
-    leaves = {n: (p.detach().to(cast) if cast else p.detach()).requires_grad_() for n, p in params.items()}
-    out = fn(ids, *(leaves[n] for n in FLOAT_INPUTS), **kw)
-    grads = torch.autograd.grad(out, [leaves[n] for n in FLOAT_INPUTS], grad_out.to(out.dtype))
-    return out, dict(zip(FLOAT_INPUTS, grads))
+    return embedding_tests.run(fn, ids, params, grad_out, cast, names=FLOAT_INPUTS, **kw)
 
 
 def check_against_reference(ids, params, *, tol=2e-6, **kw):
     """Forward and the three gradients of kernels.smear_embed within `tol` of the float64 reference; the
     gate's gradients (W, λ: sums over every token of terms of both signs, whose fp32 error is relative to
     Σ|term|, not to the sum) within 50·tol."""
-    grad_out = torch.randn(*ids.shape, params["tok_emb"].shape[1], generator=torch.Generator().manual_seed(1))
-    grad_out = grad_out.to(ids.device)
-    out, grads = run(kernels.smear_embed, ids, params, grad_out, **kw)
-    ref, ref_grads = run(reference.smear_embed, ids, params, grad_out.double(), cast=torch.float64, **kw)
-    assert out.dtype == params["tok_emb"].dtype and out.shape == ref.shape
-    assert rel_err(out, ref) < tol, f"forward rel err {rel_err(out, ref):.3g}"
-    for name in FLOAT_INPUTS:
-        assert grads[name].dtype == params[name].dtype and grads[name].shape == params[name].shape
-        err = rel_err(grads[name], ref_grads[name])
-        assert err < (tol if name == "tok_emb" else 50 * tol), f"d{name} rel err {err:.3g}"
-    return out, grads
+    return embedding_tests.check_against_reference(
+        ids, params, tol=tol, grad_tol={"smear_weight": 50 * tol, "smear_lambda": 50 * tol},
+        op=kernels.smear_embed, ref_op=reference.smear_embed, names=FLOAT_INPUTS, **kw)
 
 
 def records_formula(ids, tok_emb, W, lam, bos_id, norm):
@@ -137,13 +127,8 @@ def test_gate_width_extremes_bf16_and_int16_ids():
 def test_compiles_fullgraph_and_op_registration():
     ids, params = make_inputs(2, 20, 30, 24)
     ids[:, 7] = BOS
-    grad_out = torch.randn(2, 20, 24)
-    compiled = torch.compile(kernels.smear_embed, fullgraph=True, backend="aot_eager")
-    out, grads = run(compiled, ids, params, grad_out, bos_id=BOS)
-    eager_out, eager_grads = run(kernels.smear_embed, ids, params, grad_out, bos_id=BOS)
-    assert torch.equal(out, eager_out)
-    for name in FLOAT_INPUTS:
-        assert torch.equal(grads[name], eager_grads[name]), name
+    embedding_tests.assert_compiles_to_the_same_bits(kernels.smear_embed, ids, params, names=FLOAT_INPUTS,
+                                                     bos_id=BOS)
     args = (ids, *(params[n].detach().requires_grad_() for n in FLOAT_INPUTS), BOS, True)
     torch.library.opcheck(torch.ops.crawler_kernels.smear_embed_forward.default, args,
                           test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
