@@ -4,7 +4,7 @@ VENV   := .venv
 VPY    := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: train test lint bench gpu-check venv clean
+.PHONY: train test lint bench gpu-check gpu-wheels venv clean
 
 venv: $(STAMP)
 
@@ -36,6 +36,15 @@ bench: $(STAMP)
 PY ?= $(if $(wildcard $(VPY)),$(VPY),python3)
 gpu-check:
 	PYTHONPATH=.$${PYTHONPATH:+:$$PYTHONPATH} $(PY) -m bench.gpu_check $(ARGS)
+
+# The wheels the bare GPU machine lacks (gpu-check's environment stage names them), for its Python 3.12 on
+# manylinux x86_64, into .whl/ (git-ignored), to carry with the device call (docs/benchmarks.md). Without
+# their dependencies: list those too when a package has any outside the GPU image (brotli has none).
+GPU_WHEELS ?= brotli
+gpu-wheels:
+	$(PY) -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+	  --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+	  -d .whl $(GPU_WHEELS)
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache

@@ -67,6 +67,16 @@ def source_commit() -> str:
         return "unknown (set BENCH_COMMIT)"
 
 
+def plot_if_possible(records: list[dict], path: Path) -> str:
+    """bench_plots.png of `records` (bench.report.plot), or, where matplotlib is missing (a bare GPU image),
+    no plot; returns the line saying which (the records stay in bench.csv and the JSON either way)."""
+    from bench import report
+    try:
+        return f"wrote {path}" if report.plot(records, path) else "no plot: no group has ours and a baseline"
+    except ImportError as e:
+        return f"no plot ({e}): `make gpu-wheels GPU_WHEELS=matplotlib` prepares its wheel"
+
+
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     """‖out − ref‖ / ‖ref‖ in float64 (NaN if out has NaNs)."""
     out, ref = out.detach().double(), ref.detach().double()

@@ -39,7 +39,6 @@ import struct
 import warnings
 from pathlib import Path
 
-import brotli
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load as safetensors_load
@@ -237,11 +236,23 @@ def frame_payload(payload: bytes, decompressed_bytes: int, version: int = FORMAT
     return fields + hashlib.sha256(fields + payload).digest() + payload
 
 
+def brotli_module():
+    """The brotli module, imported only where an artifact (or the code size) is compressed or read, so
+    that the model and the kernels import without it (the GPU machine has no brotli). SetupError naming
+    the fix when it is missing."""
+    try:
+        import brotli
+    except ImportError as e:
+        raise SetupError(f"brotli is not installed ({e}): artifacts are brotli-compressed; pip install brotli "
+                         f"(without network, carry its wheel: `make gpu-wheels`, docs/benchmarks.md)") from None
+    return brotli
+
+
 def encode_artifact(artifact: Artifact, quality: int = BROTLI_QUALITY) -> bytes:
     """The complete file contents (header + compressed payload) for `artifact`. `quality` is brotli's
     (11, the format's, by default; lower values only for quick previews: sizes are not comparable)."""
     raw = byte_shuffle(_safetensors_bytes(artifact))
-    return frame_payload(brotli.compress(raw, quality=quality, lgwin=BROTLI_LGWIN), len(raw))
+    return frame_payload(brotli_module().compress(raw, quality=quality, lgwin=BROTLI_LGWIN), len(raw))
 
 
 def save_artifact(artifact: Artifact, path: str | os.PathLike) -> int:
@@ -274,6 +285,7 @@ def _parse_header_json(raw: bytes, where: str) -> dict:
 def _decompress(payload: bytes, limit: int, where: str) -> bytes:
     """The brotli stream `payload` decompressed; refused as corrupt as soon as the output grows past
     `limit` bytes (so it never allocates much beyond it) or the stream ends early."""
+    brotli = brotli_module()
     decoder = brotli.Decompressor()
     parts, total, pending = [], 0, payload
     try:

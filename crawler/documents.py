@@ -21,6 +21,7 @@ import torch
 
 from kernels.modules import select_op
 from kernels.reference import document_starts
+from kernels.utils import check_cu_seqlens
 
 from .tokenizer import BOS_ID
 
@@ -54,7 +55,8 @@ def document_segments(ids: torch.Tensor, *, bos_id: int = BOS_ID, capacity: int 
     `capacity` None: exactly the segments there are. An int: `cu_seqlens` is padded with repeated ends
     to `capacity` segments; a batch with more segments doubles the capacity until they fit (so a
     compiled model sees a new shape at most once per doubling, never per batch). `cu_seqlens` is on
-    `ids`' device (derive it on the CPU batch and move it with `Documents.to` to avoid a device sync).
+    `ids`' device (derive it on the CPU batch and move it with `Documents.to` to avoid a device sync). The
+    offsets are checked here (kernels.utils.check_cu_seqlens), once, not by each attention call.
     Raises ValueError for ids that are not a (B, T) integer tensor or a capacity < 1.
     """
     if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.dtype.is_floating_point or ids.dtype == torch.bool:
@@ -71,6 +73,8 @@ def document_segments(ids: torch.Tensor, *, bos_id: int = BOS_ID, capacity: int 
         capacity *= 2
     cu = torch.full((capacity + 1,), total, dtype=torch.int32, device=ids.device)
     cu[:n] = starts
+    # The one check of the offsets' values: the attention op reads none (a host sync per call).
+    check_cu_seqlens(cu, total)
     return Documents(cu_seqlens=cu, max_seqlen=ids.shape[1], bos_id=bos_id)
 
 

@@ -15,6 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import kernels
+from kernels.attention import padded_head_dim
 from kernels.modules import BIGRAM_TABLE_STD, select_op
 from kernels.reference import quant_max, rms_norm, rope
 
@@ -140,8 +141,18 @@ class KVCache:
         self.context = ids[:, -2:]
 
 
+def pad_heads(x: torch.Tensor, width: int) -> torch.Tensor:
+    """x (..., D) zero-padded to (..., width): heads laid out with an aligned stride (padded_head_dim)."""
+    return F.pad(x, (0, width - x.shape[-1])) if width != x.shape[-1] else x
+
+
 class CausalSelfAttention(nn.Module):
-    """q/k/v projections, per-head q/k rms_norm, partial RoPE, q_gain, GQA attention (+ XSA), out proj."""
+    """q/k/v projections, per-head q/k rms_norm, partial RoPE, q_gain, GQA attention (+ XSA), out proj.
+
+    The attention op sees every head zero-padded from D to padded_head_dim(D) columns (46 -> 48), so each
+    head's rows start 16-byte aligned and the kernels load q/k/v/dz with 16-byte vectors; zeros change no
+    score, output or gradient (the softmax scale stays 1/sqrt(D)), and the weights keep their shapes
+    (docs/math.md §1.4, docs/ops.md "Head dims")."""
 
     def __init__(self, config: CrawlerConfig):
         super().__init__()
@@ -170,22 +181,29 @@ class CausalSelfAttention(nn.Module):
         v = v.view(B, T, Hkv, D)
         offset = cache.length if cache is not None else 0
         # Under CUDA autocast rms_norm may run in fp32 while v stays bf16: attention takes one dtype.
-        q = (rope(rms_norm(q), self.rope_base, offset, self.rope_freq_dtype) * self.q_gain.to(q.dtype)[:, None]
-             ).to(v.dtype)
+        q = rope(rms_norm(q), self.rope_base, offset, self.rope_freq_dtype)
         k = rope(rms_norm(k), self.rope_base, offset, self.rope_freq_dtype).to(v.dtype)
+        # Our ops fold q_gain into the kernel's score scale; an ops object (e.g. the seed's SDPA set) gets
+        # q · q_gain, as the seed computes it.
+        gain = {"q_gain": self.q_gain} if isinstance(ops, str) else {}
+        if not gain:
+            q = q * self.q_gain.to(q.dtype)[:, None]
+        width = padded_head_dim(D)
+        q, k, v = (pad_heads(t, width) for t in (q.to(v.dtype), k, v))
         if cache is not None:
             # Every key and value cached so far at this position, this step's last: the attention op
             # places the T queries at the last T key positions (causal bottom-right, XSA on their own v).
             k, v = cache.append(position, k, v)
         attention = select_op(ops, "attention")
+        kw = dict(causal=True, xsa=use_xsa, softmax_scale=1.0 / math.sqrt(D), **gain)
         if documents is None:
-            y = attention(q, k, v, causal=True, xsa=use_xsa)
+            y = attention(q, k, v, **kw)
         else:
-            # (1, B·T, heads, D) views: the rows are one packed stream whose segments never cross a row.
-            q, k, v = (t.reshape(1, B * T, t.shape[2], D) for t in (q, k, v))
-            y = attention(q, k, v, causal=True, xsa=use_xsa, cu_seqlens=documents.cu_seqlens,
-                          max_seqlen=documents.max_seqlen)
-        return self.proj(y.reshape(B, T, d))
+            # (1, B·T, heads, width) views: the rows are one packed stream whose segments never cross a row.
+            q, k, v = (t.reshape(1, B * T, t.shape[2], width) for t in (q, k, v))
+            y = attention(q, k, v, cu_seqlens=documents.cu_seqlens, max_seqlen=documents.max_seqlen, **kw)
+        # Dropping the pad copies y once; its gradient comes back zero-padded, so dz is aligned too.
+        return self.proj(y[..., :D].reshape(B, T, d))
 
 
 class MLP(nn.Module):

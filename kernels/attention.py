@@ -7,8 +7,9 @@ Sequences. A program works on one *sequence* of query rows and the key rows they
     is aligned bottom-right; XSA uses the values at the queries' own positions.
   * varlen: segment s = the packed rows [cu_seqlens[s], cu_seqlens[s+1]) of q (1, total, H, D) and k/v
     (1, total, Hkv, D) (FA3's convention); a segment attends to itself only. The grid covers
-    (query block < max_seqlen, segment·head); each program walks its segment's query blocks in a
-    grid-stride loop (blocks pid, pid + grid, ...), so a program whose first block starts past its
+    (query block < max_seqlen) x (segment·head), folded into grid dimension x (`launch_grid`: any
+    segment count launches); each program walks its segment's query blocks in a grid-stride loop
+    (blocks pid, pid + blocks per segment, ...), so a program whose first block starts past its
     segment's end does no work, and a document of n rows costs ~n²/2 (not total²/2) whatever the other
     segments are. The loop also makes max_seqlen a grid size only, never a correctness condition: an
     under-estimate serialises the longer segments' blocks instead of leaving rows unwritten. Empty
@@ -166,11 +167,12 @@ def _unit_value(V, offs_t, stride_t, offs_d, stride_d, T, HEAD_DIM: tl.constexpr
 def _sequence(CU, seq, T, T_K, VARLEN: tl.constexpr):
     """(batch index, first row, query rows, key rows) of sequence `seq`. Dense: batch row `seq` of the
     (B, T, ·, D) queries and (B, T_K, ·, D) keys, from row 0. Varlen: segment `seq`, the packed rows
-    [cu[seq], cu[seq + 1]) of batch 0, for queries and keys alike."""
+    [cu[seq], cu[seq + 1]) of batch 0, for queries and keys alike, clamped to the T packed rows (offsets
+    are not checked per call: clamping keeps bad ones from reading or writing outside the tensors)."""
     if VARLEN:
         b = seq.to(tl.int64) * 0
-        first = tl.load(CU + seq)
-        len_q = tl.load(CU + seq + 1) - first
+        first = tl.minimum(tl.maximum(tl.load(CU + seq), 0), T)
+        len_q = tl.minimum(tl.maximum(tl.load(CU + seq + 1), first), T) - first
         len_k = len_q
         start = first.to(tl.int64)
     else:
@@ -188,20 +190,31 @@ def _head_rows(X, b, start, head, stride_b, stride_t, stride_h):
 
 
 @triton.jit
+def _program_ids(GRID_ROWS, BLOCK: tl.constexpr):
+    """(block, sequence·head, blocks per sequence·head) of this program in a `launch_grid` grid: the
+    blocks of one sequence·head are consecutive program ids."""
+    blocks = tl.maximum(tl.cdiv(GRID_ROWS, BLOCK), 1)
+    pid = tl.program_id(0)
+    return pid % blocks, pid // blocks, blocks
+
+
+@triton.jit
 def _query_program(Q, K, V, CU, stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh,
-                   stride_vb, stride_vt, stride_vh, T, T_K, H, G, VARLEN: tl.constexpr):
+                   stride_vb, stride_vt, stride_vh, T, T_K, H, G, GRID_ROWS, VARLEN: tl.constexpr,
+                   BLOCK_M: tl.constexpr):
     """What a program of the forward / dQ grid owns: pointers to its sequence's first q row (query head
     h) and k, v rows (KV head h // G), its (B, H, T) row index for lse-like buffers, (batch, first row,
-    h) for the other tensors, the sequence's query and key rows, and its first query block. Heaviest
-    causal blocks (last rows) launch first so the short ones fill the tail of the grid."""
-    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
-    sh = tl.program_id(1)
+    h) for the other tensors, the sequence's query and key rows, its first query block, the grid's
+    blocks per sequence·head (the varlen loop's stride) and its block's position among them (a slot
+    index). Heaviest causal blocks (last rows) launch first so the short ones fill the tail."""
+    block, sh, blocks = _program_ids(GRID_ROWS, BLOCK_M)
+    pid_m = blocks - 1 - block
     h = (sh % H).to(tl.int64)
     b, start, len_q, len_k = _sequence(CU, sh // H, T, T_K, VARLEN)
     Qs = _head_rows(Q, b, start, h, stride_qb, stride_qt, stride_qh)
     Ks = _head_rows(K, b, start, h // G, stride_kb, stride_kt, stride_kh)
     Vs = _head_rows(V, b, start, h // G, stride_vb, stride_vt, stride_vh)
-    return Qs, Ks, Vs, (b * H + h) * T + start, b, start, h, len_q, len_k, pid_m
+    return Qs, Ks, Vs, (b * H + h) * T + start, b, start, h, len_q, len_k, pid_m, blocks, block
 
 
 @triton.jit
@@ -290,20 +303,20 @@ def _fwd_block(Qs, Ks, Vs, Os, LSEs, Cs, stride_qt, stride_qd, stride_kt, stride
 def _attn_fwd(Q, K, V, O, LSE, C, CU, GAIN,
               stride_qb, stride_qt, stride_qh, stride_qd, stride_kb, stride_kt, stride_kh, stride_kd,
               stride_vb, stride_vt, stride_vh, stride_vd, stride_ob, stride_ot, stride_oh, stride_od,
-              T, T_K, H, G, qk_scale,
+              T, T_K, H, G, GRID_ROWS, qk_scale,
               CAUSAL: tl.constexpr, XSA: tl.constexpr, VARLEN: tl.constexpr, HAS_GAIN: tl.constexpr,
               HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """T: query rows per batch row (varlen: total), T_K: key rows. LSE and C are (B, H, T); GAIN (H,) the
-    per-head score gains (HAS_GAIN)."""
-    Qs, Ks, Vs, row0, b, start, h, len_q, len_k, pid_m = _query_program(
+    """T: query rows per batch row (varlen: total), T_K: key rows, GRID_ROWS: the query rows the grid
+    covers per sequence·head. LSE and C are (B, H, T); GAIN (H,) the per-head score gains (HAS_GAIN)."""
+    Qs, Ks, Vs, row0, b, start, h, len_q, len_k, pid_m, blocks, _ = _query_program(
         Q, K, V, CU, stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt,
-        stride_vh, T, T_K, H, G, VARLEN)
+        stride_vh, T, T_K, H, G, GRID_ROWS, VARLEN, BLOCK_M)
     if HAS_GAIN:
         qk_scale = qk_scale * tl.load(GAIN + h).to(tl.float32)
     Os = _head_rows(O, b, start, h, stride_ob, stride_ot, stride_oh)
     if VARLEN:
-        for start_m in range(pid_m * BLOCK_M, len_q, tl.num_programs(0) * BLOCK_M):
+        for start_m in range(pid_m * BLOCK_M, len_q, blocks * BLOCK_M):
             _fwd_block(Qs, Ks, Vs, Os, LSE + row0, C + row0, stride_qt, stride_qd, stride_kt, stride_kd,
                        stride_vt, stride_vd, stride_ot, stride_od, start_m, len_q, len_k, qk_scale, CAUSAL, XSA,
                        HEAD_DIM, BLOCK_D, DOT_DTYPE, PRECISION, BLOCK_M, BLOCK_N)
@@ -327,8 +340,7 @@ def _bwd_preprocess(O, DZ, V, C, DY, DELTA, DVX,
                     XSA: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK: tl.constexpr):
     """Per (row block, batch·KV head): Δ for each query head of the group; with XSA also dy and the
     group-summed XSA gradient into v (deterministic: one program owns each dv_xsa row)."""
-    pid = tl.program_id(0)
-    bkv = tl.program_id(1)
+    pid, bkv, _ = _program_ids(T, BLOCK)
     Hkv = H // G
     b = (bkv // Hkv).to(tl.int64)
     kvh = (bkv % Hkv).to(tl.int64)
@@ -445,15 +457,15 @@ def _attn_bwd_dkdv(Q, K, V, DY, LSE, DELTA, DVX, DK, DV, CU, GAIN,
                    stride_qb, stride_qt, stride_qh, stride_qd, stride_kb, stride_kt, stride_kh, stride_kd,
                    stride_vb, stride_vt, stride_vh, stride_vd, stride_yb, stride_yt, stride_yh, stride_yd,
                    stride_gb, stride_gt, stride_gh, stride_gd,
-                   T, T_K, H, G, qk_scale, sm_scale,
+                   T, T_K, H, G, GRID_ROWS, qk_scale, sm_scale,
                    CAUSAL: tl.constexpr, XSA: tl.constexpr, VARLEN: tl.constexpr, HAS_GAIN: tl.constexpr,
                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, DOT_DTYPE: tl.constexpr,
                    PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr):
-    """One program per (key block, sequence·KV head). DK, DV and DVX (B, T_K, Hkv, D) share the strides
-    stride_g*; DVX is 0 at keys no query sits on (a KV cache's rows)."""
-    pid_n = tl.program_id(0)
+    """One program per (key block, sequence·KV head); GRID_ROWS: the key rows the grid covers per
+    sequence·KV head. DK, DV and DVX (B, T_K, Hkv, D) share the strides stride_g*; DVX is 0 at keys no
+    query sits on (a KV cache's rows)."""
+    pid_n, skv, blocks = _program_ids(GRID_ROWS, BLOCK_N)
     Hkv = H // G
-    skv = tl.program_id(1)
     kvh = (skv % Hkv).to(tl.int64)
     b, start, len_q, len_k = _sequence(CU, skv // Hkv, T, T_K, VARLEN)
     Qs = _head_rows(Q, b, start, 0, stride_qb, stride_qt, stride_qh)
@@ -463,7 +475,7 @@ def _attn_bwd_dkdv(Q, K, V, DY, LSE, DELTA, DVX, DK, DV, CU, GAIN,
     G_base = b * stride_gb + start * stride_gt + kvh * stride_gh
     row0 = b * H * T + start
     if VARLEN:
-        for start_n in range(pid_n * BLOCK_N, len_k, tl.num_programs(0) * BLOCK_N):
+        for start_n in range(pid_n * BLOCK_N, len_k, blocks * BLOCK_N):
             _dkdv_block(Qs, Ks, Vs, DYs, DVX + G_base, DK + G_base, DV + G_base, LSE, DELTA, GAIN, stride_qt,
                         stride_qd, stride_qh, stride_kt, stride_kd, stride_vt, stride_vd, stride_yt, stride_yd,
                         stride_yh, stride_gt, stride_gd, row0, T, kvh, start_n, len_q, len_k, G, qk_scale, sm_scale,
@@ -535,16 +547,16 @@ def _attn_bwd_dq(Q, K, V, DY, LSE, DELTA, DQ, CU, GAIN, DGAIN,
                  stride_qb, stride_qt, stride_qh, stride_qd, stride_kb, stride_kt, stride_kh, stride_kd,
                  stride_vb, stride_vt, stride_vh, stride_vd, stride_yb, stride_yt, stride_yh, stride_yd,
                  stride_gb, stride_gt, stride_gh, stride_gd,
-                 T, T_K, H, G, qk_scale, sm_scale, gain_slots,
+                 T, T_K, H, G, GRID_ROWS, qk_scale, sm_scale, gain_slots,
                  CAUSAL: tl.constexpr, VARLEN: tl.constexpr, HAS_GAIN: tl.constexpr, HEAD_DIM: tl.constexpr,
                  BLOCK_D: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """One program per (query block, sequence·query head). With HAS_GAIN each program also writes its
-    share of the gain's gradient to DGAIN[sequence·head, program_id(0)] (gain_slots per row; the host
-    sums them, deterministically)."""
-    Qs, Ks, Vs, row0, b, start, h, len_q, len_k, pid_m = _query_program(
+    share of the gain's gradient to DGAIN[sequence·head, its block] (gain_slots per row; the host sums
+    them, deterministically)."""
+    Qs, Ks, Vs, row0, b, start, h, len_q, len_k, pid_m, blocks, block = _query_program(
         Q, K, V, CU, stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt,
-        stride_vh, T, T_K, H, G, VARLEN)
+        stride_vh, T, T_K, H, G, GRID_ROWS, VARLEN, BLOCK_M)
     DYs = _head_rows(DY, b, start, h, stride_yb, stride_yt, stride_yh)
     DQs = _head_rows(DQ, b, start, h, stride_gb, stride_gt, stride_gh)
     dq_scale = sm_scale
@@ -554,7 +566,7 @@ def _attn_bwd_dq(Q, K, V, DY, LSE, DELTA, DQ, CU, GAIN, DGAIN,
         dq_scale = sm_scale * gain
     if VARLEN:
         dgain = tl.zeros([BLOCK_M], dtype=tl.float32)
-        for start_m in range(pid_m * BLOCK_M, len_q, tl.num_programs(0) * BLOCK_M):
+        for start_m in range(pid_m * BLOCK_M, len_q, blocks * BLOCK_M):
             dgain += _dq_block(Qs, Ks, Vs, DYs, DQs, LSE + row0, DELTA + row0, stride_qt, stride_qd, stride_kt,
                                stride_kd, stride_vt, stride_vd, stride_yt, stride_yd, stride_gt, stride_gd, start_m,
                                len_q, len_k, qk_scale, dq_scale, CAUSAL, HAS_GAIN, HEAD_DIM, BLOCK_D, DOT_DTYPE,
@@ -565,7 +577,8 @@ def _attn_bwd_dq(Q, K, V, DY, LSE, DELTA, DQ, CU, GAIN, DGAIN,
                           len_k, qk_scale, dq_scale, CAUSAL, HAS_GAIN, HEAD_DIM, BLOCK_D, DOT_DTYPE, PRECISION,
                           BLOCK_M, BLOCK_N)
     if HAS_GAIN:
-        tl.store(DGAIN + tl.program_id(1).to(tl.int64) * gain_slots + tl.program_id(0), tl.sum(dgain) * sm_scale)
+        sh = tl.program_id(0) // blocks
+        tl.store(DGAIN + sh.to(tl.int64) * gain_slots + block, tl.sum(dgain) * sm_scale)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -575,12 +588,36 @@ def _attn_bwd_dq(Q, K, V, DY, LSE, DELTA, DQ, CU, GAIN, DGAIN,
 def _sequences(B: int, T: int, T_K: int, cu_seqlens: torch.Tensor | None,
                max_seqlen: int | None) -> tuple[int, int, int]:
     """(sequences, query rows, key rows) the grids cover: dense (B, T, T_K); varlen (segments,
-    max_seqlen, max_seqlen), max_seqlen read from cu_seqlens (one host sync) when not given."""
+    max_seqlen, max_seqlen), max_seqlen being the packed row count T when not given (no segment is
+    longer, and reading the longest from cu_seqlens would be a host sync)."""
     if cu_seqlens is None:
         return B, T, T_K
-    if max_seqlen is None:
-        max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
-    return cu_seqlens.numel() - 1, max_seqlen, max_seqlen
+    rows = T if max_seqlen is None else min(max_seqlen, T)
+    return cu_seqlens.numel() - 1, rows, rows
+
+
+def padded_head_dim(head_dim: int) -> int:
+    """The head width to lay q/k/v out with for full-width loads: head_dim rounded up to a multiple of 8
+    elements (16 bytes in bf16/fp16), e.g. 46 -> 48. Heads zero-padded to it, with softmax_scale kept at
+    1/sqrt(head_dim), give the same attention padded with zeros (docs/ops.md "Head dims")."""
+    return head_dim + (-head_dim) % 8
+
+
+# CUDA's grid limits: dimension x holds up to 2^31 - 1 programs, y and z 65,535 each.
+GRID_X_LIMIT = 2**31 - 1
+
+
+def launch_grid(rows: int, block: int, sequences: int, heads: int) -> tuple[int]:
+    """The grid of an attention kernel: max(1, ⌈rows / block⌉) blocks for each (sequence, head), all in
+    grid dimension x (limit 2^31 - 1), so any segment count launches (in dimension y, limited to 65,535,
+    sequences·heads failed past 4,095 segments of 16 heads). The kernels split a program id back into
+    (block, sequence·head) with `_program_ids`."""
+    programs = max(1, triton.cdiv(rows, block)) * sequences * heads
+    if programs > GRID_X_LIMIT:
+        raise ValueError(f"attention: {programs} programs ({sequences} sequences x {heads} heads x "
+                         f"{max(1, triton.cdiv(rows, block))} blocks of {block} rows) exceed CUDA's grid limit "
+                         f"{GRID_X_LIMIT}")
+    return (programs,)
 
 
 def _attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor | None,
@@ -595,12 +632,12 @@ def _attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seq
     if o.numel() == 0:
         return o, lse, c
     seqs, q_rows, _ = _sequences(B, T, T_K, cu_seqlens, max_seqlen)
-    grid = lambda meta: (max(1, triton.cdiv(q_rows, meta["BLOCK_M"])), seqs * H)  # noqa: E731
+    grid = lambda meta: launch_grid(q_rows, meta["BLOCK_M"], seqs, H)  # noqa: E731
     # Without XSA, C is never touched, nor CU when dense, nor GAIN without q_gain: pass lse so no kernel
     # argument is an empty (null) pointer.
     _attn_fwd[grid](q, k, v, o, lse, c if xsa else lse, lse if cu_seqlens is None else cu_seqlens,
                     lse if q_gain is None else q_gain,
-                    *q.stride(), *k.stride(), *v.stride(), *o.stride(), T, T_K, H, H // Hkv,
+                    *q.stride(), *k.stride(), *v.stride(), *o.stride(), T, T_K, H, H // Hkv, q_rows,
                     softmax_scale * LOG2E, CAUSAL=causal, XSA=xsa, VARLEN=cu_seqlens is not None,
                     HAS_GAIN=q_gain is not None, HEAD_DIM=D, BLOCK_D=pow2_tile(D), **dot_args(q.dtype))
     return o, lse, c
@@ -638,7 +675,7 @@ def _attention_backward(dz, q, k, v, o, lse, c, cu_seqlens, max_seqlen, causal: 
         c, v_own, dvx_own = delta, v, delta
     # dk, dv and dv_xsa are fresh contiguous (B, T_K, Hkv, D) tensors: one set of strides serves all three.
     # The preprocess is row-wise: it sees a varlen batch as one row of `total` rows.
-    grid_pre = lambda meta: (triton.cdiv(T, meta["BLOCK"]), B * Hkv)  # noqa: E731
+    grid_pre = lambda meta: launch_grid(T, meta["BLOCK"], B, Hkv)  # noqa: E731
     _bwd_preprocess[grid_pre](o, dz, v_own, c, dy, delta, dvx_own, *o.stride(), *dz.stride(), *v_own.stride(),
                               *dy_strides, *dk.stride(), T, H, G, XSA=xsa, HEAD_DIM=D, BLOCK_D=block_d)
     seqs, q_rows, k_rows = _sequences(B, T, T_K, cu_seqlens, max_seqlen)
@@ -647,17 +684,18 @@ def _attention_backward(dz, q, k, v, o, lse, c, cu_seqlens, max_seqlen, causal: 
     common = dict(CAUSAL=causal, VARLEN=cu_seqlens is not None, HAS_GAIN=q_gain is not None, HEAD_DIM=D,
                   BLOCK_D=block_d, **dot_args(q.dtype))
     qk_scale = softmax_scale * LOG2E
-    grid_kv = lambda meta: (max(1, triton.cdiv(k_rows, meta["BLOCK_N"])), seqs * Hkv)  # noqa: E731
+    grid_kv = lambda meta: launch_grid(k_rows, meta["BLOCK_N"], seqs, Hkv)  # noqa: E731
     _attn_bwd_dkdv[grid_kv](q, k, v, dy, lse, delta, dvx, dk, dv, cu, gain, *q.stride(), *k.stride(), *v.stride(),
-                            *dy_strides, *dk.stride(), T, T_K, H, G, qk_scale, softmax_scale, XSA=xsa, **common)
+                            *dy_strides, *dk.stride(), T, T_K, H, G, k_rows, qk_scale, softmax_scale, XSA=xsa,
+                            **common)
     # The gain's gradient: one partial sum per dQ program, in slots sized for the smallest BLOCK_M (so any
     # config's grid fits), zero where a config launches fewer programs; summed here in a fixed order.
     gain_slots = max(1, triton.cdiv(q_rows, _smallest_block(_DQ_TUNING, "BLOCK_M"))) if q_gain is not None else 0
     dgain_parts = torch.zeros((seqs * H * gain_slots,), dtype=torch.float32, device=q.device)
-    grid_q = lambda meta: (max(1, triton.cdiv(q_rows, meta["BLOCK_M"])), seqs * H)  # noqa: E731
+    grid_q = lambda meta: launch_grid(q_rows, meta["BLOCK_M"], seqs, H)  # noqa: E731
     _attn_bwd_dq[grid_q](q, k, v, dy, lse, delta, dq, cu, gain, dgain_parts if q_gain is not None else lse,
-                         *q.stride(), *k.stride(), *v.stride(), *dy_strides, *dq.stride(), T, T_K, H, G, qk_scale,
-                         softmax_scale, gain_slots, **common)
+                         *q.stride(), *k.stride(), *v.stride(), *dy_strides, *dq.stride(), T, T_K, H, G, q_rows,
+                         qk_scale, softmax_scale, gain_slots, **common)
     if q_gain is None:
         return dq, dk, dv, no_gain
     return dq, dk, dv, dgain_parts.view(seqs, H, gain_slots).sum((0, 2)).to(q_gain.dtype)
@@ -734,8 +772,10 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
     cu_seqlens int32 (num_docs + 1,) on q's device, 0 = cu[0] <= ... <= cu[-1] = total (trailing
     repeated ends = empty segments, for fixed-capacity padding); each segment attends to itself only.
     `max_seqlen` (varlen only) sizes the grid: at least the longest segment for full parallelism (a
-    smaller value is still correct, only slower); when absent it is read from cu_seqlens with one host
-    sync. Under torch.compile pass it (e.g. the training sequence length) to avoid that sync.
+    smaller value is still correct, only slower); when absent, the packed row count (correct, but with
+    many segments most programs then start past their segment's end: pass it, e.g. the sequence length).
+    No call reads a tensor's values (no host sync): cu_seqlens' values are the caller's to get right
+    (crawler.documents checks them where it builds them); offsets outside [0, total] are clamped.
     H % Hkv == 0, D even and <= 128; float32, float16 or bfloat16, one dtype, one device (CUDA, or CPU
     under TRITON_INTERPRET=1). Any strides are accepted (views are read in place, never copied). Query
     head h attends with KV head h // (H/Hkv); scores are softmax_scale (> 0, default 1/sqrt(D)) ·
@@ -746,8 +786,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
     row's scaled scores, float32 (B, H, Tq) (varlen: (H, total), or (1, H, total) for 4-D inputs), not
     differentiable.
     """
-    longest = check_attention_inputs(q, k, v, softmax_scale=softmax_scale, cu_seqlens=cu_seqlens,
-                                     max_seqlen=max_seqlen, q_gain=q_gain, layout=layout)
+    check_attention_inputs(q, k, v, softmax_scale=softmax_scale, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen,
+                           q_gain=q_gain, layout=layout)
     check_triton_device("attention", "q", q)
     if q.dtype not in KERNEL_DTYPES:
         raise TypeError(f"q: the Triton attention takes float32, float16 or bfloat16, got {q.dtype} "
@@ -760,7 +800,6 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
         q, k, v = q[None], k[None], v[None]
     if cu_seqlens is not None:
         cu_seqlens = cu_seqlens.contiguous()
-        max_seqlen = longest if max_seqlen is None else max_seqlen
     out, lse, _ = _attention_fwd_op(q, k, v, cu_seqlens, max_seqlen, bool(causal), bool(xsa), scale, q_gain)
     if packed:
         out, lse = out[0], lse[0]

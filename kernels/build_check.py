@@ -24,9 +24,17 @@ warpgroup MMA, HMMA = the older warp MMA), and the compile time as CPU seconds o
 ptxas; `--jobs` runs that many compilations in parallel processes, each warmed up by one trivial
 compilation first).
 
-Exit status 1 on a compile failure, a spill, shared memory over the 227 KiB a block may use, or a kernel
-with a bf16 tl.dot whose SASS has no bf16 tensor-core MMA; 0 otherwise, also when this Triton lacks a
-piece the check needs (it says SKIPPED and why).
+Global memory access widths, from the PTX: every ld.global / st.global / atomic (bytes per instruction =
+vector length x element size), cp.async (its copy size) and TMA bulk copy (cp.async.bulk), each attributed
+to the kernel's pointer arguments its address is computed from (registers followed back to the pointer
+parameters) and marked when it sits in an innermost loop (a label and the branch back to it): the table's
+"global B x instr" column, and per argument the hot-loop load widths ("hot q/k/v B" for the attention
+kernels; `hot_loop_loads` in --json).
+
+Exit status 1 on a compile failure, a spill, shared memory over the 227 KiB a block may use, a kernel
+with a bf16 tl.dot whose SASS has no bf16 tensor-core MMA, or an attention kernel with a hot-loop load of
+q, k or v narrower than MIN_HOT_LOAD_BYTES; 0 otherwise, also when this Triton lacks a piece the check
+needs (it says SKIPPED and why).
 """
 from __future__ import annotations
 
@@ -216,8 +224,13 @@ class Unit:
 
     def row(self) -> dict:
         """The table row's description part (compile results are added to it)."""
-        return {"kernel": self.name, "config": self.config, "spec": self.spec, "workloads": self.workloads,
-                "programs": self.programs, "num_warps": self.num_warps}
+        return {"kernel": self.name, "module": self.jit_fn.fn.__module__, "config": self.config, "spec": self.spec,
+                "workloads": self.workloads, "programs": self.programs, "num_warps": self.num_warps}
+
+    def pointer_args(self) -> list[str]:
+        """The names of the kernel's tensor arguments in order: its PTX's pointer parameters."""
+        bound = dict(zip(self.jit_fn.arg_names, self.args)) | self.kwargs
+        return [name for name in self.jit_fn.arg_names if isinstance(bound.get(name), torch.Tensor)]
 
 
 def _jit_fn(kernel):
@@ -294,8 +307,7 @@ def build_plan(multiprocessors: int = SM90["multiprocessors"]) -> list[Unit]:
             jit_fn = _jit_fn(launch.kernel)
             nargs = dict(zip(launch.kernel.arg_names, launch.args))
             if isinstance(launch.kernel, triton.runtime.Autotuner):
-                launch.kernel.nargs = nargs             # what its early_config_prune reads
-                configs = launch.kernel.prune_configs(launch.kwargs)
+                configs = utils.launch_candidates(launch.kernel, nargs | launch.kwargs)
             else:
                 configs = [None]
             for config in configs:
@@ -374,6 +386,172 @@ def _inspect_cubin(cubin: bytes) -> dict:
             "spill_instructions": len(re.findall(r"\b(?:STL|LDL)\b", sass))}
 
 
+# ----------------------------------------------------------------------------------------------
+# Global memory access widths, read from the PTX
+# ----------------------------------------------------------------------------------------------
+
+# The load-width rule (issue 23): in the attention kernels, every global load of q, k or v inside an
+# innermost loop (the loop over key or query blocks, the hot loop) moves at least this many bytes per
+# instruction. Head dim 46 with a 46-element head stride proves only 2-byte alignment: scalar bf16 loads.
+HOT_LOAD_MODULE = "kernels.attention"
+HOT_LOAD_OPERANDS = ("Q", "K", "V")
+MIN_HOT_LOAD_BYTES = 8
+
+_PTX_POINTER_PARAM = re.compile(r"\.param\s+\.u64\s+\.ptr\b[^,\n)]*?\s(\w+_param_(\d+))")
+_PTX_LABEL = re.compile(r"^(\$[\w.]+):")
+_PTX_REGISTER = re.compile(r"%[a-z]+\d+")
+
+
+@dataclasses.dataclass(frozen=True)
+class GlobalAccess:
+    """One global-memory instruction of a kernel's PTX: kind "ld", "st", "atom" (read-modify-write),
+    "cp.async" (an asynchronous copy into shared memory) or "tma.ld" / "tma.st" (a tensor-memory-accelerator
+    bulk copy, whose box size the PTX does not show: bytes None); the bytes one thread moves; the kernel's
+    pointer arguments its address derives from; whether it sits in an innermost loop."""
+    kind: str
+    bytes: int | None
+    operands: tuple[str, ...]
+    hot: bool
+
+
+def _ptx_instructions(ptx: str) -> list[str]:
+    """The PTX body's instructions (comments, directives and blank lines dropped), labels kept as `$L:`."""
+    out = []
+    for line in ptx.splitlines():
+        line = line.split("//", 1)[0].strip()
+        label = _PTX_LABEL.match(line)
+        if label:
+            out.append(label.group(1) + ":")
+            line = line[label.end():].strip()
+        parts = (part.strip().lstrip("{}").strip() for part in line.split(";"))
+        out.extend(part for part in parts if part and not part.startswith("."))
+    return out
+
+
+def _opcode_and_operands(instruction: str) -> tuple[str, str]:
+    """("ld.global.v4.b32", "{ %r1, ... }, [ %rd2 + 0 ]") of one instruction, its guard predicate dropped."""
+    words = instruction.split(None, 1)
+    if words and words[0].startswith("@"):
+        words = words[1].split(None, 1) if len(words) > 1 else []
+    return (words[0], words[1].strip() if len(words) > 1 else "") if words else ("", "")
+
+
+def _innermost_loops(instructions: list[str]) -> list[tuple[int, int]]:
+    """(first, last) instruction indices of every innermost loop: a label and the last branch back to it,
+    with no other such loop inside."""
+    labels = {ins[:-1]: i for i, ins in enumerate(instructions) if ins.endswith(":")}
+    loops: dict[int, int] = {}
+    for i, ins in enumerate(instructions):
+        opcode, target = _opcode_and_operands(ins)
+        start = labels.get(target) if opcode.startswith("bra") else None
+        if start is not None and start < i:
+            loops[start] = max(loops.get(start, i), i)
+    spans = sorted(loops.items())
+    return [(a, b) for a, b in spans if not any(a <= c and d <= b and (c, d) != (a, b) for c, d in spans)]
+
+
+def _element_bytes(opcode: str) -> int:
+    """Bytes one ld/st/atom instruction moves: its vector length times its element type's size."""
+    parts = opcode.split(".")
+    vector = next((int(p[1:]) for p in parts if re.fullmatch(r"v\d+", p)), 1)
+    bits = next(int(m.group(1)) for p in reversed(parts) if (m := re.fullmatch(r"(?:b|f|s|u|bf)(8|16|32|64|128)", p)))
+    return vector * bits // 8
+
+
+def ptx_global_accesses(ptx: str, pointer_args: list[str]) -> list[GlobalAccess]:
+    """Every global load, store, atomic and asynchronous copy of a kernel's PTX. `pointer_args` names its
+    tensor arguments in order (the PTX's pointer parameters, Triton's scratch pointers after them); an
+    access's operands are the arguments whose pointer its address is computed from (a register's sources
+    followed through arithmetic, not through loaded values)."""
+    params = sorted(_PTX_POINTER_PARAM.findall(ptx), key=lambda p: int(p[1]))
+    names = {param: arg for (param, _), arg in zip(params, pointer_args)}
+    instructions = _ptx_instructions(ptx)
+    hot = _innermost_loops(instructions)
+    parsed = [_opcode_and_operands(ins) for ins in instructions]
+    # Which pointer arguments each register may hold an address into: a fixpoint over the (non-SSA) PTX.
+    sources: dict[str, set[str]] = collections.defaultdict(set)
+    defs = []
+    for opcode, operands in parsed:
+        if not operands or operands.startswith("[") or opcode.startswith(("st.", "bra", "cp.", "red.", "bar")):
+            continue
+        head, _, rest = operands.partition(",")
+        if head.strip().startswith("{"):            # a vector destination: "{ %r1, %r2 }, ..."
+            head, _, rest = operands.partition("}")
+            rest = rest.lstrip(",")
+        dests = _PTX_REGISTER.findall(head)
+        if opcode.startswith("ld.param"):
+            param = re.search(r"\[\s*(\w+)", rest)
+            if param and param.group(1) in names:
+                for d in dests:
+                    sources[d].add(names[param.group(1)])
+        elif not opcode.startswith(("ld.", "atom.", "tensormap")):   # loaded values are data, not addresses
+            defs.append((dests, _PTX_REGISTER.findall(rest)))
+    changed = True
+    while changed:
+        changed = False
+        for dests, srcs in defs:
+            union = set().union(*(sources.get(s, ()) for s in srcs)) if srcs else set()
+            for d in dests:
+                if not union <= sources[d]:
+                    sources[d] |= union
+                    changed = True
+
+    def operands_of(address: str) -> tuple[str, ...]:
+        return tuple(sorted(set().union(*(sources.get(r, ()) for r in _PTX_REGISTER.findall(address)))))
+
+    out = []
+    for i, (opcode, operands) in enumerate(parsed):
+        in_loop = any(a <= i <= b for a, b in hot)
+        addresses = re.findall(r"\[[^\]]*\]", operands)
+        if opcode.startswith("cp.async.bulk") and ".global" in opcode:
+            kind = "tma.ld" if ".shared" in opcode.split(".global")[0] else "tma.st"
+            out.append(GlobalAccess(kind, None, operands_of(addresses[0 if kind == "tma.st" else 1]), in_loop))
+        elif opcode.startswith("cp.async.") and ".global" in opcode and len(addresses) >= 2:
+            size = operands.split("]")[2].split(",")[1].strip() if operands.count("]") >= 2 else ""
+            nbytes = int(size, 0) if re.fullmatch(r"(0x)?[0-9a-fA-F]+", size) else None
+            out.append(GlobalAccess("cp.async", nbytes, operands_of(addresses[1]), in_loop))
+        elif opcode.startswith(("ld.global", "st.global", "atom.global", "red.global")) and addresses:
+            kind = {"ld": "ld", "st": "st"}.get(opcode.split(".")[0], "atom")
+            out.append(GlobalAccess(kind, _element_bytes(opcode), operands_of(addresses[0]), in_loop))
+    return out
+
+
+def memory_widths(accesses: list[GlobalAccess]) -> dict:
+    """The table's and JSON's view of a kernel's global accesses: per kind, {bytes per instruction: count};
+    the mean bytes per load instruction (ld and cp.async); and per pointer argument, the widths of its
+    loads in innermost loops ("TMA" for bulk copies)."""
+    by_kind: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
+    hot: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
+    for a in accesses:
+        width = "TMA" if a.bytes is None else a.bytes
+        by_kind[a.kind][width] += 1
+        if a.hot and a.kind in ("ld", "cp.async", "tma.ld"):
+            for name in a.operands:
+                hot[name][width] += 1
+    sized = [(w, n) for kind in ("ld", "cp.async") for w, n in by_kind.get(kind, {}).items() if w != "TMA"]
+    count = sum(n for _, n in sized)
+
+    def widest_first(counter):
+        return {str(w): n for w, n in sorted(counter.items(), key=lambda wn: -1 if wn[0] == "TMA" else -wn[0])}
+
+    return {"accesses": {k: widest_first(c) for k, c in sorted(by_kind.items())},
+            "load_bytes_mean": round(sum(w * n for w, n in sized) / count, 1) if count else None,
+            "hot_loop_loads": {k: widest_first(c) for k, c in sorted(hot.items())}}
+
+
+def narrow_hot_loads(row: dict) -> dict[str, int]:
+    """{operand: narrowest bytes} of the load-width rule's operands whose hot-loop loads are narrower than
+    MIN_HOT_LOAD_BYTES, for a kernel of HOT_LOAD_MODULE ({} for any other kernel; TMA copies are wide)."""
+    if row.get("module") != HOT_LOAD_MODULE:
+        return {}
+    out = {}
+    for name in HOT_LOAD_OPERANDS:
+        widths = [int(w) for w in row.get("hot_loop_loads", {}).get(name, {}) if w != "TMA"]
+        if widths and min(widths) < MIN_HOT_LOAD_BYTES:
+            out[name] = min(widths)
+    return out
+
+
 def _occupancy(registers: int, smem: int, num_warps: int) -> int:
     """Blocks of this kernel that fit on one Hopper SM at once."""
     per_warp = math.ceil(max(registers, 1) * 32 / SM90["reg_alloc_unit"]) * SM90["reg_alloc_unit"]
@@ -393,6 +571,10 @@ def _problems(row: dict) -> list[str]:
         out.append(f"shared memory {row['smem_bytes']} B > {SM90['smem_per_block']} B")
     if row["bf16_dot"] and not any("BF16" in m for m in row["mma"]):
         out.append("bf16 tl.dot without bf16 tensor-core MMA")
+    narrow = narrow_hot_loads(row)
+    if narrow:
+        out.append("hot-loop loads of " + ", ".join(f"{k} {b} B" for k, b in narrow.items())
+                   + f" (< {MIN_HOT_LOAD_BYTES} B)")
     return out
 
 
@@ -439,6 +621,7 @@ def _compile(index: int, use_subset: bool, target_arch: int, multiprocessors: in
     row["blocks_per_sm"] = _occupancy(row["registers"], row["smem_bytes"], unit.num_warps)
     row["warps_per_sm"] = row["blocks_per_sm"] * unit.num_warps
     row["bf16_dot"] = bool(_BF16_DOT.search(compiled.asm["ttir"]))
+    row.update(memory_widths(ptx_global_accesses(compiled.asm["ptx"], unit.pointer_args())))
     row["notes"] = sorted({m for m in re.findall(r"\(C\d+\) Potential Performance Loss: ([^.]*)", log.getvalue())})
     row["status"] = "ok"
     return row
@@ -452,11 +635,34 @@ def _mma_summary(mma: dict) -> str:
     return ", ".join(f"{k} x{v}" for k, v in sorted(mma.items())) or "-"
 
 
+def _widths_summary(row: dict) -> str:
+    """A row's global accesses as "ld 2x96 cp16x36; st 16x16": bytes per instruction x instructions."""
+    acc = row.get("accesses", {})
+
+    def cells(kind, prefix=""):
+        return [f"{prefix}{w}x{n}" for w, n in acc.get(kind, {}).items()]
+
+    loads = cells("ld") + cells("cp.async", "cp") + cells("tma.ld")
+    stores = cells("st") + cells("tma.st") + cells("atom", "atom")
+    return "; ".join(part for part in ("ld " + " ".join(loads) if loads else "",
+                                       "st " + " ".join(stores) if stores else "") if part) or "-"
+
+
+def _hot_summary(row: dict) -> str:
+    """The narrowest hot-loop load of each operand of the load-width rule ("K 2 V 2"), for its kernels."""
+    if row.get("module") != HOT_LOAD_MODULE:
+        return "-"
+    hot = row.get("hot_loop_loads", {})
+    return " ".join(f"{name} {min(hot[name], key=lambda w: 10**9 if w == 'TMA' else int(w))}"
+                    for name in HOT_LOAD_OPERANDS if hot.get(name)) or "none"
+
+
 def format_table(rows: list[dict], compiled: bool = True) -> str:
     """The rows as an aligned text table (`compiled=False`: the plan only, before compiling)."""
     head = ("kernel", "config", "spec", "programs")
     if compiled:
-        head += ("regs", "spill B", "smem KiB", "blk/SM", "warps/SM", "MMA (SASS)", "compile s", "status")
+        head += ("regs", "spill B", "smem KiB", "blk/SM", "warps/SM", "MMA (SASS)", "global B x instr",
+                 "hot q/k/v B", "compile s", "status")
     head += ("workloads",)
     lines = []
     for r in rows:
@@ -467,7 +673,8 @@ def format_table(rows: list[dict], compiled: bool = True) -> str:
             notes = " (" + "; ".join(r["notes"]) + ")" if ok and r["notes"] else ""
             cells += tuple(x if ok else "-" for x in (
                 str(r.get("registers")), str(r.get("spill_bytes")), f"{r.get('smem_bytes', 0) / 1024:.1f}",
-                str(r.get("blocks_per_sm")), str(r.get("warps_per_sm")), _mma_summary(r.get("mma", {}))))
+                str(r.get("blocks_per_sm")), str(r.get("warps_per_sm")), _mma_summary(r.get("mma", {})),
+                _widths_summary(r), _hot_summary(r)))
             cells += (f"{r['compile_s']:.1f}", "; ".join(problems) if problems else "ok" + notes)
         lines.append(cells + (", ".join(r["workloads"]),))
     widths = [max(len(x[i]) for x in [head, *lines]) for i in range(len(head))]
@@ -494,6 +701,7 @@ def summarize(rows: list[dict]) -> dict:
         "max_registers": worst["registers"] if worst else None,
         "max_registers_at": f"{worst['kernel']} {worst['config']} {worst['spec']}".strip() if worst else None,
         "at_least_247_registers": sum(r["registers"] >= 247 for r in ok),
+        "narrow_hot_loads": sum(bool(narrow_hot_loads(r)) for r in ok),
         "first_training_step": seconds(lambda r: FIRST_STEP in r["workloads"]),
         "int6_inference": seconds(lambda r: any(w.startswith("int6") for w in r["workloads"])),
         "total_compile_s": round(sum(r["compile_s"] for r in rows), 1),
@@ -575,6 +783,22 @@ def run(use_subset: bool, jobs: int, target: str | None, cache_dir: str | None) 
                             "command": " ".join(["python -m kernels.build_check", *sys.argv[1:]])}}
 
 
+def compile_seconds(result: dict) -> dict:
+    """The compact record of what compiling costs (`--seconds`, committed as bench/compile_seconds.json, from
+    which `python -m bench.gpu_check` sizes its stages): per kernel its compilations and their single-core
+    compile seconds, the total, and the run's wall time with its job count (their difference from
+    total / jobs is each job's start-up)."""
+    kernels: dict[str, dict] = {}
+    for r in result["rows"]:
+        k = kernels.setdefault(r["kernel"], {"compilations": 0, "compile_s": 0.0})
+        k["compilations"] += 1
+        k["compile_s"] = round(k["compile_s"] + r["compile_s"], 2)
+    env = result["environment"]
+    return {"triton": env["triton"], "target": env["target"], "date": env["date"], "subset": env["subset"],
+            "jobs": env["jobs"], "wall_s": env["wall_s"], "total_compile_s": result["summary"]["total_compile_s"],
+            "kernels": kernels}
+
+
 def _write_json(path: str, result: dict) -> None:
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -591,6 +815,8 @@ def main(argv=None) -> int:
     scope.add_argument("--subset", action="store_true", help="one compilation per kernel (the CI test's)")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel compile processes")
     parser.add_argument("--json", metavar="PATH", help="also write the rows and summary as JSON")
+    parser.add_argument("--seconds", metavar="PATH", help="also write the compile seconds per kernel as JSON "
+                        "(bench/compile_seconds.json, which sizes the stages of `make gpu-check`)")
     parser.add_argument("--target", metavar="sm_XY", help="architecture (default: the local GPU, else sm_90)")
     parser.add_argument("--list", action="store_true", help="list the compilations (kernel, config, "
                         "specialisation, programs, workloads) without compiling")
@@ -622,7 +848,8 @@ def main(argv=None) -> int:
           f"triton {triton.__version__}: {s['failures']} failed, {s['spilling']} spill, "
           f"{s['over_shared_memory']} over shared memory, {s['bf16_dot_without_bf16_mma']} bf16 dots without "
           f"bf16 MMA; max {s['max_registers']} registers ({s['max_registers_at']}), "
-          f"{s['at_least_247_registers']} at >= 247")
+          f"{s['at_least_247_registers']} at >= 247; {s['narrow_hot_loads']} with hot-loop q/k/v loads under "
+          f"{MIN_HOT_LOAD_BYTES} B")
     first, i6 = s["first_training_step"], s["int6_inference"]
     print(f"first pr1579 training step ({FIRST_STEP}): {first['compilations']} compilations, "
           f"{first['compile_s']} s single-core compile time")
@@ -631,6 +858,8 @@ def main(argv=None) -> int:
           f"{args.jobs} job(s)")
     if args.json:
         _write_json(args.json, result)
+    if args.seconds:
+        _write_json(args.seconds, compile_seconds(result))
     return 1 if s["with_problems"] else 0
 
 

@@ -16,6 +16,7 @@ from .utils import (
     check_attention_inputs,
     check_class_indices,
     check_cross_entropy_inputs,
+    check_cu_seqlens,
     check_embed_inputs,
     check_gptq_args,
     check_gptq_inputs,
@@ -128,7 +129,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
     cache's new tokens: causal masking aligned bottom-right, XSA with v[:, Tk - Tq:]); layout="bhtd"
     takes and returns SDPA's (B, H, T, D) instead. Varlen (`cu_seqlens` int32 (num_docs + 1,), 0 = cu[0]
     <= ... <= cu[-1] = total): q (total, H, D), k/v (total, Hkv, D) (or with a leading 1), each segment
-    [cu[i], cu[i+1]) attending to itself alone; max_seqlen is validated and otherwise unused here.
+    [cu[i], cu[i+1]) attending to itself alone (the values are checked here: this reference reads them
+    anyway); max_seqlen is validated and otherwise unused here.
     H % Hkv == 0, D even and <= 128; float32/16/bf16/64. Query head h attends with KV head h // (H/Hkv).
     Scores are softmax_scale (default 1/sqrt(D)) · q_gain[h] (q_gain (H,), default 1) · q·k, masked
     causally when `causal`; with `xsa` the output is projected off its own normalised value (see
@@ -149,6 +151,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
         # Varlen: the dense reference on each segment on its own, which is isolation by construction.
         packed = q.dim() == 3
         q, k, v = (t[None] if packed else t for t in (q, k, v))
+        check_cu_seqlens(cu_seqlens, q.shape[1])
         bounds = cu_seqlens.tolist()
         pieces = [_dense_attention(q[:, a:b], k[:, a:b], v[:, a:b], causal, xsa, scale, q_gain)
                   for a, b in zip(bounds, bounds[1:])]

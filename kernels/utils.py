@@ -14,6 +14,8 @@ once). Each GPU list sits next to its kernel with a comment saying what `python 
 measured for it. `autotune` is `triton.autotune` with the tuning results persisted on disk, so a second
 process on the same machine times nothing; `token_bucket` turns a token count into an autotune key that
 changes once per power of two. Hand-written tuners (int6_linear's) persist through `PersistentChoices`.
+`launch_candidates` lists the configs a launch would time and `forced_config` runs exactly one of them
+(the build check compiles, and the GPU tests check, every candidate).
 `multiprocessor_count` is the GPU size that launch decisions (how far to split work) are made for.
 
 tl.dot operands and precision: ONE rule, `dot_args(dtype)`, for every op.
@@ -137,6 +139,41 @@ def autotune(configs: list, key: list[str], **kwargs):
     return triton.autotune(configs=configs, key=key, **kwargs)
 
 
+def launch_candidates(kernel, named_args: dict) -> list:
+    """The configs autotuned `kernel` would time for a launch with `named_args` (its arguments and
+    constexprs by name): its list after its early prune. kernels.build_check compiles exactly these;
+    the GPU tests run each of them (`forced_config`)."""
+    kernel.nargs = named_args                  # what an early_config_prune reads, as during a launch
+    try:
+        return list(kernel.prune_configs(named_args))
+    finally:
+        kernel.nargs = None
+
+
+@contextlib.contextmanager
+def forced_config(tuner, config):
+    """Within the block `tuner` runs exactly `config`, timing nothing: an autotuned kernel (`autotune`)
+    launches it every time; a hand-written tuner (`PersistentChoices`) picks it for every problem whose
+    candidates include it (ValueError for one whose candidates do not). What the tuners chose before the
+    block is kept. The one way to run a chosen candidate, so a test can check every config of every list
+    against the reference and no untested config can win the autotuner on some GPU."""
+    if isinstance(tuner, PersistentChoices):
+        previous, tuner._forced = tuner._forced, config
+        try:
+            yield
+        finally:
+            tuner._forced = previous
+        return
+    if not any(str(c) == str(config) for c in tuner.configs):
+        raise ValueError(f"forced_config: {config} is not one of the configs of {tuner.fn}")
+    previous = tuner.configs
+    tuner.configs = [config]                   # one config: the autotuner launches it without timing
+    try:
+        yield
+    finally:
+        tuner.configs = previous
+
+
 def token_bucket(n: int) -> int:
     """Autotune key of a token count: its next power of two, so a kernel keyed on it retunes once per
     bucket rather than at every new count (passed as an argument the kernel itself never reads)."""
@@ -160,6 +197,7 @@ class PersistentChoices:
     def __init__(self, op: str):
         self.op = op
         self._chosen: dict[tuple[str, str], object] = {}
+        self._forced = None                   # set by `forced_config`
 
     def path(self, device_name: str) -> Path:
         safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", device_name)
@@ -175,9 +213,13 @@ class PersistentChoices:
     def pick(self, key: str, device_name: str, candidates: list, time_candidate):
         """The candidate chosen for `key` on `device_name`: remembered, else stored, else the fastest by
         time_candidate(candidate) -> seconds (then stored). Candidates are matched by repr."""
+        by_repr = {repr(c): c for c in candidates}
+        if self._forced is not None:
+            if repr(self._forced) not in by_repr:
+                raise ValueError(f"forced_config: {self._forced!r} is not a candidate of {self.op} for {key}")
+            return by_repr[repr(self._forced)]
         if (device_name, key) in self._chosen:
             return self._chosen[(device_name, key)]
-        by_repr = {repr(c): c for c in candidates}
         choice = by_repr.get(self._stored(device_name).get(key))
         if choice is None:
             times = [time_candidate(c) for c in candidates]
@@ -280,18 +322,17 @@ def _dense_shape_problem(q_shape, k_shape, gain_len, layout: str) -> str | None:
 
 
 def check_attention_inputs(q, k, v, *, softmax_scale=None, cu_seqlens=None, max_seqlen=None, q_gain=None,
-                           layout="bthd") -> int | None:
+                           layout="bthd") -> None:
     """Validate the `attention` contract (docs/ops.md).
 
     Dense: q (B, Tq, H, D), k/v (B, Tk, Hkv, D) with Tq <= Tk, or with layout="bhtd" q (B, H, Tq, D), k/v
     (B, Hkv, Tk, D). A dense call whose shapes fit only the other layout is refused with a message naming
     it. Varlen (cu_seqlens given, layout "bthd" only): q (total, H, D) or (1, total, H, D), k/v of q's
-    rank with total rows and Hkv heads; cu_seqlens int32 (num_docs + 1,) on q's device with 0 = cu[0] <=
-    cu[1] <= ... <= cu[-1] = total; max_seqlen None or an int >= 1 (varlen only). Always: H % Hkv == 0, D
-    even and <= 128, one float dtype, softmax_scale None or a finite number > 0, q_gain None or a float
-    (H,) tensor on q's device. Returns the longest segment when it read cu_seqlens' values (one host
-    sync), else None: the values are not checked while torch.compile traces, where reading them would
-    break the graph.
+    rank with total rows and Hkv heads; cu_seqlens a 1-D int32 tensor of >= 2 offsets on q's device;
+    max_seqlen None or an int >= 1 (varlen only). Always: H % Hkv == 0, D even and <= 128, one float dtype,
+    softmax_scale None or a finite number > 0, q_gain None or a float (H,) tensor on q's device.
+    Reads no tensor's values (no host sync): cu_seqlens' values are checked where segments are built
+    (`check_cu_seqlens`), not per attention call.
     """
     if layout not in ATTENTION_LAYOUTS:
         raise ValueError(f"layout: expected one of {', '.join(map(repr, ATTENTION_LAYOUTS))}, got {layout!r}")
@@ -337,18 +378,20 @@ def check_attention_inputs(q, k, v, *, softmax_scale=None, cu_seqlens=None, max_
     if softmax_scale is not None and not (isinstance(softmax_scale, (int, float)) and not
                                           isinstance(softmax_scale, bool) and 0 < softmax_scale < math.inf):
         raise ValueError(f"softmax_scale: expected a finite positive number, got {softmax_scale!r}")
-    if not varlen:
-        return None
-    check_tensor("cu_seqlens", cu_seqlens, ndim=1, dtypes=(torch.int32,), device=q.device)
-    if cu_seqlens.numel() < 2:
-        raise ValueError(f"cu_seqlens: expected num_docs + 1 >= 2 offsets, got {cu_seqlens.numel()}")
-    if max_seqlen is not None and (isinstance(max_seqlen, bool) or not isinstance(max_seqlen, (int, torch.SymInt))
-                                   or max_seqlen < 1):
-        raise ValueError(f"max_seqlen: expected an int >= 1 (the longest segment), got {max_seqlen!r}")
-    if torch.compiler.is_compiling():
-        return None
+    if varlen:
+        check_tensor("cu_seqlens", cu_seqlens, ndim=1, dtypes=(torch.int32,), device=q.device)
+        if cu_seqlens.numel() < 2:
+            raise ValueError(f"cu_seqlens: expected num_docs + 1 >= 2 offsets, got {cu_seqlens.numel()}")
+        if max_seqlen is not None and (isinstance(max_seqlen, bool) or not isinstance(max_seqlen, (int, torch.SymInt))
+                                       or max_seqlen < 1):
+            raise ValueError(f"max_seqlen: expected an int >= 1 (the longest segment), got {max_seqlen!r}")
+
+
+def check_cu_seqlens(cu_seqlens: torch.Tensor, total: int) -> int:
+    """Validate cu_seqlens' values, once, where segments are built (crawler.documents) or read anyway (the
+    reference): 0 = cu[0] <= cu[1] <= ... <= cu[-1] = total. Reads the values (a host sync for a CUDA
+    tensor: never call it per attention call). Returns the longest segment."""
     bounds = cu_seqlens.tolist()
-    total = q.shape[-3]
     if min(bounds) < 0:
         raise ValueError(f"cu_seqlens: expected non-negative offsets, got {min(bounds)}")
     if bounds[0] != 0:

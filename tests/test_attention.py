@@ -212,6 +212,28 @@ def test_log_sum_exp_matches_reference():
     assert rel_err(lse, ref_lse) < 1e-6 and rel_err(out, ref) < 1e-5
 
 
+def test_zero_padded_heads_give_the_attention_padded_with_zeros():
+    """The model's layout (docs/ops.md "Head dims"): heads zero-padded 46 -> 48 with the scale kept at
+    1/sqrt(46) give the unpadded output and gradients in the first 46 columns and zeros in the pad."""
+    from kernels.attention import padded_head_dim
+    torch.manual_seed(11)
+    D = 46
+    width = padded_head_dim(D)
+    q, k, v = _inputs(2, 21, 4, 2, D, torch.float32)
+    gain = torch.tensor([1.5, 5.0, 0.5, 2.5])
+    dz = torch.randn(q.shape)
+    leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+    padded = attention(*(torch.nn.functional.pad(t, (0, width - D)) for t in leaves), xsa=True, q_gain=gain,
+                       softmax_scale=D ** -0.5)
+    grads = torch.autograd.grad(padded[..., :D], leaves, dz)
+    ref_in = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    ref = reference.attention(*ref_in, xsa=True, q_gain=gain.double())
+    assert width == 48 and padded.shape[-1] == width and torch.equal(padded[..., D:], torch.zeros_like(padded[..., D:]))
+    assert rel_err(padded[..., :D], ref) < 1e-5
+    for g, r in zip(grads, torch.autograd.grad(ref, ref_in, dz.double())):
+        assert rel_err(g, r) < 1e-5
+
+
 def test_xsa_value_norm_at_and_below_eps():
     """‖v‖ = 0 and 0 < ‖v‖ < 1e-12 rows: v̂ = v / 1e-12 (F.normalize's clamp), whose backward has no
     projection. The tiny row's dv is ~1e12 times the others, so the other rows are checked on their own."""
@@ -355,6 +377,26 @@ def test_gpu_bf16_real_shape(D):
     ref, ref_grads = _reference_in_chunks(q, k, v, dz, xsa=True)
     fwd_bound, grad_bound = BOUNDS[torch.bfloat16]
     assert rel_err(out, ref) < fwd_bound
+    for name, g, r in zip("qkv", grads, ref_grads):
+        assert rel_err(g, r) < grad_bound, f"d{name} rel err {rel_err(g, r):.2e}"
+
+
+@pytest.mark.gpu
+def test_gpu_bf16_real_shape_in_the_models_padded_layout():
+    """pr1579's attention as the model launches it: heads of 46 zero-padded to 48 (16-byte aligned rows),
+    scale 1/sqrt(46), per-head gains in the kernel; the first 46 columns against the unpadded reference."""
+    torch.manual_seed(47)
+    q, k, v = _inputs(32, 2048, 16, 8, 46, torch.bfloat16, device="cuda")
+    gain = torch.linspace(1.0, 5.0, 16, device="cuda")
+    leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+    out = attention(*(torch.nn.functional.pad(t, (0, 2)) for t in leaves), xsa=True, q_gain=gain,
+                    softmax_scale=46 ** -0.5)[..., :46]
+    dz = torch.randn_like(out)
+    grads = torch.autograd.grad(out, leaves, dz)
+    ref, ref_grads = _reference_in_chunks(q * gain[:, None].to(q.dtype), k, v, dz, xsa=True)
+    fwd_bound, grad_bound = BOUNDS[torch.bfloat16]
+    assert rel_err(out, ref) < fwd_bound
+    ref_grads[0] = ref_grads[0] * gain.double()[:, None]              # the reference's q is q · gain
     for name, g, r in zip("qkv", grads, ref_grads):
         assert rel_err(g, r) < grad_bound, f"d{name} rel err {rel_err(g, r):.2e}"
 

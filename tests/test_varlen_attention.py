@@ -6,12 +6,14 @@ Interpreter blocks: 32 query rows per forward / dQ program (16-key steps), 32 ke
 (16-row steps); the segment lengths below straddle those boundaries."""
 import pytest
 import torch
+import triton
+import triton.language as tl
 from conftest import rel_err
 from torch._dynamo.testing import CompileCounterWithBackend
 
 import kernels
 from kernels import reference
-from kernels.attention import attention
+from kernels.attention import GRID_X_LIMIT, _program_ids, attention, launch_grid
 
 BOUNDS = {torch.float32: (1e-5, 1e-5), torch.bfloat16: (1e-2, 2e-2)}
 
@@ -125,12 +127,8 @@ def _bad(cu_seqlens, **kw):
 
 @pytest.mark.parametrize("op", [attention, reference.attention], ids=["triton", "reference"])
 @pytest.mark.parametrize("kwargs, exc, match", [
-    (_bad(torch.tensor([0, 5, 3, 12], dtype=torch.int32)), ValueError, "cu_seqlens: expected non-decreasing"),
     (_bad(torch.tensor([0, 5, 12])), TypeError, "cu_seqlens: expected dtype"),
     (_bad(torch.tensor([0, 5, 12], dtype=torch.int32, device="meta")), ValueError, "cu_seqlens: expected a tensor on"),
-    (_bad(torch.tensor([0, 5, 11], dtype=torch.int32)), ValueError, "cu_seqlens: expected to end at .* 12"),
-    (_bad(torch.tensor([0, -1, 12], dtype=torch.int32)), ValueError, "cu_seqlens: expected non-negative"),
-    (_bad(torch.tensor([2, 5, 12], dtype=torch.int32)), ValueError, "cu_seqlens: expected to start at 0"),
     (_bad(torch.tensor([[0, 5, 12]], dtype=torch.int32)), ValueError, "cu_seqlens: expected a 1-D"),
     (_bad(torch.tensor([0], dtype=torch.int32)), ValueError, "cu_seqlens: expected num_docs"),
     (_bad(torch.tensor([0, 12], dtype=torch.int32), max_seqlen=0), ValueError, "max_seqlen"),
@@ -140,6 +138,28 @@ def test_bad_cu_seqlens(op, kwargs, exc, match):
     q, k, v = packed_inputs(12, 4, 2, 16)
     with pytest.raises(exc, match=match):
         op(q, k, v, **kwargs)
+
+
+@pytest.mark.parametrize("offsets, match", [
+    ([0, 5, 3, 12], "cu_seqlens: expected non-decreasing"),
+    ([0, 5, 11], "cu_seqlens: expected to end at .* 12"),
+    ([0, -1, 12], "cu_seqlens: expected non-negative"),
+    ([2, 5, 12], "cu_seqlens: expected to start at 0"),
+])
+def test_bad_offsets_are_refused_by_the_reference(offsets, match):
+    """The values are checked where they are read anyway (the reference) and where segments are built
+    (crawler.documents), never by the Triton op (a host sync per call)."""
+    q, k, v = packed_inputs(12, 4, 2, 16)
+    with pytest.raises(ValueError, match=match):
+        reference.attention(q, k, v, cu_seqlens=torch.tensor(offsets, dtype=torch.int32))
+
+
+def test_offsets_past_the_rows_are_clamped():
+    """The Triton op reads offsets on the device only: one past the packed rows is clamped to them, so
+    nothing outside the tensors is read or written."""
+    q, k, v = packed_inputs(12, 4, 2, 16, seed=15)
+    clamped = attention(q, k, v, xsa=True, cu_seqlens=torch.tensor([0, 7, 100, 100], dtype=torch.int32))
+    assert torch.equal(clamped, attention(q, k, v, xsa=True, cu_seqlens=cu([7, 5])))
 
 
 @pytest.mark.parametrize("op", [attention, reference.attention], ids=["triton", "reference"])
@@ -158,8 +178,8 @@ def test_bad_packed_shapes(op):
 
 def test_compiles_fullgraph_without_recompiling_for_new_offsets():
     """torch.compile(fullgraph=True) traces the varlen op (fake + autograd registered) and new cu_seqlens
-    values of the same capacity (empty tail) reuse the graph; max_seqlen absent is read inside the op
-    (no graph break). Forward and gradients bitwise equal to eager."""
+    values of the same capacity (empty tail) reuse the graph (max_seqlen absent: the grid covers the
+    packed rows). Forward and gradients bitwise equal to eager."""
     q, k, v = packed_inputs(40, 4, 2, 16, seed=11)
 
     def f(q, k, v, cu_seqlens):
@@ -178,6 +198,41 @@ def test_compiles_fullgraph_without_recompiling_for_new_offsets():
         for a, b in zip(torch.autograd.grad(out, ins), eager_grads):
             assert torch.equal(a, b)
     assert counter.frame_count == 1
+
+
+# pr1579: T = 2048, 16 query / 8 KV heads, micro-batches of 32 rows (dense) or their 65,536 tokens packed with
+# the doc-isolated trainer's capacity of 8 segments per row; and 10,000 segments. Every block size a config
+# may pick (16 .. 128 rows).
+GRID_CASES = [(2048, 32, 16), (2048, 32, 8), (2048, 8 * 32, 16), (2048, 8 * 32, 8), (2048, 10_000, 16),
+              (2048, 10_000, 8), (1, 10_000, 16)]
+
+
+@pytest.mark.parametrize("rows, sequences, heads", GRID_CASES)
+def test_launch_grid_stays_within_cuda_limits(rows, sequences, heads):
+    """Every attention launch is one grid dimension x of blocks x sequences x heads programs (limit 2^31 - 1):
+    10,000 segments of 16 heads (160,000 > 65,535, the limit of dimension y that held them before)."""
+    for block in (16, 32, 64, 128):
+        grid = launch_grid(rows, block, sequences, heads)
+        assert len(grid) == 1 and grid[0] <= GRID_X_LIMIT
+        assert grid[0] == -(-rows // block) * sequences * heads
+    with pytest.raises(ValueError, match="exceed CUDA's grid limit"):
+        launch_grid(2**20, 16, 2**20, 16)
+
+
+@triton.jit
+def _record_program_ids(OUT, ROWS, BLOCK: tl.constexpr):
+    block, sh, blocks = _program_ids(ROWS, BLOCK)
+    tl.store(OUT + tl.program_id(0), sh * blocks + block)
+
+
+def test_program_ids_cover_every_block_of_every_sequence_head_once():
+    """The kernels' split of a launch_grid program id: each (block, sequence·head) exactly once, the blocks
+    of one sequence·head consecutive."""
+    rows, block, sequences, heads = 37, 16, 5, 3
+    grid = launch_grid(rows, block, sequences, heads)
+    out = torch.full(grid, -1, dtype=torch.int64)
+    _record_program_ids[grid](out, rows, BLOCK=block)
+    assert torch.equal(out, torch.arange(3 * sequences * heads))
 
 
 def test_op_registration():
@@ -212,6 +267,15 @@ def test_gpu_bf16_document_lengths():
     lengths = _document_lengths(8 * 2048, seed=0)
     q, k, v = (t.cuda() for t in packed_inputs(sum(lengths), 16, 8, 46, torch.bfloat16, seed=0))
     check(q, k, v, cu(lengths).cuda(), xsa=True, max_seqlen=max(lengths))
+
+
+@pytest.mark.gpu
+def test_gpu_ten_thousand_segments_launch():
+    """10,000 segments x 16 heads (more than the 65,535 programs grid dimension y holds): forward and
+    backward launch and match the reference (float32, short segments, so the reference is quick)."""
+    lengths = [1 + i % 3 for i in range(10_000)]
+    q, k, v = (t.cuda() for t in packed_inputs(sum(lengths), 16, 8, 16, seed=2))
+    check(q, k, v, cu(lengths).cuda(), xsa=True, max_seqlen=3)
 
 
 @pytest.mark.gpu
