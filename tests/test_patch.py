@@ -123,6 +123,12 @@ def baseline_loss_without_cast(model, ids, targets):
     return head_loss(captured[0], model, targets)
 
 
+def logits_loss(model, ids, targets, **documents):
+    """Mean cross-entropy of the record's forward_logits in their dtype (the script's forward casts them to
+    float32 first)."""
+    return F.cross_entropy(model.forward_logits(ids, **documents).reshape(-1, VOCAB), targets.reshape(-1))
+
+
 def grads(model) -> dict[str, torch.Tensor]:
     return {name: p.grad for name, p in model.named_parameters()}
 
@@ -134,6 +140,15 @@ def assert_grads_close(plain, patched, bound: float):
     assert len(errors) == sum(1 for g in g0.values() if g is not None), "a parameter has no gradient"
     worst = max(errors, key=errors.get)
     assert errors[worst] < bound, f"{worst}: gradient differs by {errors[worst]:.2e}"
+
+
+def assert_same_loss_and_grads(plain, patched, expected, loss):
+    """The unpatched model's loss `expected` and the patched model's `loss` agree to round-off, and so do
+    the gradients they leave on every parameter."""
+    assert rel_err(loss, expected) < ROUND_OFF
+    expected.backward()
+    loss.backward()
+    assert_grads_close(plain, patched, ROUND_OFF)
 
 
 @pytest.fixture(scope="module")
@@ -219,12 +234,9 @@ def test_baseline_float64_matches_unpatched(modules, tie):
     expected = baseline_loss_without_cast(plain, ids, targets)
     loss = patched(ids, targets)
     assert loss.dtype == torch.float64
-    assert rel_err(loss, expected) < ROUND_OFF
     # The script's own float32-cast loss differs from both by float32 rounding only.
-    assert rel_err(plain(ids, targets), expected) < 1e-6
-    expected.backward()
-    loss.backward()
-    assert_grads_close(plain, patched, ROUND_OFF)
+    assert rel_err(plain(ids, targets).detach(), expected) < 1e-6
+    assert_same_loss_and_grads(plain, patched, expected, loss)
 
 
 @needs_scripts
@@ -241,10 +253,7 @@ def test_record_float64_matches_unpatched(modules, looping, embedding_dim):
     assert rel_err(logits, expected_logits) < ROUND_OFF
     expected = F.cross_entropy(expected_logits.reshape(-1, VOCAB), targets.reshape(-1))
     loss = patched(ids, targets)
-    assert rel_err(loss, expected) < ROUND_OFF
-    expected.backward()
-    loss.backward()
-    assert_grads_close(plain, patched, ROUND_OFF)
+    assert_same_loss_and_grads(plain, patched, expected, loss)
 
 
 @needs_scripts
@@ -253,13 +262,9 @@ def test_record_varlen_float64_matches_unpatched(modules):
     plain, patched = twins(modules[RECORD, "plain"], modules[RECORD, "reference"], record_builder())
     ids, targets = tokens(shape=(1, BATCH * SEQ))
     cu_seqlens = torch.tensor([0, 5, 16, 21, 32, 32, 32, 32], dtype=torch.int32)
-    expected = F.cross_entropy(plain.forward_logits(ids, cu_seqlens=cu_seqlens, max_seqlen=SEQ).reshape(-1, VOCAB),
-                               targets.reshape(-1))
+    expected = logits_loss(plain, ids, targets, cu_seqlens=cu_seqlens, max_seqlen=SEQ)
     loss = patched(ids, targets, cu_seqlens=cu_seqlens, max_seqlen=SEQ)
-    assert rel_err(loss, expected) < ROUND_OFF
-    expected.backward()
-    loss.backward()
-    assert_grads_close(plain, patched, ROUND_OFF)
+    assert_same_loss_and_grads(plain, patched, expected, loss)
 
 
 @needs_scripts
@@ -269,8 +274,7 @@ def test_patched_model_trains_and_saves_like_unpatched(modules):
     build = record_builder()
     plain, patched = twins(modules[RECORD, "plain"], modules[RECORD, "reference"], build)
     ids, targets = tokens(1)
-    for model, loss_fn in ((plain, lambda: F.cross_entropy(plain.forward_logits(ids).reshape(-1, VOCAB),
-                                                           targets.reshape(-1))),
+    for model, loss_fn in ((plain, lambda: logits_loss(plain, ids, targets)),
                            (patched, lambda: patched(ids, targets))):
         optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
         loss_fn().backward()
@@ -284,8 +288,7 @@ def test_patched_model_trains_and_saves_like_unpatched(modules):
     reloaded.load_state_dict(torch.load(buffer, weights_only=True), strict=True)
     ids, targets = tokens(2)
     with torch.no_grad():
-        assert rel_err(patched(ids, targets), F.cross_entropy(reloaded.forward_logits(ids).reshape(-1, VOCAB),
-                                                              targets.reshape(-1))) < ROUND_OFF
+        assert rel_err(patched(ids, targets), logits_loss(reloaded, ids, targets)) < ROUND_OFF
 
 
 @needs_scripts
@@ -337,13 +340,10 @@ def test_each_swap_alone_float64(name, swap):
             return model(ids, targets)
         if name == BASELINE:
             return baseline_loss_without_cast(model, ids, targets)
-        return F.cross_entropy(model.forward_logits(ids).reshape(-1, VOCAB), targets.reshape(-1))
+        return logits_loss(model, ids, targets)
 
     expected, loss = loss_of(plain), loss_of(patched)
-    assert rel_err(loss, expected) < ROUND_OFF
-    expected.backward()
-    loss.backward()
-    assert_grads_close(plain, patched, ROUND_OFF)
+    assert_same_loss_and_grads(plain, patched, expected, loss)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -380,12 +380,9 @@ def test_unknown_smear_gate_variant_is_left_in_torch(tmp_path):
     assert "GPT.forward_logits" in why and "self.smear_gate" in why and "self.smear_lambda" in why
     plain, patched = twins(script(RECORD, path), variant, record_builder())
     ids, targets = tokens()
-    expected, loss = (F.cross_entropy(m.forward_logits(ids).reshape(-1, VOCAB), targets.reshape(-1))
+    expected, loss = (logits_loss(m, ids, targets)
                       for m in (plain, patched))
-    assert rel_err(loss, expected) < ROUND_OFF
-    expected.backward()
-    loss.backward()
-    assert_grads_close(plain, patched, ROUND_OFF)
+    assert_same_loss_and_grads(plain, patched, expected, loss)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -444,7 +441,7 @@ def float32_errors(name: str, swaps=None, ops_module=None):
             return model(ids, targets, **documents)
         if name == BASELINE:
             return baseline_loss_without_cast(model, ids, targets)
-        return F.cross_entropy(model.forward_logits(ids, **documents).reshape(-1, VOCAB), targets.reshape(-1))
+        return logits_loss(model, ids, targets, **documents)
 
     models = (truth, plain32, patched32)
     return _float32_errors(models, loss_fn), models
