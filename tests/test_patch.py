@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from conftest import rel_err
 
+import kernels
 from kernels import flash_attn_interface
 from kernels.patch import PatchReport, baseline, load_script, patch_train_gpt, sdpa_flash_attn_interface, varlen_record
 from kernels.patch.scripts import REFERENCE_SCRIPTS, find_reference_scripts
@@ -219,6 +220,24 @@ def test_bad_arguments_are_refused():
         patch_train_gpt(types.ModuleType("not_a_script"), ops="cuda")
     with pytest.raises(FileNotFoundError, match="path"):
         load_script(ROOT / "no_such_train_gpt.py")
+
+
+def test_sdpa_stand_in_for_fa3_is_exact():
+    """The FA3 stand-in the unpatched record runs on here: FA3's two calls as the record makes them equal the
+    reference attention in float64 (GQA 4/2, packed rows with repeated cu_seqlens ends); what it does not
+    implement is refused by name."""
+    fa3 = sdpa_flash_attn_interface()
+    g = torch.Generator().manual_seed(8)
+    q, k, v = (torch.randn(2, SEQ, heads, 8, generator=g, dtype=torch.float64) for heads in (4, 2, 2))
+    assert rel_err(fa3.flash_attn_func(q, k, v, causal=True), kernels.reference.attention(q, k, v)) < ROUND_OFF
+    cu = torch.tensor([0, 5, 16, 21, 32, 32], dtype=torch.int32)
+    packed = [t.reshape(2 * SEQ, *t.shape[2:]) for t in (q, k, v)]
+    out = fa3.flash_attn_varlen_func(*packed, cu, cu, SEQ, SEQ, causal=True, window_size=(-1, -1))
+    assert rel_err(out, kernels.reference.attention(*packed, cu_seqlens=cu)) < ROUND_OFF
+    with pytest.raises(NotImplementedError, match="window_size"):
+        fa3.flash_attn_func(q, k, v, causal=True, window_size=(8, 0))
+    with pytest.raises(NotImplementedError, match="cu_seqlens_q == cu_seqlens_k"):
+        fa3.flash_attn_varlen_func(*packed, cu, cu.flip(0), SEQ, SEQ, causal=True)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -25,22 +25,31 @@ REFERENCE_SCRIPTS = ("baseline_train_gpt.py", "varlen_record_1530_train_gpt.py")
 
 
 def find_reference_scripts(start) -> Path | None:
-    """The folder holding REFERENCE_SCRIPTS: $PG_REFERENCE_DIR when set, else the first `shared/reference/pg`
-    in `start` or a folder above it (a checkout's ../shared, a worktree's ../../shared); None if none."""
+    """The folder holding REFERENCE_SCRIPTS: $PG_REFERENCE_DIR when set (FileNotFoundError if they are not
+    there), else the first `shared/reference/pg` in `start` or a folder above it (a checkout's ../shared, a
+    worktree's ../../shared); None if there is none."""
+    def complete(folder: Path) -> bool:
+        return all((folder / name).is_file() for name in REFERENCE_SCRIPTS)
+
     if os.environ.get("PG_REFERENCE_DIR"):
-        return Path(os.environ["PG_REFERENCE_DIR"])
+        folder = Path(os.environ["PG_REFERENCE_DIR"])
+        if not complete(folder):
+            raise FileNotFoundError(f"PG_REFERENCE_DIR: expected {', '.join(REFERENCE_SCRIPTS)} in {folder}")
+        return folder
     start = Path(start).resolve()
-    for folder in (start, *start.parents):
-        candidate = folder / "shared" / "reference" / "pg"
-        if all((candidate / name).is_file() for name in REFERENCE_SCRIPTS):
-            return candidate
-    return None
+    return next((folder / "shared" / "reference" / "pg" for folder in (start, *start.parents)
+                 if complete(folder / "shared" / "reference" / "pg")), None)
 
 
-def _refuse(call: str, unsupported: dict) -> None:
-    used = {name: value for name, value in unsupported.items() if value not in (None, False, (-1, -1), 0.0)}
+def _is_default(value) -> bool:
+    """Whether an FA3 argument is at a value that asks for nothing beyond plain causal attention."""
+    return value is None or (isinstance(value, (bool, int, float, tuple)) and value in (False, 0, (-1, -1)))
+
+
+def _refuse(call: str, arguments: dict) -> None:
+    used = sorted(name for name, value in arguments.items() if not _is_default(value))
     if used:
-        raise NotImplementedError(f"{call}: the SDPA stand-in for FA3 does not implement {sorted(used)}")
+        raise NotImplementedError(f"{call}: the SDPA stand-in for FA3 does not implement {used}")
 
 
 def _sdpa(q, k, v, softmax_scale, causal):
