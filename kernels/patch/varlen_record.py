@@ -92,6 +92,8 @@ def _trunk(model, input_ids, cu_seqlens, max_seqlen, embed):
 
 
 def swaps(script, ops) -> list[Swap]:
+    """This family's swaps for the varlen record module `script`, their forwards calling the ops of kind `ops`
+    (kernels.modules.select_op); each is installed by Swap.apply only where the script's code is KNOWN."""
     attention = select_op(ops, "attention")
     relu2_mlp = select_op(ops, "relu2_mlp")
     embed = select_op(ops, "embed")
