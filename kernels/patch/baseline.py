@@ -15,8 +15,7 @@ from __future__ import annotations
 
 import torch.nn.functional as F
 
-from ..modules import select_op
-from .swap import Swap, op_name
+from .swap import Swap, op_name, patch_ops
 
 FAMILY = "baseline train_gpt.py (SDPA, (B, H, T, D))"
 # Digests (kernels.patch.source) of the baseline's methods that the swaps reproduce.
@@ -43,12 +42,8 @@ def matches(script) -> bool:
 
 
 def swaps(script, ops) -> list[Swap]:
-    """This family's swaps for the baseline module `script`, their forwards calling the ops of kind `ops`
-    (kernels.modules.select_op); each is installed by Swap.apply only where the script's code is KNOWN."""
-    attention = select_op(ops, "attention")
-    relu2_mlp = select_op(ops, "relu2_mlp")
-    embed = select_op(ops, "embed")
-    cross_entropy = select_op(ops, "softcapped_cross_entropy")
+    """The baseline's swaps for `script` with the ops of kind `ops` (installed where its code is KNOWN)."""
+    attention, relu2_mlp, embed, cross_entropy = patch_ops(ops)
 
     def attention_forward(self, x):
         B, T, d = x.shape

@@ -13,7 +13,10 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 
+from ..modules import select_op
 from .source import method_source, self_attributes, source_digest
+
+PATCH_OPS = ("attention", "relu2_mlp", "embed", "softcapped_cross_entropy")   # what the swaps call
 
 
 @dataclasses.dataclass
@@ -35,6 +38,11 @@ class PatchReport:
         lines.append(f"left in torch ({len(self.kept)}):")
         lines += [f"  {what}: {why}" for what, why in self.kept.items()]
         return "\n".join(lines)
+
+
+def patch_ops(ops) -> list:
+    """The functions of PATCH_OPS for an ops kind ("triton" or "reference", kernels.modules.select_op)."""
+    return [select_op(ops, name) for name in PATCH_OPS]
 
 
 def op_name(ops: str, op: str) -> str:

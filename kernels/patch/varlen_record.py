@@ -21,9 +21,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..modules import select_op
 from ..reference import softcapped_logits
-from .swap import Swap, op_name
+from .swap import Swap, op_name, patch_ops
 
 FAMILY = "varlen record train_gpt.py (PR #1530: FA3 varlen, XSA, weight banks)"
 # Digests (kernels.patch.source) of PR #1530's methods that the swaps reproduce.
@@ -92,12 +91,9 @@ def _trunk(model, input_ids, cu_seqlens, max_seqlen, embed):
 
 
 def swaps(script, ops) -> list[Swap]:
-    """This family's swaps for the varlen record module `script`, their forwards calling the ops of kind `ops`
-    (kernels.modules.select_op); each is installed by Swap.apply only where the script's code is KNOWN."""
-    attention = select_op(ops, "attention")
-    relu2_mlp = select_op(ops, "relu2_mlp")
-    embed = select_op(ops, "embed")
-    cross_entropy = select_op(ops, "softcapped_cross_entropy")
+    """The varlen record's swaps for `script` with the ops of kind `ops` (installed where its code is
+    KNOWN; with ops="triton" also the FA3 calls left in forward_ttt)."""
+    attention, relu2_mlp, embed, cross_entropy = patch_ops(ops)
     script_mlp_forward = script.MLP.forward
 
     def attention_forward(self, x, q_w, k_w, v_w, out_w, cu_seqlens=None, max_seqlen=0):
