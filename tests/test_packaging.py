@@ -1,5 +1,6 @@
 """Packaging: the installed distribution's metadata agrees with the source tree (version, console entry
-points, dependencies that are used), and docs/math.md has a heading for every section it is cited by.
+points, dependencies that are used), the top-level setup.py defers to pyproject.toml with one source of
+the version, and docs/math.md has a heading for every section it is cited by.
 
 The metadata checks read what `pip install -e .` recorded (importlib.metadata); in an environment where
 the package is not installed they are skipped, not failed.
@@ -10,6 +11,7 @@ import ast
 import importlib.metadata as md
 import os
 import re
+import subprocess
 import sys
 from pathlib import Path
 
@@ -107,6 +109,42 @@ def test_every_imported_distribution_is_declared(dist):
     assert not undeclared, f"imported by the package but not a runtime dependency: {undeclared}"
     undeclared = sorted(_imported_distributions(("bench",)) - runtime - extras.get("bench", set()) - own)
     assert not undeclared, f"imported by bench/ but neither a runtime nor a `bench` dependency: {undeclared}"
+
+
+# setuptools reads the SPDX `license` string of pyproject.toml from version 77 on (its build-system pin).
+SETUPTOOLS_MIN = (77,)
+VERSION_SOURCE = "kernels/__init__.py"
+
+
+def test_setup_py_only_hands_over_to_pyproject():
+    """setup.py calls setup() with no argument: all metadata stays in pyproject.toml, which reads the
+    version from kernels/__init__.py (statically: building never imports torch)."""
+    tomllib = pytest.importorskip("tomllib", reason="tomllib is in the standard library from Python 3.11")
+    tree = ast.parse((ROOT / "setup.py").read_text(encoding="utf-8"))
+    calls = [node for node in ast.walk(tree) if isinstance(node, ast.Call)]
+    assert [ast.unparse(call) for call in calls] == ["setup()"], "setup.py must call setup() and nothing else"
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))
+    assert "version" not in project["project"] and "version" in project["project"]["dynamic"]
+    assert project["tool"]["setuptools"]["dynamic"]["version"] == {"attr": "kernels.__version__"}
+
+
+def test_version_literal_lives_in_one_file():
+    """The version string is written in kernels/__init__.py and in no other source or metadata file."""
+    holders = sorted(path for path, text in _repository_texts()
+                     if not path.endswith(".md") and kernels.__version__ in text)
+    assert holders == [VERSION_SOURCE], f"the version {kernels.__version__} is written in {holders}"
+
+
+def test_setup_py_version_is_the_package_version():
+    """`python setup.py --version` (the design card's entry point) prints kernels.__version__."""
+    setuptools = pytest.importorskip("setuptools", reason="`python setup.py` needs setuptools installed")
+    if tuple(int(part) for part in re.findall(r"\d+", setuptools.__version__)[:1]) < SETUPTOOLS_MIN:
+        pytest.skip(f"setuptools {setuptools.__version__} is older than pyproject.toml's build requirement "
+                    f"(>= {SETUPTOOLS_MIN[0]})")
+    done = subprocess.run([sys.executable, "setup.py", "--version"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == [kernels.__version__], done.stdout
 
 
 def _math_headings() -> set[str]:
