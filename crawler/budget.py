@@ -29,6 +29,10 @@ NOT_EXPORTED = {
     "crawler.corpus": "builds the built-in corpus; an export always reads the challenge's data",
     "crawler.submission": "writes the export",
     "kernels.bundle": "builds the export",
+    "crawler.inference": "int6 inference and generation (python -m crawler.evaluate, crawler.generate); "
+                         "train.py scores the artifact's dequantised model",
+    "kernels.int6": "the int6 matmul on packed weights, crawler.inference's",
+    "kernels.smear_embedding": "the record line's embedding; the crawler model embeds with kernels.embedding",
 }
 # The first line of an exported train_gpt.py: the run's options, padded to this many bytes.
 OPTIONS_RESERVE_BYTES = 1024
