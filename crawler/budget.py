@@ -84,7 +84,7 @@ def _code_size(root: Path) -> CodeSize:
 
 def code_bytes(root: str | os.PathLike = REPO_ROOT) -> CodeSize:
     """The CodeSize of the checkout at `root` (or of the running export). Computed once per process and
-    root: the source does not change while a run uses it, and building the export takes about a second."""
+    root: the source does not change while a run uses it, and building the export takes one to two seconds."""
     return _code_size(Path(root).resolve())
 
 

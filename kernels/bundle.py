@@ -442,7 +442,7 @@ def main(argv=None) -> int:
     print(f"modules: {', '.join(bundle.modules)}")
     rows = [("source files, as they are", bundle.source_bytes),
             ("module (stripped)", len(bundle.module.encode("utf-8")))]
-    rows += [(f"{c} + base-93 text, self-extracting", len(text)) for c, text in bundle.compressed.items()]
+    rows += [(f"{c} + base-93, self-extracting", len(text)) for c, text in bundle.compressed.items()]
     for label, size in rows:
         print(f"  {label:<34} {size:>9,} B")
     if args.out:

@@ -200,7 +200,7 @@ def test_ops_bundle_runs_without_the_package_and_matches_its_ops(tmp_path, isola
 def test_command_line_prints_each_form_and_writes_one(tmp_path, capsys):
     assert main(["--ops", "mlp", "--out", str(tmp_path / "ops.py")]) == 0
     out = capsys.readouterr().out
-    for label in ("source files, as they are", "module (stripped)", "lzma + base-93 text, self-extracting"):
+    for label in ("source files, as they are", "module (stripped)", "lzma + base-93, self-extracting"):
         assert label in out
     written = (tmp_path / "ops.py").read_text(encoding="utf-8")
     assert written.startswith("P=__name__+'.'\nM={") and "relu2_mlp=__import__(" in written
