@@ -204,7 +204,9 @@ def find_module(name: str, root: Path = PACKAGE_ROOT) -> SourceModule | None:
 
 def _imports(module: SourceModule) -> list[tuple[str, bool, bool]]:
     """(module name, imported at module level, by an absolute name) for every import statement of
-    `module`: for `from X import y` both X and X.y (y may be a submodule), relative names resolved."""
+    `module`: for `from X import y` both X and X.y (y may be a submodule), relative names resolved; for
+    `from . import y` (or `..`) only X.y, since X is a package the module is in (a parent, which
+    import_closure adds only with `parents`: an ops bundle takes the place of kernels/__init__.py)."""
     tree = ast.parse(module.path.read_text(encoding="utf-8"), filename=str(module.path))
     package = module.name if module.is_package else module.name.rpartition(".")[0]
     found = []
@@ -221,7 +223,8 @@ def _imports(module: SourceModule) -> list[tuple[str, bool, bool]]:
                     target = f"{base}.{child.module}" if child.module else base
                 else:
                     target = child.module
-                found.append((target, inner, not child.level))
+                if child.module or not child.level:
+                    found.append((target, inner, not child.level))
                 found.extend((f"{target}.{a.name}", inner, not child.level) for a in child.names)
             visit(child, inner)
 

@@ -110,6 +110,8 @@ def test_import_closure_follows_every_import_and_refuses_an_excluded_module_impo
     assert list(import_closure(["kernels.a", "kernels.c"], root=tmp_path)) == [
         "kernels", "kernels.a", "kernels.b", "kernels.c", "kernels.d"]
     assert "kernels.d" not in import_closure(["kernels.c"], root=tmp_path, exclude=["kernels.d"])
+    # `from . import b` imports the package only as a parent: an ops bundle (no parents) carries a and b alone
+    assert list(import_closure(["kernels.a"], root=tmp_path, parents=False)) == ["kernels.a", "kernels.b"]
     with pytest.raises(ValueError, match="kernels.a imports kernels.b at module level"):
         import_closure(["kernels.a"], root=tmp_path, exclude=["kernels.b"])
 
