@@ -23,12 +23,17 @@ from pathlib import Path
 BUDGET_BYTES = 16_000_000                  # Parameter Golf's limit, decimal bytes
 # The modules an exported train_gpt.py starts from: train.py's stages and the challenge's interface.
 EXPORT_ROOTS = ("train", "crawler.challenge")
-# Modules their imports name that an export leaves out, and why (each is imported only inside a function
-# that an export never calls; kernels.bundle.import_closure refuses one imported at module level).
+# Modules an export leaves out, and why: each may be imported only inside a function that an export never
+# calls (kernels.bundle.import_closure refuses one imported at module level, so none is ever counted).
 NOT_EXPORTED = {
     "crawler.corpus": "builds the built-in corpus; an export always reads the challenge's data",
     "crawler.submission": "writes the export",
     "kernels.bundle": "builds the export",
+    "crawler.inference": "int6 inference and generation (python -m crawler.evaluate, crawler.generate); "
+                         "train.py scores the artifact's dequantised model",
+    "kernels.int6": "the int6 matmul on packed weights, crawler.inference's",
+    "kernels.smear_embedding": "the record line's embedding; the crawler model embeds with kernels.embedding",
+    "kernels.patch": "puts our ops into a user's own script (docs/porting.md); an export runs train.py's",
 }
 # The first line of an exported train_gpt.py: the run's options, padded to this many bytes.
 OPTIONS_RESERVE_BYTES = 1024
@@ -80,7 +85,7 @@ def _code_size(root: Path) -> CodeSize:
 
 def code_bytes(root: str | os.PathLike = REPO_ROOT) -> CodeSize:
     """The CodeSize of the checkout at `root` (or of the running export). Computed once per process and
-    root: the source does not change while a run uses it, and building the export takes about a second."""
+    root: the source does not change while a run uses it, and building the export takes one to two seconds."""
     return _code_size(Path(root).resolve())
 
 

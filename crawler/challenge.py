@@ -20,6 +20,7 @@ import argparse
 import dataclasses
 import os
 import shlex
+import sys
 import typing
 from collections.abc import Mapping
 
@@ -45,6 +46,10 @@ CHALLENGE_NAMES = {**{name.upper(): name for name in _SAME_NAME},
                    "SLIDING_WINDOW_ENABLED": "sliding", "TTT_ENABLED": "ttt"}
 SWITCH = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False, "off": False}
 DEFAULT_DATA_DIR = "./data/"
+HELP = """usage: [VARIABLE=VALUE ...] torchrun --standalone --nproc_per_node=N train_gpt.py
+
+Trains, quantises and scores as train.py of crawler-kernels does. Its settings are environment variables
+(their defaults, this run's options, are on line 1); crawler-kernels' docs/submission.md says what each sets."""
 
 
 def variables(parser: argparse.ArgumentParser) -> dict[str, str]:
@@ -102,12 +107,21 @@ def train_argv(parser: argparse.ArgumentParser, env: Mapping[str, str]) -> list[
     return argv
 
 
-def main(train, defaults: Mapping[str, str]) -> int:
+def main(train, defaults: Mapping[str, str], args: list[str] | None = None) -> int:
     """Run the module `train` (train.py) with `defaults` (an export's run options, as variables) under the
-    environment; returns its exit status (2 with one `error:` line for a bad variable)."""
+    environment; returns its exit status. train_gpt.py takes no arguments (`args`, default sys.argv[1:]):
+    -h/--help prints how to set it up and every variable (its parser's help texts are not exported), any
+    other argument is refused, like a bad variable, with one `error:` line and status 2."""
+    args = sys.argv[1:] if args is None else args
+    parser = train.build_parser()
+    if args in (["-h"], ["--help"]):
+        print(f"{HELP}\n\nvariables: DATA_DIR, RUN_ID, {', '.join(variables(parser))}")
+        return 0
     argv = []
 
     def build() -> int:
-        argv.extend(train_argv(train.build_parser(), with_paths({**defaults, **os.environ})))
+        if args:
+            raise SetupError(f"no arguments are taken, got {shlex.join(args)}: set environment variables (--help)")
+        argv.extend(train_argv(parser, with_paths({**defaults, **os.environ})))
         return 0
     return run_main("train_gpt.py", build) or train.main(argv)

@@ -32,7 +32,6 @@ from .bpb import (
 from .cli import int_at_least, run_main, shared_options
 from .data import load_eval_data
 from .errors import SetupError, UnverifiedWarning
-from .inference import load_int6_model
 from .runtime import (
     Progress,
     autocast,
@@ -192,6 +191,8 @@ def evaluate(args: argparse.Namespace) -> int:
                 print(msg, flush=True)
 
         artifact = load_artifact(args.artifact)
+        # int6 inference is this command's, not train.py's: imported here, it stays out of an export.
+        from .inference import load_int6_model
         model = (load_int6_model if int6 else model_from_artifact)(artifact, device=device, ops=args.ops)
         config = model.config
         seq_len = args.seq_len or config.train_seq_len

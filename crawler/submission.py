@@ -7,9 +7,9 @@ Each RUN_DIR is one seed's run of the same options (train.py's --out-dir: train.
 summary.json, the artifact). It writes records/track_<track>/<date>_<name>/:
   * train_gpt.py: the run's options (as the challenge's environment variables, crawler.challenge) on its
     first line, then every module that training, quantisation and scoring import (crawler.budget decides
-    which), stripped, brotli-compressed and base85-encoded inside a bootstrap that imports them from memory
-    (kernels.bundle). `torchrun --standalone --nproc_per_node=N train_gpt.py` trains, quantises and scores
-    as train.py does, writing only into its run directory and fetching nothing;
+    which), stripped, brotli-compressed and written as text (base-93) inside a bootstrap that imports them
+    from memory (kernels.bundle). `torchrun --standalone --nproc_per_node=N train_gpt.py` trains, quantises
+    and scores as train.py does, writing only into its run directory and fetching nothing;
   * submission.json (the records' fields, filled from the runs' summary.json), README.md (configuration,
     scores, bytes, how to reproduce), requirements.txt (the third-party modules the code imports, at the
     installed versions) and train_seed<S>.log, each run's log.
@@ -74,10 +74,17 @@ ROUND_TRIP = "final_int6_roundtrip"
 # train_gpt.py
 
 @functools.cache
+def exported_modules(root: Path = REPO_ROOT) -> dict[str, tuple[bool, str]]:
+    """{module: (is package, stripped source)} of what train_gpt.py carries: the counted modules of the
+    checkout at `root` (crawler.budget.counted_modules), stripped (kernels.bundle.carried)."""
+    return carried(counted_modules(root))
+
+
+@functools.cache
 def exported_module(root: Path = REPO_ROOT) -> str:
-    """The code train_gpt.py carries, uncompressed: the counted modules of the checkout at `root`
-    (crawler.budget.counted_modules), stripped, with the loader and EXPORT_TAIL (kernels.bundle's module form)."""
-    return module_form(carried(counted_modules(root)), tail=EXPORT_TAIL)
+    """The code train_gpt.py carries, uncompressed: exported_modules(root) with the loader and EXPORT_TAIL
+    (kernels.bundle's module form)."""
+    return module_form(exported_modules(root), tail=EXPORT_TAIL)
 
 
 @functools.cache
@@ -415,11 +422,12 @@ def export(args) -> Path:
     return folder
 
 
-def module_costs(modules) -> list[tuple[str, int]]:
-    """(module, its stripped source compressed alone) for each counted module, largest first: which
-    modules dominate train_gpt.py."""
+@functools.cache
+def module_costs(root: Path = REPO_ROOT) -> list[tuple[str, int]]:
+    """(module, its stripped source compressed alone) for each module train_gpt.py carries, largest first:
+    which modules dominate it."""
     costs = [(name, len(compress(source.encode("utf-8"), EXPORT_COMPRESSOR)))
-             for name, (_, source) in carried(modules).items()]
+             for name, (_, source) in exported_modules(root).items()]
     return sorted(costs, key=lambda c: -c[1])
 
 
@@ -427,7 +435,7 @@ def _print_sizes(runs: list[Run], modules, code: int, source: int, folder: Path)
     stripped = len(exported_module().encode("utf-8"))
     print(f"code: train_gpt.py {code:,} B as written ({len(modules)} modules: {source:,} B as source files, "
           f"{stripped:,} B stripped; the seed's train_gpt.py {SEED_CODE_BYTES:,} B)")
-    print("largest modules (compressed alone): " + ", ".join(f"{n} {b:,} B" for n, b in module_costs(modules)[:6]))
+    print("largest modules (compressed alone): " + ", ".join(f"{n} {b:,} B" for n, b in module_costs()[:6]))
     for run in runs:
         total = run.artifact_bytes + code
         print(f"seed {run.seed}: artifact {run.artifact_bytes:,} B + code {code:,} B = {total:,} B of "

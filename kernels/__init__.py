@@ -7,10 +7,8 @@ from .attention import attention
 from .attention_decode import attention_decode
 from .cross_entropy import softcapped_cross_entropy, softcapped_cross_entropy_from_logits
 from .embedding import embed
-from .int6 import int6_linear, pack_int6, unpack_int6
 from .mlp import relu2_mlp
 from .modules import Attention, FusedEmbedding, Int6Linear, ReLU2MLP, SoftcappedCrossEntropyLoss, XSAAttention
-from .smear_embedding import smear_embed
 
 __all__ = ["reference", "attention", "attention_decode", "embed", "gptq_quantize", "gptq_quantize_batched",
            "int6_linear", "pack_int6", "relu2_mlp", "smear_embed", "softcapped_cross_entropy",
@@ -19,9 +17,17 @@ __all__ = ["reference", "attention", "attention_decode", "embed", "gptq_quantize
 
 
 def __getattr__(name: str):
-    # The GPTQ kernel is for quantisation only: loaded on first use, so evaluating an artifact never
-    # imports it.
+    # Ops a training run never calls are loaded on first use, so that a run imports only what it runs and an
+    # exported train_gpt.py need not carry the rest (crawler.budget.NOT_EXPORTED): GPTQ is for quantisation
+    # only, the int6 matmul for inference on packed weights (crawler.inference), smear_embed for the record
+    # line's models. kernels.bundle.op_exports reads which names each branch loads from which module.
     if name in ("gptq_quantize", "gptq_quantize_batched"):
-        from . import gptq
-        return getattr(gptq, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+        from . import gptq as module
+    elif name in ("int6_linear", "pack_int6", "unpack_int6"):
+        from . import int6 as module
+    elif name == "smear_embed":
+        from . import smear_embedding as module
+    else:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = globals()[name] = getattr(module, name)     # found here from now on, without this call
+    return value

@@ -7,8 +7,9 @@ prints the byte cost of each form of the ops' modules and, with --out, writes on
 script imports (`import F`, then `F.attention(...)`) without this package installed:
   * source: the module files as they are (what copying them would cost);
   * module: one self-contained module, docstrings, comments and the annotations nothing reads removed;
-  * compressed (--compress): the module form compressed (lzma, or brotli with --compressor) and base85-encoded
-    inside a bootstrap line, the self-extracting form the Parameter Golf records use.
+  * compressed (--compress): the module form compressed (lzma, or brotli with --compressor) and written as
+    printable text inside a bootstrap line (base-93: DECODE), the self-extracting form of the Parameter Golf
+    records with a denser text than their base85.
 `python -m crawler.submission` builds a submission's train_gpt.py with the same functions.
 
 How a bundle imports from memory. Its loader (`_LOADER`, a few lines) is a meta-path finder that serves the
@@ -28,11 +29,12 @@ from __future__ import annotations
 
 import argparse
 import ast
-import base64
 import dataclasses
+import io
 import lzma
 import os
 import sys
+import tokenize
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -60,6 +62,8 @@ sys.meta_path.insert(0,_Bundle())
 # Stripping
 
 _BLOCKS = ("body", "orelse", "finalbody", "handlers", "cases")
+# Python >= 3.12 tokenizes an f-string into parts between these two (absent before: one STRING token).
+_FSTRING_START, _FSTRING_END = (getattr(tokenize, n, -1) for n in ("FSTRING_START", "FSTRING_END"))
 
 
 def _is_string_statement(node) -> bool:
@@ -97,28 +101,83 @@ def _strip_block(statements: list, in_function: bool) -> list:
     return kept or [ast.Pass()]
 
 
+# argparse's texts that only --help prints, by the call that takes them. A bundle's command lines never
+# print help: train_gpt.py builds its arguments from environment variables and answers --help itself
+# (crawler.challenge.main). What a user's mistake prints (usage, metavar, the error) stays.
+# (add_argument_group's positional arguments are its title and description.)
+_HELP_ONLY = {"ArgumentParser": ("description", "epilog"), "add_argument": ("help",),
+              "add_argument_group": ("title", "description"), "add_subparsers": ("title", "description", "help"),
+              "add_parser": ("help", "description", "epilog")}
+
+
+def _drop_help_texts(tree: ast.AST) -> None:
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call):
+            func = node.func
+            name = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", None)
+            if name in _HELP_ONLY:
+                node.keywords = [k for k in node.keywords if k.arg not in _HELP_ONLY[name]]
+                if name == "add_argument_group":
+                    node.args = []
+
+
+def _is_all(node) -> bool:
+    return isinstance(node, ast.Assign) and [getattr(t, "id", None) for t in node.targets] == ["__all__"]
+
+
 def strip_tree(tree: ast.Module) -> ast.Module:
     """`tree` (modified in place) without what has no effect when the code runs: string-expression
     statements (docstrings), the annotations of undecorated functions (decorated ones keep theirs: Triton's
-    @jit reads tl.constexpr and torch.library.custom_op its schema from them), and the annotation of a
-    local variable with a value. Class-level annotations stay (dataclass and NamedTuple fields are made of
-    them). Only statements are visited: expressions hold none of these."""
-    tree.body = _strip_block(tree.body, False)
+    @jit reads tl.constexpr and torch.library.custom_op its schema from them), the annotation of a local
+    variable with a value, `__all__` (only `from m import *` reads it, which this package never writes:
+    ruff's F403), and argparse's help texts (_HELP_ONLY). Class-level annotations stay (dataclass and
+    NamedTuple fields are made of them)."""
+    tree.body = _strip_block([s for s in tree.body if not _is_all(s)], False)
+    _drop_help_texts(tree)
     return ast.fix_missing_locations(tree)
 
 
+def _is_word(char: str) -> bool:
+    return char.isalnum() or char == "_"
+
+
+def _tight(code: str) -> str:
+    """One line of `ast.unparse`'s output, unindented, with a space only where one separates two tokens:
+    between a name, keyword or number and the next (`x if y`, `1 if`), and after a number followed by a
+    dot (`1 .real`). Each token's text is copied as written; an f-string (on Python >= 3.12, several
+    tokens) as one piece."""
+    pieces, fstring_start, depth = [], None, 0
+    for tok in tokenize.generate_tokens(io.StringIO(code).readline):
+        if tok.type == _FSTRING_START:
+            fstring_start, depth = fstring_start if depth else tok.start[1], depth + 1
+        elif tok.type == _FSTRING_END:
+            depth -= 1
+            if not depth:
+                pieces.append((fstring_start, tok.end[1], tokenize.STRING))
+        elif not depth and tok.type not in (tokenize.NEWLINE, tokenize.NL, tokenize.ENDMARKER):
+            pieces.append((tok.start[1], tok.end[1], tok.type))
+    out, previous = [], None
+    for start, end, kind in pieces:
+        if previous and ((_is_word(code[previous[1] - 1]) and _is_word(code[start]))
+                         or (previous[2] == tokenize.NUMBER and code[start] == ".")):
+            out.append(" ")
+        out.append(code[start:end])
+        previous = (start, end, kind)
+    return "".join(out)
+
+
 def strip_source(source: str, name: str = "<source>") -> str:
-    """`source` (a module's text) without docstrings, comments, blank lines and the annotations nothing
-    reads (strip_tree), indented one space per level: the same program, as `ast.unparse` writes it.
-    `name` is the file name a SyntaxError reports."""
+    """`source` (a module's text) without docstrings, comments, blank lines and the annotations and texts
+    nothing reads (strip_tree), indented one space per level, with no space a token does not need
+    (_tight): the same program. `name` is the file name a SyntaxError reports."""
     tree = strip_tree(ast.parse(source, filename=name))
     # ast.unparse writes one statement per line and every string constant on one line (escaped), so a
-    # line's leading spaces are its indentation, four per level.
+    # line's leading spaces are its indentation, four per level, and each line tokenizes on its own.
     lines = []
     for line in ast.unparse(tree).split("\n"):
         code = line.lstrip(" ")
         if code:
-            lines.append(" " * ((len(line) - len(code)) // 4) + code)
+            lines.append(" " * ((len(line) - len(code)) // 4) + _tight(code))
     return "\n".join(lines) + "\n"
 
 
@@ -145,7 +204,9 @@ def find_module(name: str, root: Path = PACKAGE_ROOT) -> SourceModule | None:
 
 def _imports(module: SourceModule) -> list[tuple[str, bool, bool]]:
     """(module name, imported at module level, by an absolute name) for every import statement of
-    `module`: for `from X import y` both X and X.y (y may be a submodule), relative names resolved."""
+    `module`: for `from X import y` both X and X.y (y may be a submodule), relative names resolved; for
+    `from . import y` (or `..`) only X.y, since X is a package the module is in (a parent, which
+    import_closure adds only with `parents`: an ops bundle takes the place of kernels/__init__.py)."""
     tree = ast.parse(module.path.read_text(encoding="utf-8"), filename=str(module.path))
     package = module.name if module.is_package else module.name.rpartition(".")[0]
     found = []
@@ -162,7 +223,8 @@ def _imports(module: SourceModule) -> list[tuple[str, bool, bool]]:
                     target = f"{base}.{child.module}" if child.module else base
                 else:
                     target = child.module
-                found.append((target, inner, not child.level))
+                if child.module or not child.level:
+                    found.append((target, inner, not child.level))
                 found.extend((f"{target}.{a.name}", inner, not child.level) for a in child.names)
             visit(child, inner)
 
@@ -234,11 +296,36 @@ def compress(data: bytes, compressor: str = "lzma") -> bytes:
     raise ValueError(f"compressor must be one of {COMPRESSORS}, got {compressor!r}")
 
 
+# The self-extracting form's text: each BLOCK_BYTES bytes as BLOCK_DIGITS base-93 digits (least significant
+# first; a last, shorter block takes only the digits it needs), written with the 93 printable ASCII
+# characters that a '...' literal holds as they are (all but ' and \\): 1.224 characters a byte against
+# base85's 1.25, and the file stays plain text. DECODE is the expression, written into the form, that
+# turns such a text back into bytes (followed by zero bytes up to a whole block).
+DIGITS = "".join(c for c in map(chr, range(32, 127)) if c not in "'\\")
+BLOCK_BYTES, BLOCK_DIGITS = 49, 60          # the smallest block within 0.1% of log(256)/log(93) digits a byte
+DECODE = (f"(lambda s:b''.join(sum((ord(c)-32-(c>\"'\")-(c>'\\\\'))*{len(DIGITS)}**i for i,c in enumerate("
+          f"s[j:j+{BLOCK_DIGITS}])).to_bytes({BLOCK_BYTES},'little')for j in range(0,len(s),{BLOCK_DIGITS})))")
+
+
+def base93(data: bytes) -> str:
+    """`data` as the text DECODE reads (see DIGITS)."""
+    out = []
+    for start in range(0, len(data), BLOCK_BYTES):
+        block = data[start:start + BLOCK_BYTES]
+        value, digits = int.from_bytes(block, "little"), BLOCK_DIGITS
+        while digits > 1 and len(DIGITS) ** (digits - 1) >= 256 ** len(block):
+            digits -= 1
+        for _ in range(digits):
+            value, digit = divmod(value, len(DIGITS))
+            out.append(DIGITS[digit])
+    return "".join(out)
+
+
 def compressed_form(source: str, compressor: str = "lzma") -> str:
-    """The self-extracting form of `source` (a module form): one line that base85-decodes, decompresses
-    and runs it in the bundle module's own namespace."""
-    payload = base64.b85encode(compress(source.encode("utf-8"), compressor)).decode("ascii")
-    return f"import base64,{compressor}\nexec({compressor}.decompress(base64.b85decode('{payload}')))\n"
+    """The self-extracting form of `source` (a module form): a line that decodes (DECODE), decompresses and
+    runs it in the bundle module's own namespace."""
+    data = compress(source.encode("utf-8"), compressor)
+    return f"import {compressor}\nexec({compressor}.decompress({DECODE}('{base93(data)}')[:{len(data)}]))\n"
 
 
 def carried(modules: dict[str, SourceModule], *, relative_to: str | None = None) -> dict[str, tuple[bool, str]]:
@@ -256,23 +343,26 @@ def carried(modules: dict[str, SourceModule], *, relative_to: str | None = None)
 
 def op_exports(root: Path = PACKAGE_ROOT) -> dict[str, list[str]]:
     """{op module: its public names} as kernels/__init__.py defines them: the names of its `__all__` that
-    it imports from each module, and those it loads on first use (`__getattr__`) from the module that
-    defines them."""
+    it imports from each module, and those its `__getattr__` loads on first use (each `if` branch there
+    tests the names and imports, `from . import module`, the module that provides them)."""
     init = root / "kernels" / "__init__.py"
     tree = ast.parse(init.read_text(encoding="utf-8"))
-    public = next(ast.literal_eval(s.value) for s in tree.body if isinstance(s, ast.Assign)
-                  and any(isinstance(t, ast.Name) and t.id == "__all__" for t in s.targets))
+    public = next(ast.literal_eval(s.value) for s in tree.body if _is_all(s))
     exports: dict[str, list[str]] = {}
+
+    def add(module: str, names: Iterable[str]) -> None:
+        exports.setdefault(module, []).extend(name for name in names if name in public)
+
     for s in tree.body:
         if isinstance(s, ast.ImportFrom) and s.level == 1 and s.module:
-            exports.setdefault(s.module, []).extend(a.name for a in s.names if a.name in public)
-    bound = {name for names in exports.values() for name in names}
-    for name in [p for p in public if p not in bound]:
-        for path in sorted((root / "kernels").glob("*.py")):
-            defs = {d.name for d in ast.parse(path.read_text(encoding="utf-8")).body
-                    if isinstance(d, (ast.FunctionDef, ast.ClassDef))}
-            if name in defs:
-                exports.setdefault(path.stem, []).append(name)
+            add(s.module, (a.name for a in s.names))
+        elif isinstance(s, ast.FunctionDef) and s.name == "__getattr__":
+            for branch in (n for n in ast.walk(s) if isinstance(n, ast.If)):
+                tested = [c.value for c in ast.walk(branch.test) if isinstance(c, ast.Constant)]
+                for i in branch.body:
+                    if isinstance(i, ast.ImportFrom) and i.level == 1 and i.module is None:
+                        for a in i.names:
+                            add(a.name, tested)
     return {module: names for module, names in exports.items() if names}
 
 
@@ -355,7 +445,7 @@ def main(argv=None) -> int:
     print(f"modules: {', '.join(bundle.modules)}")
     rows = [("source files, as they are", bundle.source_bytes),
             ("module (stripped)", len(bundle.module.encode("utf-8")))]
-    rows += [(f"{c} + base85, self-extracting", len(text)) for c, text in bundle.compressed.items()]
+    rows += [(f"{c} + base-93, self-extracting", len(text)) for c, text in bundle.compressed.items()]
     for label, size in rows:
         print(f"  {label:<34} {size:>9,} B")
     if args.out:

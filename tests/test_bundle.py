@@ -14,7 +14,18 @@ from safetensors.torch import load_file, save_file
 
 import kernels
 from crawler.budget import code_files
-from kernels.bundle import build_ops_bundle, import_closure, main, strip_source, strip_tree
+from kernels.bundle import (
+    BLOCK_BYTES,
+    BLOCK_DIGITS,
+    DECODE,
+    DIGITS,
+    base93,
+    build_ops_bundle,
+    import_closure,
+    main,
+    strip_source,
+    strip_tree,
+)
 
 BUNDLED_OPS = ("attention", "mlp", "cross_entropy", "embedding")
 
@@ -34,14 +45,17 @@ def test_strip_source_keeps_each_modules_program():
 def test_strip_source_keeps_what_is_read_at_run_time():
     source = textwrap.dedent('''\
         """Module docstring."""
+        import argparse
         import triton
         import triton.language as tl
+
+        __all__ = ["f"]
 
 
         def f(x: int, *, y: "T" = 1) -> int:
             """Function docstring."""
             z: int = x + y  # a comment
-            return z
+            return z if z else 1 .real - -x, f"{{ {z!r:>4} }}", b"b" if y else"s"
 
 
         @triton.jit
@@ -53,12 +67,35 @@ def test_strip_source_keeps_what_is_read_at_run_time():
             """Class docstring."""
             a: int = 1
             """An attribute's docstring."""
+
+
+        p = argparse.ArgumentParser(prog="p", description="Helps.", epilog="More help.")
+        g = p.add_argument_group("help group", "helps")
+        g.add_argument("--n", type=int, metavar="N", help="helps")
         ''')
     out = strip_source(source)
-    assert "docstring" not in out and "comment" not in out and "\n\n" not in out
-    assert "def f(x, *, y=1):" in out and "\n z = x + y\n" in out           # unread annotations dropped
-    assert "def kernel(X, N: tl.constexpr):" in out                       # Triton reads this one
-    assert "\n a: int = 1\n" in out                                       # a dataclass field would be one
+    assert "docstring" not in out and "comment" not in out and "help" not in out.lower() and "\n\n" not in out
+    assert "__all__" not in out                                           # only `import *` reads it
+    assert "def f(x,*,y=1):" in out and "\n z=x+y\n" in out                # unread annotations dropped
+    assert "return(z if z else 1 .real--x,f\'{{ {z!r:>4} }}\',b\'b\'if y else\'s\')\n" in out  # spaces tokens need
+    assert "def kernel(X,N:tl.constexpr):" in out                         # Triton reads this one
+    assert "\n a:int=1\n" in out                                          # a dataclass field would be one
+    assert "argparse.ArgumentParser(prog=\'p\')" in out and "add_argument_group()" in out
+    assert "add_argument(\'--n\',type=int,metavar=\'N\')" in out          # what an error message shows stays
+
+
+def test_base93_text_decodes_to_the_bytes_and_is_printable():
+    """Every length around a block's (the last, shorter block takes fewer digits), extreme and random bytes:
+    DECODE, the expression a self-extracting form runs, gives them back (then zero bytes up to a block)."""
+    decode = eval(DECODE)
+    g = torch.Generator().manual_seed(0)
+    for n in [*range(2 * BLOCK_BYTES + 2), 5000]:
+        noise = bytes(torch.randint(0, 256, (n,), generator=g, dtype=torch.uint8).tolist())
+        for data in (bytes(n), b"\xff" * n, noise):
+            text = base93(data)
+            assert decode(text)[:n] == data and set(text) <= set(DIGITS), n
+    assert len(DIGITS) == 93 and "'" not in DIGITS and "\\" not in DIGITS and DIGITS.isprintable()
+    assert len(base93(bytes(5000))) <= 5000 * BLOCK_DIGITS / BLOCK_BYTES + BLOCK_DIGITS < 5000 * 1.25
 
 
 def _package(root, files: dict[str, str]) -> None:
@@ -73,6 +110,8 @@ def test_import_closure_follows_every_import_and_refuses_an_excluded_module_impo
     assert list(import_closure(["kernels.a", "kernels.c"], root=tmp_path)) == [
         "kernels", "kernels.a", "kernels.b", "kernels.c", "kernels.d"]
     assert "kernels.d" not in import_closure(["kernels.c"], root=tmp_path, exclude=["kernels.d"])
+    # `from . import b` imports the package only as a parent: an ops bundle (no parents) carries a and b alone
+    assert list(import_closure(["kernels.a"], root=tmp_path, parents=False)) == ["kernels.a", "kernels.b"]
     with pytest.raises(ValueError, match="kernels.a imports kernels.b at module level"):
         import_closure(["kernels.a"], root=tmp_path, exclude=["kernels.b"])
 
@@ -122,7 +161,9 @@ def run_ops(K, t):
 
 def test_ops_bundle_runs_without_the_package_and_matches_its_ops(tmp_path, isolated_python):  # noqa: F811
     bundle = build_ops_bundle(BUNDLED_OPS)
-    assert set(bundle.exports) == {"attention", "relu2_mlp", "softcapped_cross_entropy", "embed"}
+    # every public name of each op's module: cross_entropy's from hidden states and from logits
+    assert set(bundle.exports) == {"attention", "relu2_mlp", "softcapped_cross_entropy",
+                                   "softcapped_cross_entropy_from_logits", "embed"}
     assert "kernels" not in bundle.modules and "kernels.utils" in bundle.modules
     (tmp_path / "crawler_ops.py").write_text(bundle.compressed["lzma"], encoding="utf-8")
     inputs = _op_inputs()
@@ -145,6 +186,8 @@ def test_ops_bundle_runs_without_the_package_and_matches_its_ops(tmp_path, isola
                 kernels.append(f)
         assert len(kernels) > 10 and all(f"def {f.__name__}(" in inspect.getsource(f) for f in kernels)
         assert "kernels" not in sys.modules and "crawler" not in sys.modules
+        ce = sys.modules["crawler_ops.cross_entropy"]
+        assert crawler_ops.softcapped_cross_entropy_from_logits is ce.softcapped_cross_entropy_from_logits
         save_file(run_ops(crawler_ops, load_file("inputs.safetensors")), "outputs.safetensors")
         """)
     proc = subprocess.run([str(isolated_python), "-c", script], cwd=tmp_path, capture_output=True, text=True,
@@ -159,13 +202,13 @@ def test_ops_bundle_runs_without_the_package_and_matches_its_ops(tmp_path, isola
 def test_command_line_prints_each_form_and_writes_one(tmp_path, capsys):
     assert main(["--ops", "mlp", "--out", str(tmp_path / "ops.py")]) == 0
     out = capsys.readouterr().out
-    for label in ("source files, as they are", "module (stripped)", "lzma + base85, self-extracting"):
+    for label in ("source files, as they are", "module (stripped)", "lzma + base-93, self-extracting"):
         assert label in out
     written = (tmp_path / "ops.py").read_text(encoding="utf-8")
     assert written.startswith("P=__name__+'.'\nM={") and "relu2_mlp=__import__(" in written
     assert f"wrote {tmp_path / 'ops.py'} ({len(written.encode()):,} B)" in out
     assert main(["--ops", "mlp", "--compress", "--out", str(tmp_path / "ops.py")]) == 0
-    assert (tmp_path / "ops.py").read_text().startswith("import base64,lzma\nexec(")
+    assert (tmp_path / "ops.py").read_text().startswith("import lzma\nexec(lzma.decompress(")
     with pytest.raises(SystemExit) as exc:
         main(["--ops", "mlp,nope"])
     assert exc.value.code == 2 and "ops: expected some of" in capsys.readouterr().err

@@ -20,6 +20,7 @@ import crawler.submission
 import train as train_cli
 from crawler.budget import BUDGET_BYTES, NOT_EXPORTED, REPO_ROOT, SizeReport, code_files, size_report
 from crawler.challenge import CHALLENGE_NAMES, train_argv, variables, with_paths
+from crawler.challenge import main as challenge_main
 from crawler.config import CrawlerConfig
 from crawler.errors import SetupError
 from crawler.submission import check_same_options, export_defaults, read_run
@@ -129,6 +130,8 @@ def test_records_folder(exported):
     assert f"val_bpb:{info['val_bpb']:.8f}" == ttt[2] and f"val_loss:{info['val_loss']:.8f}" == ttt[1]
     assert info["seeds"] == [1337] and info["seed_results"]["1337"]["val_bpb"] == info["val_bpb"]
     assert info["bytes_code"] == (folder / "train_gpt.py").stat().st_size
+    script = (folder / "train_gpt.py").read_bytes().decode("ascii")           # plain text: printable ASCII lines
+    assert all(line.isprintable() for line in script.split("\n")) and script.count("\n") == 3
     assert info["bytes_total"] == info["bytes_code"] + (run / train_cli.ARTIFACT_NAME).stat().st_size
     assert (info["name"], info["author"], info["github_id"], info["date"]) == ("Tiny crawler", "A. Author", "aauthor",
                                                                               "2026-01-02")
@@ -205,3 +208,13 @@ def test_environment_variables_become_train_py_options():
         "/d/datasets/fineweb10B_sp1024", "t.model", "a")
     docs = (REPO_ROOT / "docs" / "submission.md").read_text()
     assert [name for name in names if f"`{name}`" not in docs] == []     # every variable is documented
+
+
+def test_train_gpt_takes_no_arguments_and_its_help_lists_the_variables(capsys):
+    assert challenge_main(train_cli, {}, ["--help"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: [VARIABLE=VALUE ...] torchrun") and "docs/submission.md" in out
+    assert all(name in out for name in ("DATA_DIR", "RUN_ID", *variables(train_cli.build_parser())))
+    assert challenge_main(train_cli, {}, ["--iterations", "5"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "train_gpt.py: error: no arguments are taken, got --iterations 5: set environment variables (--help)"
