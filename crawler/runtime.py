@@ -167,6 +167,11 @@ def distributed(device: torch.device) -> Iterator[DistContext]:
             created = True
     try:
         yield DistContext(rank=rank, world_size=world, local_rank=local_rank(), device=device)
+        if created:
+            # Every rank past its last collective before any rank tears down: gloo torn down while a
+            # peer's work is still in flight aborts the process ("terminate called without an active
+            # exception", SIGABRT). Only on success: after an error a peer may never reach the barrier.
+            dist.barrier()
     finally:
         if created:
             dist.destroy_process_group()

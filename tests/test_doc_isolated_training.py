@@ -6,9 +6,7 @@ import json
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
-from trainer_fixtures import VOCAB, fast_train_config, make_dataset, restore_threads, small_config  # noqa: F401
+from trainer_fixtures import VOCAB, fast_train_config, make_dataset, restore_threads, run_gloo, small_config  # noqa: F401
 
 import train as train_cli
 from crawler.artifact import model_from_artifact
@@ -84,22 +82,17 @@ def test_resume_equals_uninterrupted(data, tmp_path):
     assert full.summary["final_val_bpb"] == resumed.summary["final_val_bpb"]
 
 
-def _ddp_worker(rank, world, store, data_dir, tok, out_dir):
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
-    try:
-        data = prepare_data(data_dir, tok, VOCAB, val_max_tokens=VAL_TOKENS)
-        ctx = DistContext(rank=rank, world_size=world, local_rank=rank, device=torch.device("cpu"))
-        train(small_config(), fast_train_config(iterations=4, doc_isolated=True), data, out_dir=out_dir,
-              ops="reference", ctx=ctx, log=quiet)
-    finally:
-        dist.destroy_process_group()
+def _ddp_worker(rank, world, data_dir, tok, out_dir):
+    data = prepare_data(data_dir, tok, VOCAB, val_max_tokens=VAL_TOKENS)
+    ctx = DistContext(rank=rank, world_size=world, local_rank=rank, device=torch.device("cpu"))
+    train(small_config(), fast_train_config(iterations=4, doc_isolated=True), data, out_dir=out_dir,
+          ops="reference", ctx=ctx, log=quiet)
 
 
 def test_two_process_ddp_matches_one_process(dataset, data, tmp_path):
     ddp_dir = tmp_path / "ddp"
     ddp_dir.mkdir()
-    mp.spawn(_ddp_worker, args=(2, str(tmp_path / "store"), *map(str, dataset), str(ddp_dir)), nprocs=2, join=True)
+    run_gloo(_ddp_worker, tmp_path, *map(str, dataset), str(ddp_dir))
     ddp = json.loads((ddp_dir / "summary.json").read_text())
     single = run(data, iterations=4, grad_accum_steps=2)      # the two ranks' spans as two micro-batches
     assert ddp["world_size"] == 2 and ddp["train_config"]["doc_isolated"] is True

@@ -4,8 +4,7 @@ import math
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
+from trainer_fixtures import run_gloo
 
 from crawler.artifact import Artifact, QuantizedTensor, model_from_artifact, save_artifact
 from crawler.bpb import Window, plan_windows, score_windows
@@ -299,27 +298,22 @@ def test_sliding_and_ttt_on_cuda_match_cpu(trained):
 # ------------------------------------------------------------------------------------------------
 # Distributed (2 processes, gloo) equals single process
 
-def _distributed_worker(rank, world, init_file, state_path, out_path):
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
-        model = CrawlerGPT(CONFIG, ops="reference")
-        model.load_state_dict(torch.load(state_path, weights_only=True))
-        val = stream(401, seed=3)
-        sliding = sliding_window_bpb(model, val, luts(), seq_len=32, stride=8, batch_seqs=3)
-        ttt = tiny_ttt(model, val, lr=0.05, batch_seqs=3)
-        if rank == 0:
-            torch.save({"sliding": torch.tensor(sliding), "ttt": torch.tensor(ttt),
-                        "state": model.state_dict()}, out_path)
-    finally:
-        dist.destroy_process_group()
+def _distributed_worker(rank, world, state_path, out_path):
+    model = CrawlerGPT(CONFIG, ops="reference")
+    model.load_state_dict(torch.load(state_path, weights_only=True))
+    val = stream(401, seed=3)
+    sliding = sliding_window_bpb(model, val, luts(), seq_len=32, stride=8, batch_seqs=3)
+    ttt = tiny_ttt(model, val, lr=0.05, batch_seqs=3)
+    if rank == 0:
+        torch.save({"sliding": torch.tensor(sliding), "ttt": torch.tensor(ttt),
+                    "state": model.state_dict()}, out_path)
 
 
 def test_distributed_ttt_equals_single_process(trained, tmp_path):
     model, val = trained
     state_path, out_path = tmp_path / "state.pt", tmp_path / "out.pt"
     torch.save(model.state_dict(), state_path)
-    mp.spawn(_distributed_worker, args=(2, str(tmp_path / "init"), str(state_path), str(out_path)), nprocs=2)
+    run_gloo(_distributed_worker, tmp_path, str(state_path), str(out_path))
     got = torch.load(out_path, weights_only=True)
     single = copy.deepcopy(model)
     sliding = sliding_window_bpb(single, val, luts(), seq_len=32, stride=8, batch_seqs=3)

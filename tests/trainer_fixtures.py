@@ -101,6 +101,7 @@ def _gloo_process(rank: int, world: int, store: str, worker, args: tuple) -> Non
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     try:
         worker(rank, world, *args)
+        dist.barrier()      # as crawler.runtime.distributed: no rank tears gloo down under a peer's work
     finally:
         dist.destroy_process_group()
 
