@@ -120,9 +120,9 @@ class _NoBrotli:
             raise ModuleNotFoundError(f"No module named {name!r} (blocked as on the GPU machine)", name=name)
 sys.meta_path.insert(0, _NoBrotli())
 """
-# Kernel test modules that still import crawler/ at module level (crawler.model needs sentencepiece and tqdm):
-# each should import it inside the tests that need the model. Empty this set when that is done.
-KERNEL_MODULES_IMPORTING_CRAWLER = {"tests/test_attention.py"}
+# Kernel test modules that import crawler/ at module level (crawler.model needs sentencepiece and tqdm): none;
+# each imports it inside the tests that need the model.
+KERNEL_MODULES_IMPORTING_CRAWLER: set[str] = set()
 
 
 def test_gpu_tests_and_benchmarks_collect_without_brotli(tmp_path):
