@@ -268,7 +268,8 @@ def estimates(record: dict, jobs: int) -> dict[str, tuple[float, float, str]]:
 
     A process start-up (python, torch, triton, the plan): the recorded build check's start-up in CPU seconds
     (its wall time on a shared machine grows with the machine's load; its CPU time does not). The build
-    check: its compile seconds spread over `jobs` processes. The kernel tests: every candidate compiled once
+    check: its compile seconds and the seconds it spends reading what it compiled, spread over `jobs`
+    processes. The kernel tests: every candidate compiled once
     in one process (the upper bound: with the build check's cache they mostly load) plus KERNEL_TEST_RUN_S.
     The step benchmark: its cases times its cost_s marker (the compiled model's Inductor time, not in the
     record), and all of it at least (its speed-up needs both cases). The elastic stages' minimums: the
@@ -276,12 +277,13 @@ def estimates(record: dict, jobs: int) -> dict[str, tuple[float, float, str]]:
     start-up plus one compiled model."""
     total = record["total_compile_s"]
     startup = record["startup_s"]
-    build = total / jobs + startup
+    build = (total + record["total_inspect_s"]) / jobs + startup
     kernel_tests = total + startup + KERNEL_TEST_RUN_S
     step, step_cases = bench_marks(STEP_BENCH, "test_step")
     attention_cost, _ = bench_marks("attention", "test_dense")
     return {
-        "build check": (build, build / 2, f"{total:.0f} s of compiles / {jobs} jobs + {startup:.0f} s start-up"),
+        "build check": (build, build / 2, f"{total:.0f} s of compiles + {record['total_inspect_s']:.0f} s reading "
+                        f"them / {jobs} jobs + {startup:.0f} s start-up"),
         "kernel tests": (kernel_tests, startup + 10, f"{total:.0f} s of compiles (uncached) + {startup:.0f} s "
                          f"start-up + {KERNEL_TEST_RUN_S:.0f} s running"),
         "kernel benchmarks": (0.0, 2 * attention_cost, "what is left; headline cases first"),
