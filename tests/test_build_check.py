@@ -28,6 +28,10 @@ NOT_IN_TRAINING = {"_int6_decode_kernel", "_splitk_reduce_kernel", "_int6_gemm_k
 HGMMA_KERNELS = {"_embed_fwd_kernel", "_embed_bwd_rows_kernel", "_proj_grad_kernel", "_attn_fwd", "_attn_bwd_dkdv",
                  "_attn_bwd_dq", "_mlp_up_kernel", "_mlp_dpre_kernel", "_ce_forward_kernel", "_ce_dlogits_kernel",
                  "_int6_gemm_kernel"}
+# Configs of those kernels whose dot tiles have fewer rows than one warpgroup MMA takes (64): 32-key dK/dV tiles
+# (the varlen list's) run the warp MMA, bf16 (HMMA). The whole check finds exactly these.
+WARP_MMA_CONFIGS = {("_attn_bwd_dkdv", "BLOCK_N=32 BLOCK_M=16 w8 s3"),
+                    ("_attn_bwd_dkdv", "BLOCK_N=32 BLOCK_M=32 w8 s3")}
 # The attention kernels whose hot-loop q/k/v loads are narrower than MIN_HOT_LOAD_BYTES at the pr1579 shape,
 # which the check reports (exit 1). None since the model lays heads out padded to 48 columns (issue 23 part
 # 4: at head dim 46 with a 46-element head stride they were 2-byte scalars): a kernel listed here whose loads
@@ -57,8 +61,9 @@ def check_rows(rows):
         assert r["compile_s"] > 0, where
         if r["bf16_dot"]:
             assert any("BF16" in m for m in r["mma"]), (where, r["mma"])
-        if r["kernel"] in HGMMA_KERNELS:
-            assert r["bf16_dot"] and any(m.startswith("HGMMA") and m.endswith("BF16") for m in r["mma"]), where
+        if r["kernel"] in HGMMA_KERNELS and "HAS_BIGRAM=0" not in r["spec"]:   # embed without BigramHash: no matmul
+            mma = "HMMA" if (r["kernel"], r["config"]) in WARP_MMA_CONFIGS else "HGMMA"
+            assert r["bf16_dot"] and any(m.startswith(mma + ".") and m.endswith("BF16") for m in r["mma"]), where
         assert r["accesses"].get("ld") or r["accesses"].get("cp.async"), where    # every kernel reads memory
         if r["module"] in build_check.HOT_LOAD_MODULES and r["kernel"] not in NO_QKV_LOOP:
             # the PTX reading finds the attention kernels' q/k/v loads in their loops over key / query blocks
@@ -226,3 +231,4 @@ def test_whole_check(tmp_path):
     rows = json.loads(out.read_text())["rows"]
     assert proc.returncode == expected_exit(rows), proc.stdout[-4000:] + proc.stderr[-4000:]
     check_rows(rows)
+    assert WARP_MMA_CONFIGS <= {(r["kernel"], r["config"]) for r in rows}
