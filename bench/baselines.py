@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 import kernels
 from bench import harness
+from kernels.attention import padded_head_dim
 
 
 def xsa_gqa(y: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -41,12 +42,9 @@ def compiled_xsa():
     return harness.compiled(xsa_gqa, fullgraph=True)
 
 
-def padded_head_dim(D: int) -> int:
-    """The head dim the fused SDPA / FA3 backends accept for a true head dim D (next multiple of 8)."""
-    return D + (-D) % 8
-
-
 def _pad(t: torch.Tensor) -> torch.Tensor:
+    """t (..., D) zero-padded to padded_head_dim(D) columns (a multiple of 8: what the fused SDPA / FA3
+    backends accept)."""
     pad = padded_head_dim(t.shape[-1]) - t.shape[-1]
     return F.pad(t, (0, pad)) if pad else t
 

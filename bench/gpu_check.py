@@ -266,21 +266,24 @@ def bench_marks(name: str, test: str) -> tuple[float, int | None]:
 def estimates(record: dict, jobs: int) -> dict[str, tuple[float, float, str]]:
     """stage name -> (estimate s, minimum s, basis) from the compile record.
 
-    A process start-up (python, torch, triton, the plan) is what the recorded build check's wall time
-    exceeds its compile seconds per job by. The build check: its compile seconds spread over `jobs`
-    processes. The kernel tests: every candidate compiled once in one process (the upper bound: with the
-    build check's cache they mostly load) plus KERNEL_TEST_RUN_S. The step benchmark: its cases times its
-    cost_s marker (the compiled model's Inductor time, not in the record), and all of it at least (its
-    speed-up needs both cases). The elastic stages' minimums: the kernel benchmarks' attention headline pair
-    (the largest cost_s of any kernel case), the model tests' one start-up plus one compiled model."""
+    A process start-up (python, torch, triton, the plan): the recorded build check's start-up in CPU seconds
+    (its wall time on a shared machine grows with the machine's load; its CPU time does not). The build
+    check: its compile seconds and the seconds it spends reading what it compiled, spread over `jobs`
+    processes. The kernel tests: every candidate compiled once
+    in one process (the upper bound: with the build check's cache they mostly load) plus KERNEL_TEST_RUN_S.
+    The step benchmark: its cases times its cost_s marker (the compiled model's Inductor time, not in the
+    record), and all of it at least (its speed-up needs both cases). The elastic stages' minimums: the
+    kernel benchmarks' attention headline pair (the largest cost_s of any kernel case), the model tests' one
+    start-up plus one compiled model."""
     total = record["total_compile_s"]
-    startup = max(1.0, record["wall_s"] - total / record["jobs"])
-    build = total / jobs + startup
+    startup = record["startup_s"]
+    build = (total + record["total_inspect_s"]) / jobs + startup
     kernel_tests = total + startup + KERNEL_TEST_RUN_S
     step, step_cases = bench_marks(STEP_BENCH, "test_step")
     attention_cost, _ = bench_marks("attention", "test_dense")
     return {
-        "build check": (build, build / 2, f"{total:.0f} s of compiles / {jobs} jobs + {startup:.0f} s start-up"),
+        "build check": (build, build / 2, f"{total:.0f} s of compiles + {record['total_inspect_s']:.0f} s reading "
+                        f"them / {jobs} jobs + {startup:.0f} s start-up"),
         "kernel tests": (kernel_tests, startup + 10, f"{total:.0f} s of compiles (uncached) + {startup:.0f} s "
                          f"start-up + {KERNEL_TEST_RUN_S:.0f} s running"),
         "kernel benchmarks": (0.0, 2 * attention_cost, "what is left; headline cases first"),

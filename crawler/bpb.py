@@ -71,13 +71,16 @@ def plan_windows(n_targets: int, seq_len: int, stride: int = 64) -> torch.Tensor
     return torch.stack((starts, lengths, score_from), dim=1)
 
 
-def window_nll(model, x: torch.Tensor, y: torch.Tensor, *, doc_isolated: bool) -> torch.Tensor:
+def window_nll(model, x: torch.Tensor, y: torch.Tensor, *, doc_isolated: bool,
+               x_cpu: torch.Tensor | None = None) -> torch.Tensor:
     """`model.token_nll(x, y)`: per-token nats (B, T) of windows x, y (B, T) int64; with `doc_isolated`,
-    with the windows' document segments (crawler.documents), so no window attends across a BOS. Any model
-    with a `token_nll(x, y)` works without isolation."""
+    with the windows' document segments (crawler.documents), so no window attends across a BOS. The
+    segments are derived from `x_cpu`, x's values on the CPU, when given, and moved to x's device (no
+    device sync: deriving them from ids on a GPU reads them back to the host), else from x itself. Any
+    model with a `token_nll(x, y)` works without isolation."""
     if not doc_isolated:
         return model.token_nll(x, y)
-    return model.token_nll(x, y, document_segments(x))
+    return model.token_nll(x, y, document_segments(x if x_cpu is None else x_cpu).to(x.device))
 
 
 def score_windows(model, tokens: torch.Tensor, luts, windows: torch.Tensor, *, seq_len: int,
@@ -93,13 +96,15 @@ def score_windows(model, tokens: torch.Tensor, luts, windows: torch.Tensor, *, s
     for b0 in range(0, windows.shape[0], batch_seqs):
         starts, lengths, score_from = windows[b0:b0 + batch_seqs].unbind(1)
         lo = int(starts[0])
-        # Only the span of tokens this batch touches goes to the device, as int64.
-        span = tokens[lo:int((starts + lengths).max()) + 1].to(device=device, dtype=torch.int64)
-        rel = torch.minimum((starts - lo)[:, None] + pos, (starts + lengths - 1 - lo)[:, None]).to(device)
+        # Only the span of tokens this batch touches goes to the device, as int64 (the stream lives on the CPU).
+        span_cpu = tokens[lo:int((starts + lengths).max()) + 1].to(torch.int64)
+        rel_cpu = torch.minimum((starts - lo)[:, None] + pos, (starts + lengths - 1 - lo)[:, None])
+        span, rel = span_cpu.to(device), rel_cpu.to(device)
         scored = ((pos >= score_from[:, None]) & (pos < lengths[:, None])).to(device)
         x, y = span[rel], span[rel + 1]
         with autocast(device):
-            nll = window_nll(model, x, y, doc_isolated=doc_isolated)
+            nll = window_nll(model, x, y, doc_isolated=doc_isolated,
+                             x_cpu=span_cpu[rel_cpu] if doc_isolated else None)
         sums[0] += nll.double()[scored].sum()
         sums[1] += scored.sum()
         sums[2] += target_bytes(x, y, luts)[scored].sum()

@@ -129,8 +129,12 @@ def _train_chunk(model, tokens: torch.Tensor, start: int, end: int, *, seq_len: 
         return
     rank, world = rank_and_world()
     device = params[0].device
-    chunk = tokens[start:start + n_seqs * seq_len + 1].to(device=device, dtype=torch.int64)
+    chunk_cpu = tokens[start:start + n_seqs * seq_len + 1].to(torch.int64)     # the stream lives on the CPU
+    chunk = chunk_cpu.to(device)
     x_all, y_all = chunk[:-1].view(n_seqs, seq_len), chunk[1:].view(n_seqs, seq_len)
+    # The sequences' document segments come from the CPU copy (moved to the device with Documents.to): from
+    # ids on a GPU they would be read back to the host, a device sync per batch.
+    x_cpu = chunk_cpu[:-1].view(n_seqs, seq_len)
     for _ in range(config.epochs):
         for b0 in range(0, n_seqs, config.batch_seqs):
             b1 = min(b0 + config.batch_seqs, n_seqs)
@@ -139,7 +143,10 @@ def _train_chunk(model, tokens: torch.Tensor, start: int, end: int, *, seq_len: 
             if hi > lo:
                 x, y = x_all[lo:hi], y_all[lo:hi]
                 with autocast(device):
-                    loss = model(x, y, document_segments(x)) if doc_isolated else model(x, y)
+                    if doc_isolated:
+                        loss = model(x, y, document_segments(x_cpu[lo:hi]).to(device))
+                    else:
+                        loss = model(x, y)
                 (loss * ((hi - lo) / (b1 - b0))).backward()
             if world > 1:
                 _all_reduce_grads(params)

@@ -1,12 +1,15 @@
-"""Offline Hopper build check: compile every Triton kernel × every GPU config a pr1579 run could launch, for
-sm_90, on a machine without a GPU, and report what each compilation costs the chip.
+"""Offline Hopper build check: compile every Triton kernel × every GPU config a pr1579 run could launch (and
+the package's other ops at the shapes their users run: the record line's smear_embed, cross-entropy from
+logits, embed without BigramHash), for sm_90, on a machine without a GPU, and report what each compilation
+costs the chip.
 
     python -m kernels.build_check [--all | --subset] [--jobs N] [--json PATH] [--target sm_90]
                                   [--cache-dir DIR] [--list]
 
 How the launches are derived. Each op's own host launcher (the Python body of its torch.library custom op;
 for int6_linear, `_launch` for every candidate of `_candidates`) runs on meta tensors of the real shapes
-(`workloads()`) inside `kernels.utils.planning_for(the GPU's SM count)`, so every grid, block-size choice,
+(`workloads()`; attention in the model's layout: heads zero-padded to 48 columns, q_gain) inside
+`kernels.utils.planning_for(the GPU's SM count)`, so every grid, block-size choice,
 split and stride is the one a GPU run computes, from the same code. Each `kernel[grid](...)` launch is
 recorded instead of run. A launch of an autotuned kernel stands for every config of its (pruned) list; a
 plain launch for itself. Launches with equal Triton specialisations (argument dtypes, 16-byte alignment,
@@ -29,11 +32,11 @@ vector length x element size), cp.async (its copy size) and TMA bulk copy (cp.as
 to the kernel's pointer arguments its address is computed from (registers followed back to the pointer
 parameters) and marked when it sits in an innermost loop (a label and the branch back to it): the table's
 "global B x instr" column, and per argument the hot-loop load widths ("hot q/k/v B" for the attention
-kernels; `hot_loop_loads` in --json).
+and decoding kernels; `hot_loop_loads` in --json).
 
 Exit status 1 on a compile failure, a spill, shared memory over the 227 KiB a block may use, a kernel
-with a bf16 tl.dot whose SASS has no bf16 tensor-core MMA, or an attention kernel with a hot-loop load of
-q, k or v narrower than MIN_HOT_LOAD_BYTES; 0 otherwise, also when this Triton lacks a piece the check
+with a bf16 tl.dot whose SASS has no bf16 tensor-core MMA, or an attention or decoding kernel with a
+hot-loop load of q, k or v narrower than MIN_HOT_LOAD_BYTES; 0 otherwise, also when this Triton lacks a piece the check
 needs (it says SKIPPED and why).
 """
 from __future__ import annotations
@@ -61,16 +64,29 @@ from pathlib import Path
 import torch
 import triton
 
-from . import cross_entropy, embedding, gptq, int6, mlp, utils
+from . import cross_entropy, embedding, gptq, int6, mlp, smear_embedding, utils
 
-# The module, not the function: kernels/__init__ exports the op `attention` under the module's name.
+# The modules, not the functions: kernels/__init__ exports the ops `attention` and `attention_decode` under
+# the modules' names.
 attention = importlib.import_module(".attention", __package__)
+attention_decode = importlib.import_module(".attention_decode", __package__)
 
 # The pr1579 shapes (crawler.config's preset; kernels/ does not import crawler/): 32 × 2048 tokens per GPU
 # per micro-batch (524,288 tokens per step over 8 GPUs), d 736, 16 query / 8 KV heads of dim 46, MLP 2944,
-# vocabulary 8192, BigramHash 10240 × 128, softcap 30; bf16 activations and embeddings (autocast).
+# vocabulary 8192, BigramHash 10240 × 128, softcap 30; bf16 activations and embeddings (autocast). The
+# attention ops see the heads as the model lays them out: zero-padded to padded_head_dim(46) = 48 columns,
+# softmax_scale 1/sqrt(46), the per-head q_gain (H,) fp32 folded into the kernels' scale.
 PR1579 = dict(T=2048, d=736, H=16, Hkv=8, D=46, hidden=2944, V=8192, NB=10240, k=128, softcap=30.0)
 TRAIN_BATCHES = (32, 4)
+# pr1579 decoding (crawler.inference.Decoder): batch 1 and a few, KV caches of 256 (the int6 decode
+# benchmark's prompt + new tokens) and 2048 (the training context) rows; each step a device step (lengths
+# read on the device from the cache's position, one value expanded over the batch), split over the keys as
+# attention_decode.decode_splits decides.
+DECODE_BATCHES = (1, 4)
+DECODE_CACHE_ROWS = (256, 2048)
+# The record line's embedding (kernels.smear_embed, PR #1667 on): d 512, vocabulary 8192, a 12-wide gate,
+# bf16 table, fp32 gate weight and lambda; 786,432 tokens per step over 8 GPUs = 48 × 2048 per GPU.
+RECORD = dict(B=48, T=2048, d=512, V=8192, gate=12)
 # Int6 inference: every quantised matrix (K, N) of the model plus the tied head, at decode (1 and 16
 # rows) and prefill (2048) sizes; GPTQ at every quantised matrix shape (N, K).
 INT6_SHAPES = ((736, 736), (736, 368), (736, 2944), (2944, 736), (736, 8192))
@@ -143,16 +159,55 @@ def _embedding(B, bos=embedding.NO_BOS):
     _body(embedding._embed_backward)(torch.empty_like(x0), ids, tok, table, proj, gate, rstd, buckets, bos)
 
 
+def _embedding_without_bigram(B, smear):
+    """`embed` at the pr1579 width without BigramHash (with or without SmearGate): a drop-in's embedding."""
+    p = PR1579
+    ids, tok = _meta((B, p["T"]), torch.int64), _meta((p["V"], p["d"]))
+    gate = _meta((p["d"],), torch.float32) if smear else None
+    x0, rstd, buckets = _body(embedding._embed_forward)(ids, tok, None, None, gate, embedding.NO_BOS)
+    _body(embedding._embed_backward)(torch.empty_like(x0), ids, tok, None, None, gate, rstd, buckets,
+                                     embedding.NO_BOS)
+
+
+def _smear_embedding(bos):
+    """The record line's smear_embed with rms_norm, forward and backward (bos: 1 with PR #1851's BOS fix,
+    NO_BOS before it)."""
+    r = RECORD
+    ids, tok = _meta((r["B"], r["T"]), torch.int64), _meta((r["V"], r["d"]))
+    weight, lam = _meta((1, r["gate"]), torch.float32), _meta((1,), torch.float32)
+    out, rstd = _body(smear_embedding._smear_forward)(ids, tok, weight, lam, bos, True)
+    _body(smear_embedding._smear_backward)(torch.empty_like(out), ids, tok, weight, lam, rstd, bos, True)
+
+
+def _attention_layout(rows: tuple, keys: tuple) -> tuple:
+    """(q, k, v, q_gain, softmax_scale) as crawler.model's attention passes them: q (*rows, H, 48), k/v
+    (*keys, Hkv, 48) bf16 contiguous (heads zero-padded from 46), q_gain (H,) fp32, scale 1/sqrt(46)."""
+    p = PR1579
+    D = attention.padded_head_dim(p["D"])
+    q, k, v = _meta((*rows, p["H"], D)), _meta((*keys, p["Hkv"], D)), _meta((*keys, p["Hkv"], D))
+    return q, k, v, _meta((p["H"],), torch.float32), 1.0 / math.sqrt(p["D"])
+
+
 def _attention(B, xsa, varlen=False):
     """Dense causal (B, T, ·, D), or varlen: the micro-batch packed as (1, B·T, ·, D) with cu_seqlens padded
-    to a fixed capacity (the document-isolated trainer's layout) and max_seqlen = T."""
+    to a fixed capacity (the document-isolated trainer's layout) and max_seqlen = T; the model's layout
+    (`_attention_layout`)."""
     p = PR1579
     rows = (1, B * p["T"]) if varlen else (B, p["T"])
-    q, k, v = _meta((*rows, p["H"], p["D"])), _meta((*rows, p["Hkv"], p["D"])), _meta((*rows, p["Hkv"], p["D"]))
+    q, k, v, gain, scale = _attention_layout(rows, rows)
     cu, max_seqlen = (_meta((8 * B + 1,), torch.int32), p["T"]) if varlen else (None, None)
-    scale = 1.0 / math.sqrt(p["D"])
-    o, lse, c = _body(attention._attention_fwd_op)(q, k, v, cu, max_seqlen, True, xsa, scale)
-    _body(attention._attention_bwd_op)(torch.empty_like(o), q, k, v, o, lse, c, cu, max_seqlen, True, xsa, scale)
+    o, lse, c = _body(attention._attention_fwd_op)(q, k, v, cu, max_seqlen, True, xsa, scale, gain)
+    _body(attention._attention_bwd_op)(torch.empty_like(o), q, k, v, o, lse, c, cu, max_seqlen, True, xsa, scale,
+                                       gain)
+
+
+def _decode(B, cache_rows):
+    """One pr1579 decoding step (XSA at every position) over a KV cache of `cache_rows` rows: split and
+    combine kernels."""
+    q, k, v, gain, scale = _attention_layout((B, 1), (B, cache_rows))
+    lengths = _meta((1,), torch.int32).expand(B)
+    splits = attention_decode.decode_splits(B * PR1579["H"], cache_rows, q.device)
+    _body(attention_decode._attention_decode_op)(q, k, v, lengths, gain, True, scale, splits)
 
 
 def _mlp(B, negative_slope):
@@ -169,6 +224,15 @@ def _cross_entropy(B):
     targets = _meta((B * p["T"],), torch.int64)
     _, lse = _body(cross_entropy._ce_forward)(hidden, weight, targets, p["softcap"])
     _body(cross_entropy._ce_backward)(_meta((), torch.float32), hidden, weight, targets, lse, p["softcap"])
+
+
+def _cross_entropy_from_logits(B):
+    """Cross-entropy from bf16 logits (N = B·T tokens, V 8192, softcap 30): forward and backward."""
+    p = PR1579
+    logits, targets = _meta((B * p["T"], p["V"])), _meta((B * p["T"],), torch.int64)
+    _, lse = _body(cross_entropy._ce_logits_forward)(logits, targets, p["softcap"], -100)
+    _body(cross_entropy._ce_logits_backward)(_meta((B * p["T"],), torch.float32), logits, targets, lse,
+                                             p["softcap"], -100)
 
 
 def _train_step(B):
@@ -194,7 +258,9 @@ def _gptq():
 
 def workloads() -> dict:
     """name -> function launching what that part of a pr1579 run launches. FIRST_STEP is the first
-    training step; the others are what later steps, other options and inference add."""
+    training step; the others are what later steps, other options, inference and decoding add, then the
+    ops other models use (embed without BigramHash, the record line's smear_embed, cross-entropy from
+    logits)."""
     out = {f"train B={B}": (lambda B=B: _train_step(B)) for B in TRAIN_BATCHES}
     out.update({f"attention no-XSA B={B}": (lambda B=B: _attention(B, xsa=False)) for B in TRAIN_BATCHES})
     out.update({f"doc-isolated B={B}": (lambda B=B: (_attention(B, xsa=True, varlen=True), _embedding(B, bos=1)))
@@ -202,6 +268,13 @@ def workloads() -> dict:
     out.update({f"mlp leaky B={B}": (lambda B=B: _mlp(B, 0.5)) for B in TRAIN_BATCHES})
     out.update({f"int6 M={M}": (lambda M=M: _int6(M)) for M in INT6_ROWS})
     out["gptq"] = _gptq
+    out.update({f"decode B={B} cache={rows}": (lambda B=B, rows=rows: _decode(B, rows))
+                for B in DECODE_BATCHES for rows in DECODE_CACHE_ROWS})
+    out["embed no-BigramHash B=32"] = lambda: _embedding_without_bigram(32, smear=True)
+    out["embed no-BigramHash no-SmearGate B=32"] = lambda: _embedding_without_bigram(32, smear=False)
+    out.update({f"smear_embed {'BOS' if bos == 1 else 'no-BOS'}": (lambda bos=bos: _smear_embedding(bos))
+                for bos in (1, embedding.NO_BOS)})
+    out["cross-entropy from logits B=32"] = lambda: _cross_entropy_from_logits(32)
     return out
 
 
@@ -390,10 +463,11 @@ def _inspect_cubin(cubin: bytes) -> dict:
 # Global memory access widths, read from the PTX
 # ----------------------------------------------------------------------------------------------
 
-# The load-width rule (issue 23): in the attention kernels, every global load of q, k or v inside an
-# innermost loop (the loop over key or query blocks, the hot loop) moves at least this many bytes per
-# instruction. Head dim 46 with a 46-element head stride proves only 2-byte alignment: scalar bf16 loads.
-HOT_LOAD_MODULE = "kernels.attention"
+# The load-width rule (issue 23): in the attention kernels (training and decoding), every global load of q,
+# k or v inside an innermost loop (the loop over key or query blocks, the hot loop) moves at least this many
+# bytes per instruction. Head dim 46 with a 46-element head stride proves only 2-byte alignment: scalar bf16
+# loads; the model's heads padded to 48 columns load as 16-byte vectors.
+HOT_LOAD_MODULES = ("kernels.attention", "kernels.attention_decode")
 HOT_LOAD_OPERANDS = ("Q", "K", "V")
 MIN_HOT_LOAD_BYTES = 8
 
@@ -541,8 +615,8 @@ def memory_widths(accesses: list[GlobalAccess]) -> dict:
 
 def narrow_hot_loads(row: dict) -> dict[str, int]:
     """{operand: narrowest bytes} of the load-width rule's operands whose hot-loop loads are narrower than
-    MIN_HOT_LOAD_BYTES, for a kernel of HOT_LOAD_MODULE ({} for any other kernel; TMA copies are wide)."""
-    if row.get("module") != HOT_LOAD_MODULE:
+    MIN_HOT_LOAD_BYTES, for a kernel of HOT_LOAD_MODULES ({} for any other kernel; TMA copies are wide)."""
+    if row.get("module") not in HOT_LOAD_MODULES:
         return {}
     out = {}
     for name in HOT_LOAD_OPERANDS:
@@ -604,8 +678,10 @@ def _compile(index: int, use_subset: bool, target_arch: int, multiprocessors: in
         triton.runtime.driver.set_active(_TargetDriver(GPUTarget("cuda", target_arch, 32)))
         # The first compilation in a process also loads the compiler: pay that outside the measurements.
         _warm_up_kernel.warmup(torch.empty(1, device="meta"), grid=(1,))
+        _WORKER["startup_s"] = _cpu_seconds()     # this process so far: imports, the plan, the warm-up
     unit = _WORKER["plan"][index]
     row = unit.row()
+    row["worker_startup_s"] = round(_WORKER["startup_s"], 2)
     log = io.StringIO()
     t0 = _cpu_seconds()
     try:
@@ -615,7 +691,8 @@ def _compile(index: int, use_subset: bool, target_arch: int, multiprocessors: in
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         row.update(status=f"compile failed: {type(e).__name__}: {first[:200]}", compile_s=_cpu_seconds() - t0)
         return row
-    row["compile_s"] = _cpu_seconds() - t0
+    t1 = _cpu_seconds()
+    row["compile_s"] = t1 - t0
     row.update(_inspect_cubin(compiled.asm["cubin"]))
     row["smem_bytes"] = int(compiled.metadata.shared) + row.pop("static_smem")
     row["blocks_per_sm"] = _occupancy(row["registers"], row["smem_bytes"], unit.num_warps)
@@ -623,6 +700,7 @@ def _compile(index: int, use_subset: bool, target_arch: int, multiprocessors: in
     row["bf16_dot"] = bool(_BF16_DOT.search(compiled.asm["ttir"]))
     row.update(memory_widths(ptx_global_accesses(compiled.asm["ptx"], unit.pointer_args())))
     row["notes"] = sorted({m for m in re.findall(r"\(C\d+\) Potential Performance Loss: ([^.]*)", log.getvalue())})
+    row["inspect_s"] = _cpu_seconds() - t1       # reading the cubin (cuobjdump) and the PTX: not compiling
     row["status"] = "ok"
     return row
 
@@ -650,7 +728,7 @@ def _widths_summary(row: dict) -> str:
 
 def _hot_summary(row: dict) -> str:
     """The narrowest hot-loop load of each operand of the load-width rule ("K 2 V 2"), for its kernels."""
-    if row.get("module") != HOT_LOAD_MODULE:
+    if row.get("module") not in HOT_LOAD_MODULES:
         return "-"
     hot = row.get("hot_loop_loads", {})
     return " ".join(f"{name} {min(hot[name], key=lambda w: 10**9 if w == 'TMA' else int(w))}"
@@ -705,6 +783,7 @@ def summarize(rows: list[dict]) -> dict:
         "first_training_step": seconds(lambda r: FIRST_STEP in r["workloads"]),
         "int6_inference": seconds(lambda r: any(w.startswith("int6") for w in r["workloads"])),
         "total_compile_s": round(sum(r["compile_s"] for r in rows), 1),
+        "total_inspect_s": round(sum(r.get("inspect_s", 0.0) for r in rows), 1),
     }
 
 
@@ -722,11 +801,14 @@ def _target(arg: str | None) -> tuple[int, int, bool, str]:
     return arch, sms, False, f"sm_{arch} (no GPU used; launches planned for {sms} SMs)"
 
 
-def _compile_plan(use_subset: bool, jobs: int, arch: int, sms: int, target_text: str) -> tuple[list[dict], float]:
+def _compile_plan(use_subset: bool, jobs: int, arch: int, sms: int, target_text: str
+                  ) -> tuple[list[dict], float, float]:
     """Compile every planned unit in `jobs` spawned processes (they read TRITON_CACHE_DIR from the
-    environment); return the rows in plan order and the start time."""
+    environment); return the rows in plan order, the start time, and the CPU seconds this process took
+    to start (imports, the plan)."""
     plan = build_plan(sms)
     plan = subset(plan) if use_subset else plan
+    startup_s = _cpu_seconds()
     print(f"build_check: {len(plan)} compilations for {target_text}, triton {triton.__version__}, "
           f"{jobs} job(s)", file=sys.stderr, flush=True)
     rows: list[dict | None] = [None] * len(plan)
@@ -740,7 +822,7 @@ def _compile_plan(use_subset: bool, jobs: int, arch: int, sms: int, target_text:
             rows[futures[future]] = row
             print(f"[{n}/{len(plan)}] {row['kernel']} {row['config']} {row['compile_s']:.1f}s "
                   f"{'; '.join(row['problems']) or 'ok'}", file=sys.stderr, flush=True)
-    return rows, t0
+    return rows, t0, startup_s
 
 
 @contextlib.contextmanager
@@ -768,6 +850,7 @@ def run(use_subset: bool, jobs: int, target: str | None, cache_dir: str | None) 
         raise Skip(f"triton {triton.__version__}: no triton.backends.compiler.GPUTarget") from e
     _tool("cuobjdump")
     arch, sms, local, target_text = _target(target)
+    load_before = os.getloadavg()[0]
     with contextlib.ExitStack() as stack:
         if cache_dir is None and not local:
             # Without a GPU nothing would reuse these cubins: a fresh cache (removed afterwards) makes every
@@ -775,10 +858,16 @@ def run(use_subset: bool, jobs: int, target: str | None, cache_dir: str | None) 
             cache_dir = stack.enter_context(tempfile.TemporaryDirectory(prefix="build_check_cache_"))
         if cache_dir is not None:
             stack.enter_context(_environ("TRITON_CACHE_DIR", str(cache_dir)))
-        rows, t0 = _compile_plan(use_subset, jobs, arch, sms, target_text)
+        rows, t0, main_startup_s = _compile_plan(use_subset, jobs, arch, sms, target_text)
+    # A start-up in CPU seconds (this process's, then a compile process's before its first compilation):
+    # what the run costs beyond its compilations, which, unlike wall time, other work on a shared machine
+    # does not inflate.
+    startup_s = main_startup_s + max((r["worker_startup_s"] for r in rows), default=0.0)
     return {"rows": rows, "summary": summarize(rows),
             "environment": {"triton": triton.__version__, "torch": torch.__version__, "target": target_text,
                             "jobs": jobs, "wall_s": round(time.perf_counter() - t0, 1),
+                            "startup_s": round(startup_s, 1),
+                            "load_average": [round(load_before, 2), round(os.getloadavg()[0], 2)],
                             "subset": use_subset, "date": datetime.date.today().isoformat(),
                             "command": " ".join(["python -m kernels.build_check", *sys.argv[1:]])}}
 
@@ -786,8 +875,10 @@ def run(use_subset: bool, jobs: int, target: str | None, cache_dir: str | None) 
 def compile_seconds(result: dict) -> dict:
     """The compact record of what compiling costs (`--seconds`, committed as bench/compile_seconds.json, from
     which `python -m bench.gpu_check` sizes its stages): per kernel its compilations and their single-core
-    compile seconds, the total, and the run's wall time with its job count (their difference from
-    total / jobs is each job's start-up)."""
+    compile seconds, the total, the CPU seconds spent reading the compilations (cuobjdump, the PTX: the check's
+    own cost beyond compiling), the start-up in CPU seconds (`run`'s startup_s), and, for the reader, the
+    run's wall time with its job count and the machine's 1-minute load average before and after (wall
+    time on a shared machine grows with the load)."""
     kernels: dict[str, dict] = {}
     for r in result["rows"]:
         k = kernels.setdefault(r["kernel"], {"compilations": 0, "compile_s": 0.0})
@@ -795,8 +886,9 @@ def compile_seconds(result: dict) -> dict:
         k["compile_s"] = round(k["compile_s"] + r["compile_s"], 2)
     env = result["environment"]
     return {"triton": env["triton"], "target": env["target"], "date": env["date"], "subset": env["subset"],
-            "jobs": env["jobs"], "wall_s": env["wall_s"], "total_compile_s": result["summary"]["total_compile_s"],
-            "kernels": kernels}
+            "jobs": env["jobs"], "wall_s": env["wall_s"], "load_average": env["load_average"],
+            "startup_s": env["startup_s"], "total_compile_s": result["summary"]["total_compile_s"],
+            "total_inspect_s": result["summary"]["total_inspect_s"], "kernels": kernels}
 
 
 def _write_json(path: str, result: dict) -> None:
@@ -854,8 +946,8 @@ def main(argv=None) -> int:
     print(f"first pr1579 training step ({FIRST_STEP}): {first['compilations']} compilations, "
           f"{first['compile_s']} s single-core compile time")
     print(f"int6 inference shapes: {i6['compilations']} compilations, {i6['compile_s']} s single-core")
-    print(f"all: {s['total_compile_s']} s single-core, {result['environment']['wall_s']} s wall with "
-          f"{args.jobs} job(s)")
+    print(f"all: {s['total_compile_s']} s single-core (+ {s['total_inspect_s']} s reading cubins and PTX), "
+          f"{result['environment']['wall_s']} s wall with {args.jobs} job(s)")
     if args.json:
         _write_json(args.json, result)
     if args.seconds:

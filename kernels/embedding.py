@@ -77,12 +77,14 @@ MAX_PROJ_SPLITS = 16                             # token splits of the projectio
 NO_BOS = -1                                      # the kernels' bos_id=None: no id equals it
 _HASH_MULTIPLIER = tl.constexpr(BIGRAM_HASH_MULTIPLIER)
 
-# Row kernels' GPU list, as `python -m kernels.build_check` measured it (sm_90, Triton 3.9, pr1579: 65,536
-# tokens, d 736, k 128, bf16 tables): forward 118 / 136 registers, backward 193 / 173, no spills. The
-# backward holds the g accumulator (BLOCK_T x k) across the chunk loop: its 4-warp 64- and 128-column
-# chunks spilled (64-616 bytes), as did 128 columns on 8 warps. Speed is not measured yet (no GPU).
+# Row kernels' GPU list, as `python -m kernels.build_check` measured it (sm_90, Triton 3.9 and 3.6, pr1579: 65,536
+# tokens, d 736, k 128, bf16 tables; and d 736 without BigramHash, with and without SmearGate): at most 176
+# registers, no spills. The backward holds the g accumulator (BLOCK_T x k) across the chunk loop: its 4-warp
+# 64- and 128-column chunks spilled (64-616 bytes), as did 128 columns on 8 warps; 32 columns on 4 warps
+# spilled 8 bytes in the forward without BigramHash (Triton 3.9), so 32-column chunks run on 8 warps. Speed is
+# not measured yet (no GPU).
 _ROW_CONFIGS = autotune_configs(
-    [triton.Config({"BLOCK_D": bd}, num_warps=w, num_stages=s) for bd, w, s in ((64, 8, 2), (32, 4, 2))],
+    [triton.Config({"BLOCK_D": bd}, num_warps=w, num_stages=s) for bd, w, s in ((64, 8, 2), (32, 8, 2))],
     triton.Config({"BLOCK_D": 32}, num_warps=4, num_stages=1))
 
 
@@ -167,8 +169,12 @@ def _embed_fwd_kernel(ids_ptr, tok_ptr, table_ptr, proj_ptr, gate_ptr, out_ptr, 
     valid = (tok >= 0) & (tok < N)
     owned = valid & (rows > 0)
     h, cur = _bucket(ids_ptr, tok, valid, T, NB, bos)
-    has_prev = valid & (tok % T != 0) & (cur != bos)         # not a document start: smear the previous
-    h_prev, prev = _bucket(ids_ptr, tok - 1, has_prev, T, NB, bos)
+    in_row = valid & (tok % T != 0)
+    has_prev = in_row & (cur != bos)                         # not a document start: smear the previous
+    # The previous ids are loaded wherever they exist (in_row), not only where they are used (has_prev, which
+    # masks every read of them): with a mask computed from loaded ids, Triton 3.6 fails to compile the
+    # SmearGate-without-BigramHash forward ("mask type matches ptr type", RemoveLayoutConversions).
+    h_prev, prev = _bucket(ids_ptr, tok - 1, in_row, T, NB, bos)
     b = _bigram_rows(table_ptr, h, valid, kk, K, k_ok, DOT_DTYPE, HAS_BIGRAM)
 
     # Pass 1: sum of squares per row.

@@ -64,8 +64,11 @@ def _neighbours(ids_ptr, tok, valid, T, bos):
     """(id_t, has_prev, id_{t−1}, has_next, id_{t+1}) of flat token indices `tok` (int64 ids): has_prev
     when t is not a document start (the gate m_t), has_next when t+1 is in the same row and no start."""
     cur = tl.load(ids_ptr + tok, mask=valid, other=0).to(tl.int64)
-    has_prev = valid & (tok % T != 0) & (cur != bos)
-    prev = tl.load(ids_ptr + tok - 1, mask=has_prev, other=0).to(tl.int64)
+    in_row = valid & (tok % T != 0)
+    has_prev = in_row & (cur != bos)
+    # Loaded wherever it exists (in_row): has_prev masks every read of it, and a mask computed from loaded
+    # ids fails Triton 3.6's compile (as in kernels/embedding.py's forward).
+    prev = tl.load(ids_ptr + tok - 1, mask=in_row, other=0).to(tl.int64)
     next_in_row = valid & ((tok + 1) % T != 0)
     nxt = tl.load(ids_ptr + tok + 1, mask=next_in_row, other=0).to(tl.int64)
     return cur, has_prev, prev, next_in_row & (nxt != bos), nxt

@@ -8,8 +8,6 @@ import torch
 from conftest import filled_crawler, rel_err
 
 import kernels
-from crawler import CrawlerConfig, CrawlerGPT
-from crawler.model import KVCache
 from kernels import reference
 from kernels.attention import attention
 
@@ -114,6 +112,7 @@ def test_model_kv_cache_decoding_runs_the_op(monkeypatch):
         return attention(q, k, v, **kw)
 
     monkeypatch.setattr(kernels, "attention", spy)
+    from crawler.model import KVCache  # not at module level: kernel test modules need torch + triton only
     model = filled_crawler(seed=3)
     ids = torch.randint(0, model.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
@@ -299,6 +298,7 @@ def test_bad_softmax_scale(scale):
 
 
 def _tiny_model_loss_and_grads(ops, ids, targets):
+    from crawler import CrawlerConfig, CrawlerGPT  # not at module level (see KVCache above)
     torch.manual_seed(0)
     config = CrawlerConfig.preset("tiny", model_dim=64, num_heads=4, num_kv_heads=2, vocab_size=256,
                                   bigram_buckets=64, bigram_dim=16, ve_dim=16)

@@ -45,7 +45,8 @@ def test_list_only_prints_the_plan_in_order_of_value_and_writes_the_ledger(tmp_p
     rows = {line[:20].strip(): line for line in plan.splitlines()[1:] if "estimate" in line or "reserve" in line}
     assert list(rows) == STAGES[1:]
     caps = [float(line.split("cap")[1].split()[0]) for name, line in rows.items() if name != "results"]
-    assert sum(caps) + gpu_check.RESULTS_RESERVE_S <= 420 and caps[0] > 0 and caps[1] > 0
+    # (the caps are printed rounded to whole seconds: half a second each)
+    assert sum(caps) + gpu_check.RESULTS_RESERVE_S <= 420 + len(caps) / 2 and caps[0] > 0 and caps[1] > 0
     record = gpu_check.compile_record()
     assert f"{record['total_compile_s']:.0f} s single-core compile time" in plan
     commands = [line for line in log.splitlines() if line.startswith("$ ")]
@@ -119,9 +120,9 @@ class _NoBrotli:
             raise ModuleNotFoundError(f"No module named {name!r} (blocked as on the GPU machine)", name=name)
 sys.meta_path.insert(0, _NoBrotli())
 """
-# Kernel test modules that still import crawler/ at module level (crawler.model needs sentencepiece and tqdm):
-# each should import it inside the tests that need the model. Empty this set when that is done.
-KERNEL_MODULES_IMPORTING_CRAWLER = {"tests/test_attention.py"}
+# Kernel test modules that import crawler/ at module level (crawler.model needs sentencepiece and tqdm): none;
+# each imports it inside the tests that need the model.
+KERNEL_MODULES_IMPORTING_CRAWLER: set[str] = set()
 
 
 def test_gpu_tests_and_benchmarks_collect_without_brotli(tmp_path):

@@ -2,19 +2,23 @@
 launches of a small problem, and every candidate of int6_linear's own tuner, runs exactly
 (`kernels.utils.forced_config`) and is compared with the float64 reference. The candidates are read from the
 kernels at run time (the op's launches recorded, then `kernels.utils.launch_candidates`), so a config
-added to a list is checked without editing this file, and none can win the autotuner untested.
+added to a list is checked without editing this file, and none can win the autotuner untested. An op whose
+kernels launch one fixed config each (smear_embed, cross-entropy from logits) runs that config.
 
-The shapes are small but keep the pr1579 launches' specialisation (head counts and dims, model and MLP
-widths, vocabulary, dtypes, sizes divisible by 16), so on the GPU machine the build check's Triton cache
-serves the compilations and this stage mostly runs kernels. The first test checks the mechanism itself on
-the CPU under the interpreter; the others need a GPU."""
+The shapes are small but keep the real launches' specialisation (head counts, attention in the model's
+layout: heads padded from 46 to 48 columns with q_gain; model and MLP widths, vocabulary, dtypes, sizes
+divisible by 16), so on the GPU machine the build check's Triton cache serves the compilations and this
+stage mostly runs kernels. The first test checks the mechanism itself on the CPU under the interpreter; the
+others need a GPU (the case builders take device="cpu" for a dry run under the interpreter)."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from collections.abc import Callable
 
 import pytest
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 from conftest import correlated_hessian, rel_err
@@ -22,9 +26,12 @@ from conftest import correlated_hessian, rel_err
 import kernels
 from kernels import int6 as int6_mod
 from kernels import reference, utils
+from kernels.attention import padded_head_dim
 from kernels.build_check import recording_launches
 
 D_MODEL, HIDDEN, VOCAB, HEADS, KV_HEADS, HEAD_DIM = 736, 2944, 8192, 16, 8, 46
+SOFTMAX_SCALE = HEAD_DIM ** -0.5           # the model's: the head's own width, not the padded one
+RECORD_D_MODEL, SMEAR_GATE_WIDTH = 512, 12  # the record line's embedding (kernels.smear_embed)
 INT6_SHAPES = ((736, 736), (736, 368), (736, 2944), (2944, 736), (736, 8192))     # (K, N) of the model
 
 
@@ -63,24 +70,59 @@ def randn(*shape, seed, dtype=torch.bfloat16, device="cuda", scale=1.0):
     return (torch.randn(*shape, generator=g) * scale).to(dtype).to(device)
 
 
+def model_heads(x: torch.Tensor) -> torch.Tensor:
+    """x (..., heads, HEAD_DIM) as the model hands heads to attention: zero-padded to padded_head_dim (48)
+    columns, contiguous (crawler.model.pad_heads)."""
+    return F.pad(x, (0, padded_head_dim(x.shape[-1]) - x.shape[-1]))
+
+
+def q_gain(device="cuda") -> torch.Tensor:
+    """Per-head score gains (H,) fp32 around the model's initial 1.5."""
+    return randn(HEADS, seed=17, dtype=torch.float32, device=device, scale=0.1) + 1.5
+
+
 # ----------------------------------------------------------------------------------------------
 # The cases: each op at small pr1579-like shapes (device "cuda"; a CPU dry run under the interpreter
 # may pass "cpu")
 # ----------------------------------------------------------------------------------------------
 
 def attention_case(device="cuda", *, xsa: bool, varlen: bool) -> Case:
-    """Causal GQA attention, 16 / 8 heads of 46, bf16: dense (2 x 128) or packed documents of 100, 1, 83,
-    72 tokens; q/k/v views of one fused projection as the model makes them."""
+    """Causal GQA attention, 16 / 8 heads, bf16, in the model's layout (heads of 46 zero-padded to 48,
+    softmax_scale 1/sqrt(46), q_gain; the upstream gradient zero in the pad, as the model's is): dense
+    (2 x 128) or packed documents of 100, 1, 83, 72 tokens. Gradients of q, k, v and q_gain."""
     lengths = [100, 1, 83, 72]
     rows = (1, sum(lengths)) if varlen else (2, 128)
     qkv = randn(*rows, HEADS + 2 * KV_HEADS, HEAD_DIM, seed=11 + 2 * xsa + varlen, device=device)
-    q, k, v = qkv.split([HEADS, KV_HEADS, KV_HEADS], dim=2)
-    kwargs = dict(causal=True, xsa=xsa)
+    q, k, v = (model_heads(t) for t in qkv.split([HEADS, KV_HEADS, KV_HEADS], dim=2))
+    kwargs = dict(causal=True, xsa=xsa, softmax_scale=SOFTMAX_SCALE)
     if varlen:
         cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device=device)
         kwargs.update(cu_seqlens=cu, max_seqlen=max(lengths))
-    return reference_case(kernels.attention, reference.attention, [q, k, v], randn(*q.shape, seed=5, device=device),
-                          [1e-2, 2e-2, 2e-2, 2e-2], **kwargs)
+
+    def with_gain(impl):
+        return lambda q, k, v, gain, **kw: impl(q, k, v, q_gain=gain, **kw)
+    dz = model_heads(randn(*rows, HEADS, HEAD_DIM, seed=5, device=device))
+    return reference_case(with_gain(kernels.attention), with_gain(reference.attention), [q, k, v, q_gain(device)],
+                          dz, [1e-2, 2e-2, 2e-2, 2e-2, 2e-2], **kwargs)
+
+
+def decode_case(device="cuda", *, xsa: bool, num_splits: int | None) -> Case:
+    """A decoding step as crawler.inference.Decoder runs it: one query row per sequence over KV caches of
+    1,000 rows holding 1, 517 and 1,000 valid keys (cache_seqlens), the model's layout (padded heads,
+    1/sqrt(46), q_gain); split as decode_splits picks (num_splits None) or in one piece. Forward only."""
+    lengths = [1, 517, 1000]
+    q = model_heads(randn(3, 1, HEADS, HEAD_DIM, seed=18, device=device))
+    k, v = (model_heads(randn(3, 1000, KV_HEADS, HEAD_DIM, seed=s, device=device)) for s in (19, 20))
+    gain, seqlens = q_gain(device), torch.tensor(lengths, dtype=torch.int32, device=device)
+    kwargs = dict(xsa=xsa, softmax_scale=SOFTMAX_SCALE)
+    expected = torch.cat([reference.attention(q[b:b + 1].double(), k[b:b + 1, :n].double(), v[b:b + 1, :n].double(),
+                                              q_gain=gain.double(), **kwargs) for b, n in enumerate(lengths)])
+
+    def run():
+        with torch.no_grad():
+            return [kernels.attention_decode(q, k, v, cache_seqlens=seqlens, num_splits=num_splits, q_gain=gain,
+                                             **kwargs)]
+    return Case(run, within([expected], [1e-2]))
 
 
 def embed_case(device="cuda", *, bos_id: int | None) -> Case:
@@ -99,6 +141,24 @@ def embed_case(device="cuda", *, bos_id: int | None) -> Case:
     return reference_case(with_ids(kernels.embed), with_ids(reference.embed), inputs,
                           randn(2, 128, D_MODEL, seed=6, dtype=torch.float32, device=device), [1e-2] + [2e-2] * 4,
                           bos_id=bos_id)
+
+
+def smear_embed_case(device="cuda", *, bos_id: int | None) -> Case:
+    """The record line's embedding (SmearGate v3 + rms_norm) at d 512, vocabulary 8192, a 12-wide gate,
+    bf16 table, fp32 gate weight and lambda, 2 x 128 ids (BOS every 37 with bos_id)."""
+    ids = torch.randint(0, VOCAB, (2, 128), generator=torch.Generator().manual_seed(21))
+    if bos_id is not None:
+        ids[:, ::37] = bos_id
+    ids = ids.to(device)
+    inputs = [randn(VOCAB, RECORD_D_MODEL, seed=22, device=device),
+              randn(1, SMEAR_GATE_WIDTH, seed=23, dtype=torch.float32, device=device, scale=0.3),
+              randn(1, seed=24, dtype=torch.float32, device=device, scale=0.5)]
+
+    def with_ids(impl):
+        return lambda *params, bos_id: impl(ids, *params, bos_id=bos_id)
+    return reference_case(with_ids(kernels.smear_embed), with_ids(reference.smear_embed), inputs,
+                          randn(2, 128, RECORD_D_MODEL, seed=25, dtype=torch.float32, device=device),
+                          [1e-2] + [2e-2] * 3, bos_id=bos_id)
 
 
 def mlp_case(device="cuda", *, negative_slope: float) -> Case:
@@ -122,6 +182,21 @@ def cross_entropy_case(device="cuda") -> Case:
                           [1e-3, 2e-2, 2e-2])
 
 
+def cross_entropy_from_logits_case(device="cuda") -> Case:
+    """The softcapped cross-entropy from bf16 logits, 256 tokens x vocabulary 8192, softcap 30, a few
+    targets ignored (ignore_index)."""
+    targets = torch.randint(0, VOCAB, (256,), generator=torch.Generator().manual_seed(26))
+    targets[::50] = -100
+    targets = targets.to(device)
+
+    def with_targets(impl):
+        return lambda logits: impl(logits, targets, 30.0)
+    return reference_case(with_targets(kernels.softcapped_cross_entropy_from_logits),
+                          with_targets(reference.softcapped_cross_entropy_from_logits),
+                          [randn(256, VOCAB, seed=27, device=device, scale=20.0)], torch.ones((), device=device),
+                          [1e-3, 2e-2])
+
+
 def gptq_case(device="cuda") -> Case:
     """GPTQ int6 of a 64 x 736 weight (the model's input width, one 128-column block walk) against the
     float64 reference: equal scales, at most 0.1 % of codes differing (rounding ties)."""
@@ -143,18 +218,24 @@ CASES = {
     "attention dense": lambda: attention_case(xsa=False, varlen=False),
     "attention varlen XSA": lambda: attention_case(xsa=True, varlen=True),
     "attention varlen": lambda: attention_case(xsa=False, varlen=True),
+    "attention_decode": lambda: decode_case(xsa=True, num_splits=None),
+    "attention_decode one split": lambda: decode_case(xsa=False, num_splits=1),
     "embed": lambda: embed_case(bos_id=None),
     "embed bos_id": lambda: embed_case(bos_id=1),
+    "smear_embed": lambda: smear_embed_case(bos_id=None),
+    "smear_embed bos_id": lambda: smear_embed_case(bos_id=1),
     "mlp relu2": lambda: mlp_case(negative_slope=0.0),
     "mlp leaky": lambda: mlp_case(negative_slope=0.5),
     "cross_entropy": cross_entropy_case,
+    "cross_entropy from logits": cross_entropy_from_logits_case,
     "gptq": gptq_case,
 }
 
 
-def tuned_launches(case: Case) -> dict:
-    """{autotuned kernel: {config text: config}}: the candidates of every autotuned launch the op makes on
-    the case's inputs (recorded, not run), in list order."""
+def tuned_launches(case: Case) -> tuple[dict, int]:
+    """({autotuned kernel: {config text: config}}, number of launches): the candidates of every autotuned
+    launch the op makes on the case's inputs (recorded, not run), in list order, and how many kernel
+    launches it makes in all."""
     with recording_launches() as launches:
         case.run()
     tuned: dict = {}
@@ -163,24 +244,25 @@ def tuned_launches(case: Case) -> dict:
             named = dict(zip(launch.kernel.arg_names, launch.args)) | launch.kwargs
             for config in utils.launch_candidates(launch.kernel, named):
                 tuned.setdefault(launch.kernel, {})[str(config)] = config
-    return tuned
+    return tuned, len(launches)
 
 
 def check_every_candidate(case: Case) -> int:
     """Run the case once per candidate of each of its autotuned kernels, that kernel forced to it (the
-    others tuning as usual); assert every run matches the reference. Returns the number of runs."""
-    tuned = tuned_launches(case)
-    assert tuned, "the op launched no autotuned kernel: nothing would be checked"
-    failures, runs = [], 0
-    for kernel, configs in tuned.items():
-        for text, config in configs.items():
-            with utils.forced_config(kernel, config):
-                problem = case.check(case.run())
-            runs += 1
-            if problem:
-                failures.append(f"{kernel.fn.__name__} [{text}]: {problem}")
+    others tuning as usual), or once for an op whose kernels all launch one fixed config (their only
+    candidate); assert every run matches the reference. Returns the number of runs."""
+    tuned, launched = tuned_launches(case)
+    assert launched, "the op launched no kernel: nothing would be checked"
+    runs = [(f"{kernel.fn.__name__} [{text}]", utils.forced_config(kernel, config))
+            for kernel, configs in tuned.items() for text, config in configs.items()]
+    failures = []
+    for name, forced in runs or [("its fixed configs", contextlib.nullcontext())]:
+        with forced:
+            problem = case.check(case.run())
+        if problem:
+            failures.append(f"{name}: {problem}")
     assert not failures, "\n".join(failures)
-    return runs
+    return max(1, len(runs))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,13 +1,16 @@
 """GPU tests of the paths no other GPU test reaches (issue 23 part 7), through the public APIs only, each
 against the float64 reference, in bf16: attention without XSA (dense and varlen), queries after a KV cache
 (Tq < Tk) and decoding (Tq = 1), varlen in the document-isolated trainer's padded layout (cu_seqlens with
-repeated ends), cross-entropy at 65,536 tokens (the single vocabulary split production takes), `embed` with
-bos_id, GPTQ at 8192 x 736 (the tied embedding's shape), and the compiled whole model. Sizes keep each test
-to seconds; the compiled model (Inductor) runs with the model tests in `make gpu-check`. Every test needs
-CUDA and skips without it; the module imports torch, triton and kernels/ only."""
+repeated ends), every attention call in the model's head layout (heads of 46 zero-padded to 48 columns,
+softmax_scale 1/sqrt(46), q_gain, its gradient checked too), cross-entropy at 65,536 tokens (the single
+vocabulary split production takes), `embed` with bos_id, GPTQ at 8192 x 736 (the tied embedding's shape),
+and the compiled whole model. Sizes keep each test to seconds; the compiled model (Inductor) runs with the
+model tests in `make gpu-check`. Every test needs CUDA and skips without it; the module imports torch,
+triton and kernels/ only."""
 import pytest
 import torch
 from conftest import correlated_hessian, rel_err
+from test_gpu_configs import SOFTMAX_SCALE, model_heads, q_gain
 
 import kernels
 from kernels import reference
@@ -21,17 +24,24 @@ def randn(*shape, seed, dtype=torch.bfloat16, scale=1.0):
     return (torch.randn(*shape, generator=g) * scale).to(dtype).cuda()
 
 
-def check_attention(q, k, v, *, fwd_bound=1e-2, grad_bound=2e-2, **kwargs):
-    """kernels.attention forward and dq/dk/dv against the float64 reference on the same upstream gradient."""
-    dz = torch.randn_like(q)
-    leaves = [t.detach().requires_grad_() for t in (q, k, v)]
-    out = kernels.attention(*leaves, **kwargs)
+def check_attention(q, k, v, *, cache_rows=None, fwd_bound=1e-2, grad_bound=2e-2, **kwargs):
+    """kernels.attention in the model's layout: q, k, v (heads of D = 46 columns) zero-padded to 48, the
+    scale 1/sqrt(46), the per-head q_gain; forward and dq/dk/dv/dq_gain against the float64 reference on the
+    same upstream gradient (zero in the pad, as the model's). With `cache_rows`, k and v are views of their
+    first cache_rows rows (cache buffers)."""
+    q, k, v = (model_heads(t) for t in (q, k, v))
+    if cache_rows is not None:
+        k, v = k[:, :cache_rows], v[:, :cache_rows]
+    dz = model_heads(torch.randn(*q.shape[:-1], D, dtype=q.dtype, device=q.device))
+    kwargs.update(softmax_scale=SOFTMAX_SCALE)
+    leaves = [t.detach().requires_grad_() for t in (q, k, v, q_gain())]
+    out = kernels.attention(*leaves[:3], q_gain=leaves[3], **kwargs)
     grads = torch.autograd.grad(out, leaves, dz)
-    ref_in = [t.detach().double().requires_grad_() for t in (q, k, v)]
-    ref = reference.attention(*ref_in, **kwargs)
+    ref_in = [t.detach().double().requires_grad_() for t in leaves]
+    ref = reference.attention(*ref_in[:3], q_gain=ref_in[3], **kwargs)
     ref_grads = torch.autograd.grad(ref, ref_in, dz.double())
     assert out.shape == q.shape and rel_err(out, ref) < fwd_bound, f"forward rel err {rel_err(out, ref):.2e}"
-    for name, g, r in zip("qkv", grads, ref_grads):
+    for name, g, r in zip(("q", "k", "v", "q_gain"), grads, ref_grads):
         assert rel_err(g, r) < grad_bound, f"d{name} rel err {rel_err(g, r):.2e}"
 
 
@@ -41,7 +51,7 @@ def cu(lengths) -> torch.Tensor:
 
 @pytest.mark.parametrize("xsa", [False, True])
 def test_dense_attention(xsa):
-    """2 x 1024 tokens, 16 / 8 heads of 46; without XSA the only GPU test of that path."""
+    """2 x 1024 tokens, 16 / 8 heads of 46 (laid out as 48); without XSA the only GPU test of that path."""
     q, k, v = randn(2, 1024, H + 2 * HKV, D, seed=1).split([H, HKV, HKV], dim=2)
     check_attention(q, k, v, causal=True, xsa=xsa)
 
@@ -67,11 +77,12 @@ def test_varlen_attention_in_the_padded_capacity_layout():
 @pytest.mark.parametrize("xsa", [False, True])
 @pytest.mark.parametrize("Tq, Tk", [(256, 1024), (1, 777), (1, 2048)])
 def test_queries_after_a_kv_cache(Tq, Tk, xsa):
-    """Queries as the last Tq of Tk positions (a KV cache's new tokens), decoding at Tq = 1; k/v strided
-    views of a longer cache buffer, as the model's KVCache hands them over."""
+    """Queries as the last Tq of Tk positions (a KV cache's new tokens), decoding at Tq = 1 (with gradients:
+    the training kernels, not flash-decoding); k/v views of the first Tk rows of longer cache buffers
+    (B, max_len, Hkv, 48), as the model's KVCache hands them over."""
     q = randn(4, Tq, H, D, seed=Tq)
-    kv = randn(4, Tk + 9, 2, HKV, D, seed=Tk)[:, :Tk]
-    check_attention(q, kv[:, :, 0], kv[:, :, 1], causal=True, xsa=xsa)
+    k, v = (randn(4, Tk + 9, HKV, D, seed=Tk + i) for i in (0, 1))
+    check_attention(q, k, v, causal=True, xsa=xsa, cache_rows=Tk)
 
 
 def test_cross_entropy_at_65536_tokens():
