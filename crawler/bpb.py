@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 
 from .documents import document_segments
-from .runtime import Progress, autocast, rank_and_world
+from .runtime import Progress, autocast, rank_and_world, to_device
 
 
 def target_bytes(x: torch.Tensor, y: torch.Tensor, luts) -> torch.Tensor:
@@ -99,15 +99,16 @@ def score_windows(model, tokens: torch.Tensor, luts, windows: torch.Tensor, *, s
         # Only the span of tokens this batch touches goes to the device, as int64 (the stream lives on the CPU).
         span_cpu = tokens[lo:int((starts + lengths).max()) + 1].to(torch.int64)
         rel_cpu = torch.minimum((starts - lo)[:, None] + pos, (starts + lengths - 1 - lo)[:, None])
-        span, rel = span_cpu.to(device), rel_cpu.to(device)
-        scored = ((pos >= score_from[:, None]) & (pos < lengths[:, None])).to(device)
+        span, rel = to_device(span_cpu, device), to_device(rel_cpu, device)
+        scored = to_device((pos >= score_from[:, None]) & (pos < lengths[:, None]), device)
         x, y = span[rel], span[rel + 1]
         with autocast(device):
             nll = window_nll(model, x, y, doc_isolated=doc_isolated,
                              x_cpu=span_cpu[rel_cpu] if doc_isolated else None)
-        sums[0] += nll.double()[scored].sum()
+        # masked sums, not boolean indexing: an index by a mask reads its count back to the host
+        sums[0] += torch.where(scored, nll.double(), 0.0).sum()
         sums[1] += scored.sum()
-        sums[2] += target_bytes(x, y, luts)[scored].sum()
+        sums[2] += torch.where(scored, target_bytes(x, y, luts), 0.0).sum()
         if progress is not None:
             progress.update(starts.numel())
 

@@ -28,6 +28,7 @@ from kernels.reference import document_starts
 from kernels.utils import check_cu_seqlens
 
 from .errors import SetupError
+from .runtime import to_device
 from .tokenizer import BOS_ID
 
 # The padded capacity allows this many segments per row on average: FineWeb's documents average about
@@ -46,7 +47,7 @@ class Documents(NamedTuple):
 
     def to(self, device: torch.device | str) -> Documents:
         """The same segments with `cu_seqlens` on `device`."""
-        return self._replace(cu_seqlens=self.cu_seqlens.to(device, non_blocking=True))
+        return self._replace(cu_seqlens=to_device(self.cu_seqlens, device))
 
 
 def segment_capacity(rows: int) -> int:

@@ -42,6 +42,7 @@ from .runtime import (
     resolve_data,
     resolve_device,
     resolve_ops,
+    to_device,
 )
 from .ttt import TTTConfig, add_ttt_arguments, legal_ttt_bpb, ttt_config_from_args
 
@@ -90,10 +91,10 @@ def val_bpb(model, tokens: torch.Tensor, luts, *, seq_len: int, batch_seqs: int 
     sums = torch.zeros(3, dtype=torch.float64, device=device)   # nats, tokens, bytes
     with eval_mode(model), Progress(hi - lo, "val_bpb", unit="window") as progress:
         for start in range(lo, hi, batch_seqs):
-            x = x_all[start: min(start + batch_seqs, hi)].to(device)
-            y = y_all[start: min(start + batch_seqs, hi)].to(device)
+            x_cpu = x_all[start: min(start + batch_seqs, hi)]
+            x, y = to_device(x_cpu, device), to_device(y_all[start: min(start + batch_seqs, hi)], device)
             with autocast(device):
-                nll = window_nll(model, x, y, doc_isolated=doc_isolated)
+                nll = window_nll(model, x, y, doc_isolated=doc_isolated, x_cpu=x_cpu)
             sums[0] += nll.double().sum()
             sums[1] += y.numel()
             sums[2] += target_bytes(x, y, luts).sum()

@@ -94,6 +94,17 @@ def autocast(device: torch.device | str):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
 
+def to_device(t: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """`t` on `device` without a host sync: a CPU tensor goes to CUDA through pinned memory with a
+    non-blocking copy (a blocking copy waits for the stream, and CUDA synchronises before copying from
+    pageable memory); the caching host allocator keeps the pinned buffer until the copy is done. Anything
+    else is `t.to(device)`. Evaluation and training move every batch (ids, targets, segments) this way."""
+    device = torch.device(device)
+    if device.type != "cuda" or t.device.type != "cpu":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
 @contextlib.contextmanager
 def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
     """`model.eval()` with QAT fake-quantisation off inside, so evaluation, calibration and export see

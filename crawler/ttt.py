@@ -15,7 +15,7 @@ import torch.distributed as dist
 from .bpb import all_reduce_sums, bpb_from_sums, check_stream, luts_on, plan_windows, score_windows
 from .cli import int_at_least
 from .documents import document_segments
-from .runtime import Progress, autocast, eval_mode, rank_and_world
+from .runtime import Progress, autocast, eval_mode, rank_and_world, to_device
 
 TTT_FREEZE_BLOCKS = 1       # the seed's TTT_FREEZE_BLOCKS: flat block 0 and crawler block 0 stay fixed
 
@@ -130,7 +130,7 @@ def _train_chunk(model, tokens: torch.Tensor, start: int, end: int, *, seq_len: 
     rank, world = rank_and_world()
     device = params[0].device
     chunk_cpu = tokens[start:start + n_seqs * seq_len + 1].to(torch.int64)     # the stream lives on the CPU
-    chunk = chunk_cpu.to(device)
+    chunk = to_device(chunk_cpu, device)
     x_all, y_all = chunk[:-1].view(n_seqs, seq_len), chunk[1:].view(n_seqs, seq_len)
     # The sequences' document segments come from the CPU copy (moved to the device with Documents.to): from
     # ids on a GPU they would be read back to the host, a device sync per batch.

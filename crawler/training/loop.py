@@ -38,7 +38,7 @@ from ..evaluate import val_bpb
 from ..fileio import WriteError, write_json
 from ..model import CrawlerGPT
 from ..optim import build_optimizers, lr_multiplier, muon_momentum_at, set_lr_multiplier
-from ..runtime import DistContext, autocast, current_context
+from ..runtime import DistContext, autocast, current_context, to_device
 from ..tokenizer import check_tokenizer_identity
 from .averaging import EMA, WeightAverager
 from .config import TrainConfig, check_batch_shape, resolve_grad_accum
@@ -176,8 +176,7 @@ class _Trainer:
             # Segments from the CPU batch: no device sync.
             documents = (document_segments(x, bos_id=self.data.bos_id, capacity=self.segment_capacity).to(self.device)
                          if self.tc.doc_isolated else None)
-            x = x.to(self.device, non_blocking=True)
-            y = y.to(self.device, non_blocking=True)
+            x, y = to_device(x, self.device), to_device(y, self.device)
             # DDP all-reduces gradients only on the last micro-batch (no_sync covers forward + backward).
             sync = (self.module.no_sync() if self.ctx.distributed and micro < self.grad_accum - 1
                     else contextlib.nullcontext())
