@@ -24,6 +24,17 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+def brotli_or_skip_module():
+    """The brotli module, or the calling test module skipped: artifacts are brotli-compressed and the GPU
+    machine has no brotli. Any ImportError skips (pytest.importorskip skips only ModuleNotFoundError: a
+    brotli that is present but fails to load would be a collection error, and gpu-check would run nothing)."""
+    try:
+        import brotli
+    except ImportError as e:
+        pytest.skip(f"artifacts are brotli-compressed: these tests need brotli ({e})", allow_module_level=True)
+    return brotli
+
+
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     """‖out − ref‖ / ‖ref‖ computed in float64 (NaN if out has NaNs, so poisoned outputs fail)."""
     out, ref = out.detach().double().cpu(), ref.detach().double().cpu()

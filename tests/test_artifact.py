@@ -4,6 +4,7 @@ import struct
 
 import pytest
 import torch
+from conftest import brotli_or_skip_module
 
 from crawler.artifact import (
     FORMAT_VERSION,
@@ -24,7 +25,7 @@ from crawler.artifact import (
 from crawler.config import CrawlerConfig
 from crawler.model import CrawlerGPT
 
-brotli = pytest.importorskip("brotli", reason="artifacts are brotli-compressed: these tests need brotli")
+brotli = brotli_or_skip_module()
 
 
 def _random_quantized(rows, cols, bits, method, gen):

@@ -15,7 +15,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import filled_crawler
+from conftest import brotli_or_skip_module, filled_crawler
 
 from crawler import artifact as artifact_mod
 from crawler import fileio
@@ -46,7 +46,7 @@ from crawler.config import CrawlerConfig
 from crawler.errors import MissingFileError, SetupError, UnverifiedWarning
 from crawler.fileio import WriteError, check_writable_file, prepare_output_dir, remove_stale_temps, write_json
 
-brotli = pytest.importorskip("brotli", reason="artifacts are brotli-compressed: these tests need brotli")
+brotli = brotli_or_skip_module()
 
 TOKENIZER = {"sha256": "ab" * 32, "vocab_size": 64}
 
