@@ -9,7 +9,7 @@ cache before every call, so the weights come from HBM. Weight GB/s = bytes of th
 2 / 0.75 = 2.67×.
 Decoding: greedy, batch 1, 128 new tokens after a 128-token prompt, of the pr1579 model with random
 weights quantised round-to-nearest: the int6 model (crawler.inference, packed weights) vs the same weights
-dequantised into a bf16 model, both through a crawler.inference.Decoder, i.e. both with the one-token step
+dequantised into a bf16 model, both through a crawler.decoding.Decoder, i.e. both with the one-token step
 as a CUDA graph on a static KV cache (captured in the untimed first call, replayed for every token after
 the first two; flash-decoding attention). At this model size an eager step is bound by kernel launches,
 not by weight bytes, so only graphed steps can show what the int6 weights save. Time per generation
@@ -107,7 +107,7 @@ def decode_models(bench):
 @pytest.mark.cost_s(60)
 @pytest.mark.parametrize("impl", ["int6", "bf16"])
 def test_decode(benchmark, bench, decode_models, impl):
-    from crawler.inference import Decoder
+    from crawler.decoding import Decoder
     s = bench.shapes
     model = decode_models[impl]
     prompt = torch.randint(0, model.config.vocab_size, (1, s.decode_prompt), device=bench.device,

@@ -1,7 +1,7 @@
 """Sample text from an int6 artifact: python -m crawler.generate --artifact A --prompt "..." [options].
 
 The model computes on the artifact's packed codes (crawler.inference.load_int6_model) and decodes with a
-KV cache (on CUDA, each new token's step replayed from a CUDA graph: crawler.inference.Decoder). A
+KV cache (on CUDA, each new token's step replayed from a CUDA graph: crawler.decoding.Decoder). A
 --max-new-tokens the model's positions or the device's memory cannot hold is refused before anything is
 allocated. The prompt is encoded as [BOS] + SentencePiece ids (how documents are stored); decoding stops
 at the next BOS (the start of another document) unless --no-stop. The text goes to stdout, timings to
@@ -20,8 +20,9 @@ import torch
 from .artifact import load_artifact
 from .cli import int_at_least, run_main, shared_options
 from .config import CrawlerConfig
+from .decoding import generate
 from .errors import UnverifiedWarning
-from .inference import generate, load_int6_model
+from .inference import load_int6_model
 from .runtime import resolve_data, resolve_device, resolve_ops
 from .tokenizer import BOS_ID, load_checked_tokenizer
 

@@ -9,6 +9,7 @@ batch's segments and the embedding starts a document at every BOS.
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn as nn
@@ -22,6 +23,9 @@ from kernels.reference import quant_max, rms_norm, rope
 from .config import PASSTHROUGH_NUMEL, QAT_BITS, CrawlerConfig
 from .documents import Documents, ops_isolate_documents
 from .runtime import check_ops, resolve_ops
+
+if TYPE_CHECKING:        # the KV cache is decoding's (crawler.decoding); a training or scoring run never loads it
+    from .decoding import KVCache
 
 
 def fake_quantize(w: torch.Tensor, bits: int = QAT_BITS) -> torch.Tensor:
@@ -95,112 +99,6 @@ def seed_scale_shapes(state: dict[str, torch.Tensor], prefix: str = "ve.") -> di
         if state[name].shape == (1,):
             state[name] = state[name].reshape(())
     return state
-
-
-class KVCache:
-    """Keys and values of the tokens decoded so far, for incremental decoding (`forward_hidden(ids,
-    cache=...)`): one (k, v) pair per schedule position, not per block, because a crawler block runs at
-    several positions, each with its own input and so its own keys. Buffers (B, max_len, Hkv, D) are
-    allocated on first use in the keys' dtype and device, as is the buffer of the token ids seen (the new
-    tokens' BigramHash needs the previous id and their SmearGate the previous token's embedding).
-
-    `on_device=True` (Triton ops only: kernels.attention_decode): a one-token step after the first two
-    tokens reads its position from the device (`position`, rope offset and buffer row), writes its k, v
-    there and attends over the whole buffers with the valid length read on the device. Such a step has
-    no host-side shape or value that changes from token to token, so crawler.inference.Decoder captures
-    it once in a CUDA graph and replays it for every token. Other steps (prompts, the first tokens, or
-    `on_device=False`) use views of the first `length` rows and any ops' attention.
-    """
-
-    def __init__(self, config: CrawlerConfig, max_len: int, *, on_device: bool = False):
-        if max_len < 1:
-            raise ValueError(f"max_len must be >= 1, got {max_len}")
-        self.max_len, self.on_device = max_len, on_device
-        self.length = 0                                   # tokens already cached at every position (host)
-        self.position: torch.Tensor | None = None         # the same count on the device, int64 (1,)
-        self.tokens: torch.Tensor | None = None           # (B, max_len) the ids seen so far
-        self._k: list[torch.Tensor | None] = [None] * config.num_positions
-        self._v: list[torch.Tensor | None] = [None] * config.num_positions
-
-    def reset(self) -> None:
-        """Forget every cached token, keeping the buffers (a captured step keeps reading them)."""
-        self.length = 0
-        if self.position is not None:
-            self.position.zero_()
-
-    def check_step(self, input_ids: torch.Tensor) -> None:
-        """Raise ValueError unless `input_ids` (B, T) fits: same batch, at most max_len tokens in all."""
-        B, T = input_ids.shape
-        if self.tokens is not None and self.tokens.shape[0] != B:
-            raise ValueError(f"input_ids: batch {B} differs from the cache's {self.tokens.shape[0]}")
-        if self.length + T > self.max_len:
-            raise ValueError(f"input_ids: {T} new tokens after {self.length} overflow the cache's "
-                             f"max_len {self.max_len}")
-        if self.tokens is None:
-            self.tokens = input_ids.new_empty(B, self.max_len)
-            self.position = torch.zeros(1, dtype=torch.int64, device=input_ids.device)
-
-    def device_step(self, T: int) -> bool:
-        """Whether a step of T tokens runs on the device-side position (see the class docstring): one
-        token, with two earlier ones as its embedding context (the captured step's fixed shapes)."""
-        return self.on_device and T == 1 and self.length >= 2
-
-    def rope_offset(self, T: int) -> int | torch.Tensor:
-        """Position of this step's first token: on the device for a device step, else the host count."""
-        return self.position if self.device_step(T) else self.length
-
-    def context(self, T: int) -> torch.Tensor | None:
-        """The (up to) two token ids before this step's T tokens, (B, <= 2); None before the first step."""
-        if self.length == 0:
-            return None
-        if self.device_step(T):
-            return self.tokens.index_select(1, self.position - 2 + torch.arange(2, device=self.position.device))
-        return self.tokens[:, max(0, self.length - 2):self.length]
-
-    def _buffers(self, position: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if self._k[position] is None:
-            B = k.shape[0]
-            self._k[position] = k.new_empty(B, self.max_len, *k.shape[2:])
-            self._v[position] = v.new_empty(B, self.max_len, *v.shape[2:])
-        return self._k[position], self._v[position]
-
-    def append(self, position: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store this step's k, v (B, T, Hkv, D) for schedule `position`; return every cached key and
-        value of that position so far, (B, length + T, Hkv, D) views."""
-        k_buf, v_buf = self._buffers(position, k, v)
-        end = self.length + k.shape[1]
-        k_buf[:, self.length:end] = k
-        v_buf[:, self.length:end] = v
-        return k_buf[:, :end], v_buf[:, :end]
-
-    def attend(self, position: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ops, *,
-               causal: bool, xsa: bool, softmax_scale: float, q_gain: torch.Tensor | None = None) -> torch.Tensor:
-        """Store this step's k, v (B, T, Hkv, D) for schedule `position` and return the attention of its
-        queries q (B, T, H, D) over every key cached there, the new ones last (causal bottom-right, XSA on
-        their own values; softmax_scale and q_gain as kernels.attention takes them): `ops`' attention over
-        views, or, for a device step, kernels.attention_decode over the whole buffers with the lengths read
-        on the device."""
-        gain = {} if q_gain is None else {"q_gain": q_gain}
-        if not self.device_step(q.shape[1]):
-            k, v = self.append(position, k, v)
-            return select_op(ops, "attention")(q, k, v, causal=causal, xsa=xsa, softmax_scale=softmax_scale,
-                                               **gain)
-        k_buf, v_buf = self._buffers(position, k, v)
-        k_buf.index_copy_(1, self.position, k)
-        v_buf.index_copy_(1, self.position, v)
-        lengths = (self.position + 1).to(torch.int32).expand(q.shape[0])
-        return kernels.attention_decode(q, k_buf, v_buf, xsa=xsa, softmax_scale=softmax_scale, cache_seqlens=lengths,
-                                        **gain)
-
-    def advance(self, input_ids: torch.Tensor) -> None:
-        """Mark this step's tokens as cached (after every position has stored its k, v)."""
-        T = input_ids.shape[1]
-        if self.device_step(T):
-            self.tokens.index_copy_(1, self.position, input_ids.to(self.tokens.dtype))
-        else:
-            self.tokens[:, self.length:self.length + T] = input_ids
-        self.position += T
-        self.length += T
 
 
 def pad_heads(x: torch.Tensor, width: int) -> torch.Tensor:

@@ -19,7 +19,7 @@ keys 0 .. L − 1 whether or not the attention is causal (the causal mask of one
 row hides nothing), and XSA projects off v[b, L − 1]. `cache_seqlens` lets a static KV cache buffer of
 Tk rows hold fewer valid keys: the lengths are read on the device, so a decoding step has no host-side
 value or shape that changes from token to token and can be captured once in a CUDA graph
-(crawler.inference.Decoder). The chunks follow from L, not Tk (chunk = ceil(ceil(L / S) / BLOCK_N)
+(crawler.decoding.Decoder). The chunks follow from L, not Tk (chunk = ceil(ceil(L / S) / BLOCK_N)
 BLOCK_N keys), so a step over a buffer of capacity Tk does exactly the work, and computes exactly the
 numbers, of the same step over a view of its first L rows.
 

@@ -78,7 +78,7 @@ attention_decode = importlib.import_module(".attention_decode", __package__)
 # softmax_scale 1/sqrt(46), the per-head q_gain (H,) fp32 folded into the kernels' scale.
 PR1579 = dict(T=2048, d=736, H=16, Hkv=8, D=46, hidden=2944, V=8192, NB=10240, k=128, softcap=30.0)
 TRAIN_BATCHES = (32, 4)
-# pr1579 decoding (crawler.inference.Decoder): batch 1 and a few, KV caches of 256 (the int6 decode
+# pr1579 decoding (crawler.decoding.Decoder): batch 1 and a few, KV caches of 256 (the int6 decode
 # benchmark's prompt + new tokens) and 2048 (the training context) rows; each step a device step (lengths
 # read on the device from the cache's position, one value expanded over the batch), split over the keys as
 # attention_decode.decode_splits decides.

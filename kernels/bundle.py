@@ -204,15 +204,18 @@ def find_module(name: str, root: Path = PACKAGE_ROOT) -> SourceModule | None:
 
 def _imports(module: SourceModule) -> list[tuple[str, bool, bool]]:
     """(module name, imported at module level, by an absolute name) for every import statement of
-    `module`: for `from X import y` both X and X.y (y may be a submodule), relative names resolved; for
-    `from . import y` (or `..`) only X.y, since X is a package the module is in (a parent, which
-    import_closure adds only with `parents`: an ops bundle takes the place of kernels/__init__.py)."""
+    `module` but those under `if TYPE_CHECKING:` (annotations only, never run): for `from X import y` both
+    X and X.y (y may be a submodule), relative names resolved; for `from . import y` (or `..`) only X.y,
+    since X is a package the module is in (a parent, which import_closure adds only with `parents`: an
+    ops bundle takes the place of kernels/__init__.py)."""
     tree = ast.parse(module.path.read_text(encoding="utf-8"), filename=str(module.path))
     package = module.name if module.is_package else module.name.rpartition(".")[0]
     found = []
 
     def visit(node, top: bool):
         for child in ast.iter_child_nodes(node):
+            if _type_checking_only(child):
+                continue                    # imports for annotations only: they never run
             inner = top and not isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef))
             if isinstance(child, ast.Import):
                 found.extend((a.name, inner, True) for a in child.names)
@@ -230,6 +233,15 @@ def _imports(module: SourceModule) -> list[tuple[str, bool, bool]]:
 
     visit(tree, True)
     return found
+
+
+def _type_checking_only(node: ast.AST) -> bool:
+    """Whether `node` is an `if TYPE_CHECKING:` block (or `typing.TYPE_CHECKING`) without an else."""
+    if not isinstance(node, ast.If) or node.orelse:
+        return False
+    test = node.test
+    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
 
 
 def import_closure(roots: Iterable[str], *, root: Path = PACKAGE_ROOT, exclude: Iterable[str] = (),

@@ -112,7 +112,7 @@ def test_model_kv_cache_decoding_runs_the_op(monkeypatch):
         return attention(q, k, v, **kw)
 
     monkeypatch.setattr(kernels, "attention", spy)
-    from crawler.model import KVCache  # not at module level: kernel test modules need torch + triton only
+    from crawler.decoding import KVCache  # not at module level: kernel test modules need torch + triton only
     model = filled_crawler(seed=3)
     ids = torch.randint(0, model.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(4))
     with torch.no_grad():

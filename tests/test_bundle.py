@@ -116,6 +116,15 @@ def test_import_closure_follows_every_import_and_refuses_an_excluded_module_impo
         import_closure(["kernels.a"], root=tmp_path, exclude=["kernels.b"])
 
 
+def test_imports_for_annotations_only_are_not_followed(tmp_path):
+    """`if TYPE_CHECKING:` imports never run (crawler.model names the decoding KV cache that way)."""
+    _package(tmp_path, {"__init__.py": "", "e.py": "import typing\nif typing.TYPE_CHECKING:\n    from .f import y\n",
+                        "f.py": "y = 1\n", "g.py": "TYPE_CHECKING = False\nif TYPE_CHECKING:\n    pass\nelse:\n"
+                                                     "    from .f import y\n"})
+    assert "kernels.f" not in import_closure(["kernels.e"], root=tmp_path, exclude=["kernels.f"])
+    assert "kernels.f" in import_closure(["kernels.g"], root=tmp_path)       # an else branch does run
+
+
 def test_an_op_that_imports_the_package_by_name_is_refused():
     with pytest.raises(ValueError, match="by the package's name"):
         build_ops_bundle(["modules"])

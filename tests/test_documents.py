@@ -9,9 +9,10 @@ import torch
 from conftest import filled_crawler, rel_err
 from torch._dynamo.testing import CompileCounterWithBackend
 
+from crawler.decoding import KVCache
 from crawler.documents import SEGMENTS_PER_ROW, Documents, document_segments, segment_capacity
 from crawler.inference import load_int6_model
-from crawler.model import CrawlerGPT, KVCache
+from crawler.model import CrawlerGPT
 from crawler.quant import PLANS, RoleSpec, quantize_state_dict
 from crawler.tokenizer import BOS_ID
 

@@ -107,7 +107,7 @@ def attention_case(device="cuda", *, xsa: bool, varlen: bool) -> Case:
 
 
 def decode_case(device="cuda", *, xsa: bool, num_splits: int | None) -> Case:
-    """A decoding step as crawler.inference.Decoder runs it: one query row per sequence over KV caches of
+    """A decoding step as crawler.decoding.Decoder runs it: one query row per sequence over KV caches of
     1,000 rows holding 1, 517 and 1,000 valid keys (cache_seqlens), the model's layout (padded heads,
     1/sqrt(46), q_gain); split as decode_splits picks (num_splits None) or in one piece. Forward only."""
     lengths = [1, 517, 1000]

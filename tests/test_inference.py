@@ -12,23 +12,15 @@ from conftest import filled_crawler, rel_err
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-import crawler.inference
+import crawler.decoding
 import kernels
 from crawler.artifact import Artifact, ArtifactError, QuantizedTensor, model_from_artifact, save_artifact
 from crawler.config import CrawlerConfig
+from crawler.decoding import Decoder, KVCache, generate, sample_next
 from crawler.evaluate import val_bpb
 from crawler.generate import main as generate_main
-from crawler.inference import (
-    Decoder,
-    Int6MLP,
-    Int8Linear,
-    QuantEmbedding,
-    generate,
-    load_int6_model,
-    quantized_linear,
-    sample_next,
-)
-from crawler.model import CrawlerGPT, KVCache
+from crawler.inference import Int6MLP, Int8Linear, QuantEmbedding, load_int6_model, quantized_linear
+from crawler.model import CrawlerGPT
 from crawler.quant import PLANS, RoleSpec, quantize_state_dict
 from kernels.modules import Int6Linear
 
@@ -389,7 +381,7 @@ def test_generate_refuses_a_length_the_model_or_memory_cannot_hold(cli_files, ca
     line = error_line(args + [str(10 ** 12)])
     assert line.startswith("python -m crawler.generate: error: max_new_tokens 1,000,000,000,000 after a prompt "
                            "of") and "more than the 16,777,216" in line, line
-    monkeypatch.setattr(crawler.inference, "available_memory", lambda device: 1 << 20)   # 1 MiB left
+    monkeypatch.setattr(crawler.decoding, "available_memory", lambda device: 1 << 20)   # 1 MiB left
     line = error_line(args + ["5000"])
     assert "the KV cache of 1 x 5,00" in line and line.endswith("GiB, cpu has 0.00 GiB available; ask for "
                                                                  "fewer tokens"), line
