@@ -50,7 +50,7 @@ import kernels
 from .config import CrawlerConfig
 from .errors import MissingFileError, SetupError, UnverifiedWarning
 from .fileio import write_bytes
-from .model import CrawlerGPT
+from .model import CrawlerGPT, load_state_into
 
 MAGIC = b"CRWLART\0"
 FORMAT_VERSION = 2
@@ -148,26 +148,6 @@ class Artifact:
         """The dequantised state dict (quantised matrices in float32; passthrough tensors as stored)."""
         return {name: t.dequantize() if isinstance(t, QuantizedTensor) else t
                 for name, t in self.tensors.items()}
-
-
-def load_state_into(model: torch.nn.Module, state: dict[str, torch.Tensor], device=None) -> torch.nn.Module:
-    """Load `state` into `model` strictly (same names and shapes), casting each value to the parameter's
-    own dtype. A model built on the meta device (no initialisation cost) gets the values assigned on
-    `device`, which is then required; otherwise values go to each parameter's device. Returns the model."""
-    own = model.state_dict()
-    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
-    if missing or unexpected:
-        raise ValueError(f"state does not match the model: missing {missing}, unexpected {unexpected}")
-    for name, value in state.items():
-        if value.shape != own[name].shape:
-            raise ValueError(f"tensor {name!r} has shape {tuple(value.shape)}, the model expects "
-                             f"{tuple(own[name].shape)}")
-    on_meta = any(t.is_meta for t in own.values())
-    if on_meta and device is None:
-        raise ValueError("model is on the meta device: pass the device to load onto")
-    model.load_state_dict({n: v.to(dtype=own[n].dtype, device=device if device is not None else own[n].device)
-                           for n, v in state.items()}, strict=True, assign=on_meta)
-    return model
 
 
 def dequantize_into(model: torch.nn.Module, artifact: Artifact, device=None) -> torch.nn.Module:

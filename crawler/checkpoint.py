@@ -32,11 +32,10 @@ from pathlib import Path
 
 import torch
 
-from .artifact import load_state_into
 from .config import CrawlerConfig
 from .errors import SetupError, UnverifiedWarning
 from .fileio import write_bytes
-from .model import CrawlerGPT, seed_scale_shapes
+from .model import CrawlerGPT, load_state_into, seed_scale_shapes
 
 TRAINING_FORMAT = "crawler-train-checkpoint"
 TRAINING_VERSION = 1

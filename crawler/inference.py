@@ -26,10 +26,10 @@ import kernels
 from kernels.modules import Int6Linear, autocast_input
 from kernels.reference import bigram_hash, document_starts, relu2, rms_norm, smear
 
-from .artifact import Artifact, ArtifactError, QuantizedTensor, load_artifact, load_state_into
+from .artifact import Artifact, ArtifactError, QuantizedTensor, load_artifact
 from .config import CrawlerConfig
 from .documents import Documents
-from .model import CastedLinear, CrawlerGPT
+from .model import CastedLinear, CrawlerGPT, load_state_into
 from .runtime import resolve_ops
 
 INT6_MAX_BITS = 6                                    # codes of up to 6 bits fit the packed int6 layout

@@ -387,3 +387,23 @@ class CrawlerGPT(nn.Module):
         as in forward_hidden."""
         logits = self.forward_logits(input_ids, documents=documents).float()
         return F.cross_entropy(logits.transpose(1, 2), target_ids.long(), reduction="none")
+
+
+def load_state_into(model: torch.nn.Module, state: dict[str, torch.Tensor], device=None) -> torch.nn.Module:
+    """Load `state` into `model` strictly (same names and shapes), casting each value to the parameter's
+    own dtype. A model built on the meta device (no initialisation cost) gets the values assigned on
+    `device`, which is then required; otherwise values go to each parameter's device. Returns the model."""
+    own = model.state_dict()
+    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+    if missing or unexpected:
+        raise ValueError(f"state does not match the model: missing {missing}, unexpected {unexpected}")
+    for name, value in state.items():
+        if value.shape != own[name].shape:
+            raise ValueError(f"tensor {name!r} has shape {tuple(value.shape)}, the model expects "
+                             f"{tuple(own[name].shape)}")
+    on_meta = any(t.is_meta for t in own.values())
+    if on_meta and device is None:
+        raise ValueError("model is on the meta device: pass the device to load onto")
+    model.load_state_dict({n: v.to(dtype=own[n].dtype, device=device if device is not None else own[n].device)
+                           for n, v in state.items()}, strict=True, assign=on_meta)
+    return model

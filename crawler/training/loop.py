@@ -29,14 +29,13 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from ..artifact import load_state_into
 from ..checkpoint import TRAINING_FORMAT, TRAINING_VERSION, read_checkpoint, save_checkpoint, save_model
 from ..config import CrawlerConfig
 from ..documents import document_segments, segment_capacity
 from ..errors import SetupError
 from ..evaluate import val_bpb
 from ..fileio import WriteError, write_json
-from ..model import CrawlerGPT
+from ..model import CrawlerGPT, load_state_into
 from ..optim import build_optimizers, lr_multiplier, muon_momentum_at, set_lr_multiplier
 from ..runtime import DistContext, autocast, current_context, to_device
 from ..tokenizer import check_tokenizer_identity

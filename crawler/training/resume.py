@@ -16,10 +16,10 @@ from collections.abc import Callable, Collection
 
 import torch
 
-from ..artifact import load_state_into
 from ..checkpoint import Checkpoint
 from ..config import CrawlerConfig
 from ..errors import SetupError
+from ..model import load_state_into
 from .config import TrainConfig
 from .data import TrainData
 
