@@ -172,8 +172,8 @@ def test_bf16_rounded_frequencies_are_the_seeds():
 def test_the_seeds_one_element_ve_scales_load_through_the_checkpoint_reader(tmp_path):
     """The seed stores ve.scales.{i} with shape (1,): read_checkpoint (behind every command line) makes
     them 0-d, as load_state_dict does (the test above)."""
-    from crawler.model import load_state_into
     from crawler.checkpoint import read_checkpoint
+    from crawler.model import load_state_into
     path = tmp_path / "final_model.pt"
     sd = seed_state_dict(seed=3)
     torch.save(sd, path)
