@@ -27,9 +27,10 @@ EXPORT_ROOTS = ("train", "crawler.challenge")
 # calls (kernels.bundle.import_closure refuses one imported at module level, so none is ever counted).
 NOT_EXPORTED = {
     "crawler.corpus": "builds the built-in corpus; an export always reads the challenge's data",
-    "crawler.submission": "writes the export",
+    "crawler.submission": "writes the records folder",
+    "crawler.export": "builds train_gpt.py (an export counts its own file instead)",
     "kernels.bundle": "builds the export",
-    "crawler.inference": "int6 inference and generation (python -m crawler.evaluate, crawler.generate); "
+    "crawler.inference": "int6 inference (python -m crawler.evaluate, crawler.generate); "
                          "train.py scores the artifact's dequantised model",
     "kernels.int6": "the int6 matmul on packed weights, crawler.inference's",
     "kernels.smear_embedding": "the record line's embedding; the crawler model embeds with kernels.embedding",
@@ -79,7 +80,7 @@ def _code_size(root: Path) -> CodeSize:
     exported = exported_file()
     if exported is not None:
         return CodeSize(exported.stat().st_size, None)
-    from .submission import exported_code_bytes  # writes train_gpt.py; exports never run it
+    from .export import exported_code_bytes  # builds train_gpt.py; exports never run it
     return CodeSize(exported_code_bytes(root), sum(p.stat().st_size for p in code_files(root)))
 
 

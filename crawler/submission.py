@@ -26,9 +26,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import functools
 import importlib.metadata
-import importlib.util
 import json
 import re
 import shlex
@@ -40,15 +38,16 @@ from pathlib import Path
 import torch
 
 from kernels import __version__
-from kernels.bundle import carried, compress, compressed_form, module_form, third_party_imports
+from kernels.bundle import third_party_imports
 
 from .artifact import load_artifact
-from .budget import BUDGET_BYTES, OPTIONS_RESERVE_BYTES, REPO_ROOT, code_bytes, counted_modules
+from .budget import BUDGET_BYTES, code_bytes, counted_modules
 from .challenge import variables
 from .checkpoint import read_checkpoint
 from .cli import run_main
 from .config import CrawlerConfig
 from .errors import SetupError
+from .export import exported_module, load_train, module_costs, train_gpt
 from .fileio import hold_directory_lock, prepare_output_dir, write_bytes, write_json
 from .tokenizer import TOKENIZER_FILE, load_checked_tokenizer
 from .training import TrainConfig
@@ -56,11 +55,6 @@ from .training.resume import RUN_OPTIONS_KEY
 
 TRACK = "10min_16mb"
 SEED_CODE_BYTES = 90_756      # the seed's (PR #1579's) train_gpt.py, for comparison
-# brotli: the smaller of the two (kernels.bundle prints both), and an export needs brotli anyway (artifacts).
-EXPORT_COMPRESSOR = "brotli"
-# What train_gpt.py runs once its modules are importable: train.py under the challenge's interface, with
-# the run's options O (the first line).
-EXPORT_TAIL = "import train\nfrom crawler.challenge import main\nraise SystemExit(main(train,O))\n"
 RECORD_FILES = ("train_gpt.py", "submission.json", "README.md", "requirements.txt")
 # train.py options an export never carries: where the run read and wrote, and how it started.
 NOT_CARRIED = ("data_dir", "tokenizer", "out_dir", "resume", "overwrite", "cache_dir", "init_from")
@@ -68,63 +62,6 @@ NOT_CARRIED = ("data_dir", "tokenizer", "out_dir", "resume", "overwrite", "cache
 # artifact's round trip (ROUND_TRIP) when it ran neither.
 SCORES = (("ttt", "legal_ttt"), ("sliding", "final_int6_sliding_window"))
 ROUND_TRIP = "final_int6_roundtrip"
-
-
-# --------------------------------------------------------------------------------------------------
-# train_gpt.py
-
-@functools.cache
-def exported_modules(root: Path = REPO_ROOT) -> dict[str, tuple[bool, str]]:
-    """{module: (is package, stripped source)} of what train_gpt.py carries: the counted modules of the
-    checkout at `root` (crawler.budget.counted_modules), stripped (kernels.bundle.carried)."""
-    return carried(counted_modules(root))
-
-
-@functools.cache
-def exported_module(root: Path = REPO_ROOT) -> str:
-    """The code train_gpt.py carries, uncompressed: exported_modules(root) with the loader and EXPORT_TAIL
-    (kernels.bundle's module form)."""
-    return module_form(exported_modules(root), tail=EXPORT_TAIL)
-
-
-@functools.cache
-def train_gpt_code(root: Path = REPO_ROOT) -> str:
-    """Everything of train_gpt.py after its options line: exported_module(root), self-extracting."""
-    return compressed_form(exported_module(root), EXPORT_COMPRESSOR)
-
-
-def exported_code_bytes(root: Path = REPO_ROOT) -> int:
-    """The size of the train_gpt.py exported from `root` for any run: its options line is padded to
-    OPTIONS_RESERVE_BYTES (crawler.budget counts this)."""
-    return OPTIONS_RESERVE_BYTES + len(train_gpt_code(root).encode("utf-8"))
-
-
-def options_line(defaults: dict[str, str]) -> str:
-    """train_gpt.py's first line: `O={...}` (the run's options as variables), padded to exactly
-    OPTIONS_RESERVE_BYTES with a comment. SetupError when they do not fit."""
-    line = f"O={defaults!r}#"
-    room = OPTIONS_RESERVE_BYTES - len(line.encode("utf-8")) - 1
-    if room < 0:
-        raise SetupError(f"the run's options take {len(line.encode('utf-8')):,} B, more than the "
-                         f"{OPTIONS_RESERVE_BYTES:,} B train_gpt.py reserves for them (crawler.budget); "
-                         f"run with fewer options given explicitly")
-    return line + "-" * room + "\n"
-
-
-def train_gpt(defaults: dict[str, str], root: Path = REPO_ROOT) -> str:
-    """The whole train_gpt.py of a run whose options are `defaults` (export_defaults)."""
-    return options_line(defaults) + train_gpt_code(root)
-
-
-def load_train(root: Path = REPO_ROOT):
-    """The module train.py of the checkout (the one already imported, or loaded from root/train.py)."""
-    if "train" in sys.modules:
-        return sys.modules["train"]
-    spec = importlib.util.spec_from_file_location("train", root / "train.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["train"] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 # --------------------------------------------------------------------------------------------------
@@ -420,15 +357,6 @@ def export(args) -> Path:
                   f"of code, this train_gpt.py is {len(script):,} B (the package changed since the run): its "
                   f"train_gpt.py may prune its artifact differently from the run's log", file=sys.stderr)
     return folder
-
-
-@functools.cache
-def module_costs(root: Path = REPO_ROOT) -> list[tuple[str, int]]:
-    """(module, its stripped source compressed alone) for each module train_gpt.py carries, largest first:
-    which modules dominate it."""
-    costs = [(name, len(compress(source.encode("utf-8"), EXPORT_COMPRESSOR)))
-             for name, (_, source) in exported_modules(root).items()]
-    return sorted(costs, key=lambda c: -c[1])
 
 
 def _print_sizes(runs: list[Run], modules, code: int, source: int, folder: Path) -> None:
