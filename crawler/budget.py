@@ -94,11 +94,9 @@ def code_bytes(root: str | os.PathLike = REPO_ROOT) -> CodeSize:
 class SizeReport:
     """Artifact and code bytes against the budget. `code_bytes` is what counts (the exported train_gpt.py);
     `code_bytes_source` the raw bytes of the counted source files, for comparison (None running as the
-    export). `code_bytes_brotli`: the code compressed, which the exported train_gpt.py already is (it
-    equals code_bytes; kept for the summaries that report it)."""
+    export)."""
     artifact_bytes: int
     code_bytes: int
-    code_bytes_brotli: int
     budget: int = BUDGET_BYTES
     code_bytes_source: int | None = None
 
@@ -128,4 +126,4 @@ def size_report(artifact_bytes: int, root: str | os.PathLike = REPO_ROOT,
                 budget: int = BUDGET_BYTES) -> SizeReport:
     """A SizeReport of `artifact_bytes` and the code bytes of `root` (code_bytes)."""
     code = code_bytes(root)
-    return SizeReport(artifact_bytes, code.counted, code.counted, budget, code.source)
+    return SizeReport(artifact_bytes, code.counted, budget, code.source)

@@ -38,9 +38,10 @@ def summary_rows(*, preset: str, train: dict, report: dict, quantization: list[t
                          f"{r['quantize_total_seconds']:.1f} s; tok_emb {r['tok_emb_scheme']})"))
         a = artifact
         shared = " (Hessians shared with an earlier plan)" if a["hessians_reused"] else ""
+        source = "" if a.get("code_bytes_source") is None else f", {a['code_bytes_source']:,} as source files"
         rows += [("artifact + code bytes",
                   f"{a['artifact_bytes']:,} + {a['code_bytes']:,} = {a['total_bytes']:,} "
-                  f"(code brotli'd {a['code_bytes_brotli']:,}; budget {a['budget']:,}: "
+                  f"(code = train_gpt.py{source}; budget {a['budget']:,}: "
                   f"{'fits' if a['fits'] else 'OVER'}; {a['pruned']:,} ±1 codes pruned)"),
                  ("quantisation time (Hessians + GPTQ)", f"{a['quantize_total_seconds']:.1f} s{shared}"),
                  ("int6 val_bpb: plain", _fmt(a["quant_val_bpb"]))]

@@ -96,9 +96,9 @@ def test_the_budget_counts_the_exported_train_gpt_py(exported):
     size = (folder / "train_gpt.py").stat().st_size
     assert size_report(0).code_bytes == size == read_run(run, train_cli.ARTIFACT_NAME).counted_code_bytes
     assert size < crawler.submission.SEED_CODE_BYTES
-    ok = SizeReport(BUDGET_BYTES - size, size, size)
+    ok = SizeReport(BUDGET_BYTES - size, size)
     ok.check()
-    over = SizeReport(BUDGET_BYTES - size + 1, size, size, code_bytes_source=123)
+    over = SizeReport(BUDGET_BYTES - size + 1, size, code_bytes_source=123)
     with pytest.raises(ValueError, match=r"over the size budget.*123 B as source files.*OVER by 1 B"):
         over.check()
 

@@ -74,7 +74,7 @@ def build_artifact(model: CrawlerGPT, calib: torch.Tensor | Calibration | None, 
     recorded in the artifact (crawler.tokenizer.tokenizer_identity; evaluation checks it).
 
     Returns (the decoded artifact, a JSON-ready summary: plan, loop_aware, tok_emb_scheme,
-    artifact_bytes, code_bytes, code_bytes_brotli, total_bytes, budget (16,000,000), fits, pruned,
+    artifact_bytes, code_bytes, code_bytes_source, total_bytes, budget (16,000,000), fits, pruned,
     prune_candidates, hessian_seconds, hessians_reused, quantize_seconds, quantize_total_seconds,
     compress_seconds, artifact_path).
     """
@@ -95,7 +95,7 @@ def build_artifact(model: CrawlerGPT, calib: torch.Tensor | Calibration | None, 
     return artifact, {
         "plan": result.plan.name, "loop_aware": loop_aware, "tok_emb_scheme": tok_emb_scheme,
         "artifact_bytes": sizes.artifact_bytes, "code_bytes": sizes.code_bytes,
-        "code_bytes_brotli": sizes.code_bytes_brotli, "total_bytes": sizes.total, "budget": sizes.budget,
+        "code_bytes_source": sizes.code_bytes_source, "total_bytes": sizes.total, "budget": sizes.budget,
         "fits": sizes.fits, "pruned": pruned.pruned, "prune_candidates": pruned.candidates,
         "hessian_seconds": result.hessian_seconds, "hessians_reused": result.hessians_reused,
         "quantize_seconds": result.quantize_seconds, "quantize_total_seconds": result.total_seconds,
