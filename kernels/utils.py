@@ -314,6 +314,11 @@ def _dense_shape_problem(q_shape, k_shape, gain_len, layout: str) -> str | None:
     if Bk != B or Tk < Tq or Dk != D:
         return (f"k: expected shape {show(B, 'Tk', 'Hkv', D)} with Tk >= {Tq} to match q {tuple(q_shape)} "
                 f"(Tk > Tq: the queries are the last Tq positions), got {tuple(k_shape)}")
+    return _heads_problem(H, Hkv, gain_len)
+
+
+def _heads_problem(H: int, Hkv: int, gain_len: int | None) -> str | None:
+    """What is wrong with H query heads over Hkv KV heads and a q_gain of gain_len entries, or None."""
     if H % Hkv != 0:
         return f"q/k: number of query heads {H} must be a multiple of KV heads {Hkv}"
     if gain_len is not None and gain_len != H:
@@ -357,10 +362,9 @@ def check_attention_inputs(q, k, v, *, softmax_scale=None, cu_seqlens=None, max_
         if k.dim() != q.dim() or k.shape[:-2] != q.shape[:-2] or k.shape[-1] != D:
             raise ValueError(f"k: expected shape ({', '.join(map(str, q.shape[:-2]))}, Hkv, {D}) to match q "
                              f"{tuple(q.shape)} (one packed row per query row), got {tuple(k.shape)}")
-        if H % k.shape[-2] != 0:
-            raise ValueError(f"q/k: number of query heads {H} must be a multiple of KV heads {k.shape[-2]}")
-        if gain_len is not None and gain_len != H:
-            raise ValueError(f"q_gain: expected shape ({H},) (one gain per query head), got ({gain_len},)")
+        problem = _heads_problem(H, k.shape[-2], gain_len)
+        if problem is not None:
+            raise ValueError(problem)
     else:
         problem = _dense_shape_problem(q.shape, k.shape, gain_len, layout)
         if problem is not None:
